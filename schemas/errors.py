@@ -1,0 +1,72 @@
+"""Named errors shared by every layer.
+
+Each error says what went wrong and, where the user can act, what to change. Errors raised while processing one
+track become a `failures` row (see `schemas.tables.FAILURES`); errors raised while configuring or planning a run
+stop it before any audio is read.
+"""
+
+from __future__ import annotations
+
+
+class CatalogEmbedError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigError(CatalogEmbedError):
+    """The run's configuration is invalid; raised before any work starts."""
+
+
+class ManifestError(CatalogEmbedError):
+    """The catalog manifest is unreadable or violates its contract (columns, ids, rows)."""
+
+
+class TrackError(CatalogEmbedError):
+    """A single track could not be processed. Becomes one `failures` row; the run goes on."""
+
+    stage = "unknown"
+
+
+class SourceReadError(TrackError):
+    """The audio file could not be read from its storage (missing, permission, too large)."""
+
+    stage = "read"
+
+
+class AudioDecodeError(TrackError):
+    """The bytes are not decodable audio (corrupt, truncated, empty, not audio)."""
+
+    stage = "decode"
+
+
+class AudioTooShortError(TrackError):
+    """The audio is shorter than the minimum duration the encoder can embed meaningfully."""
+
+    stage = "decode"
+
+
+class AudioTooLongError(TrackError):
+    """The audio exceeds the configured maximum duration."""
+
+    stage = "decode"
+
+
+class FrontEndError(TrackError):
+    """The feature front end failed on this track's audio."""
+
+    stage = "frontend"
+
+
+class EncoderError(CatalogEmbedError):
+    """An encoder cannot be built: unknown name, missing or mismatching weights, unavailable device."""
+
+
+class WeightsError(EncoderError):
+    """Weights are missing, corrupt, unsafe to load, or do not match the pinned sha256."""
+
+
+class TableError(CatalogEmbedError):
+    """A Delta table is missing, has an unexpected schema, or a commit failed."""
+
+
+class RunAbortedError(CatalogEmbedError):
+    """The run was stopped as a whole, e.g. because too many tracks failed."""

@@ -1,0 +1,42 @@
+"""Encoder registry: names users pass to `--model`, mapped to the classes that implement them.
+
+A new encoder is a module in this package with an `Encoder` subclass, plus one line in `_REGISTRY`. Modules are
+imported lazily so listing models stays cheap and an encoder's optional dependencies are only needed when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from schemas.errors import EncoderError
+from workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
+
+__all__ = ["Encoder", "FrontEnd", "LayerSpec", "Licence", "encoder_names", "get_encoder"]
+
+# name -> "module:Class[:variant]"; the variant is passed to the class as its first argument.
+_REGISTRY: dict[str, str] = {
+    "musicnn-msd": "workers.encoders.musicnn:Musicnn:MSD",
+    "musicnn-mtt": "workers.encoders.musicnn:Musicnn:MTT",
+}
+
+
+def encoder_names() -> list[str]:
+    """Every registered encoder name, in registry order."""
+    return list(_REGISTRY)
+
+
+def get_encoder(name: str, **options: Any) -> Encoder:
+    """Construct the encoder registered as `name` (no weights are touched).
+
+    Raises:
+        EncoderError: `name` is not registered; the message lists the valid names.
+    """
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        msg = f"unknown model {name!r}; choose one of: {', '.join(_REGISTRY)} (see `catalog-embed models`)"
+        raise EncoderError(msg) from None
+    module_name, class_name, *variant = target.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(*variant, **options)

@@ -1,0 +1,180 @@
+"""The encoder contract every model in the registry implements.
+
+An encoder is shaped like Beam's ModelHandler: cheap to construct (no weights touched), `prepare()` resolves
+its weights on the driver (fetching and converting them once, then from cache), `load(device)` builds the
+network once per worker on an explicit device, and `embed(windows, layers)` runs under
+`torch.inference_mode()` on a batch of windows that may come from many tracks.
+
+The front end (waveform -> windows) is a separate `torch.nn.Module` so a runner can place it on the CPU next to
+the decoder or on the accelerator next to the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from schemas.errors import EncoderError
+
+
+@dataclass(frozen=True)
+class Licence:
+    """SPDX-style licences of an encoder's code and of its weights (they often differ)."""
+
+    code: str
+    weights: str
+
+    def __str__(self) -> str:
+        return f"code {self.code}, weights {self.weights}"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A named output of an encoder: its dimensionality and, for label outputs, the label names."""
+
+    name: str
+    dim: int
+    description: str = ""
+    labels: tuple[str, ...] | None = None
+
+
+class FrontEnd(torch.nn.Module, ABC):
+    """Turns one mono float32 waveform at `sample_rate` into the encoder's input windows.
+
+    Subclasses keep every constant they depend on in `config()`, whose hash keys the embeddings table: a change
+    of front end re-embeds under a new key.
+    """
+
+    sample_rate: int
+
+    @abstractmethod
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Map a (samples,) waveform to (n_windows, *window_shape) float32 windows."""
+
+    @abstractmethod
+    def window_starts(self, n_samples: int) -> list[float]:
+        """Start time in seconds of each window `forward` yields for a waveform of `n_samples`."""
+
+    @property
+    @abstractmethod
+    def window_samples(self) -> int:
+        """Samples one window spans: shorter audio is zero-padded to this length (see `workers.audio`)."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Every parameter that changes the windows, JSON-serialisable."""
+
+    def config_hash(self) -> str:
+        """Short stable hash of `config()`: part of an embedding's key."""
+        blob = json.dumps({"class": type(self).__name__, **self.config()}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class Encoder(ABC):
+    """A frozen audio encoder: see the module docstring for the lifecycle.
+
+    Attributes:
+        device: where `load` placed the network; None before `load`.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    licence: ClassVar[Licence]
+    device: torch.device | None = field(default=None, init=False)
+
+    @property
+    @abstractmethod
+    def layers(self) -> tuple[LayerSpec, ...]:
+        """Every named output this encoder can produce."""
+
+    @property
+    @abstractmethod
+    def default_layer(self) -> str:
+        """The layer used when the user picks none."""
+
+    @abstractmethod
+    def front_end(self) -> FrontEnd:
+        """A new front end module matching this encoder (cheap; holds no network weights)."""
+
+    @abstractmethod
+    def prepare(self) -> None:
+        """Resolve the weights (fetch, convert and cache on first use); no network is built."""
+
+    @property
+    @abstractmethod
+    def version(self) -> str:
+        """Version derived from the weights' sha256; valid after `prepare()`."""
+
+    @abstractmethod
+    def _build(self, device: torch.device) -> None:
+        """Build the network from the prepared weights on `device`, in eval mode."""
+
+    @abstractmethod
+    def _forward(self, windows: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Run the network on `windows` already on `self.device`; return (n, dim) tensors per layer."""
+
+    def layer(self, name: str) -> LayerSpec:
+        """The spec of layer `name`; raises EncoderError naming the valid layers."""
+        for spec in self.layers:
+            if spec.name == name:
+                return spec
+        valid = ", ".join(s.name for s in self.layers)
+        msg = f"encoder {self.name!r} has no layer {name!r}; choose one of: {valid}"
+        raise EncoderError(msg)
+
+    def load(self, device: str | torch.device = "cpu") -> None:
+        """Prepare the weights and build the network once on an explicit device.
+
+        Raises:
+            EncoderError: the device is unavailable (asking for CUDA without one is an error, never a silent
+                fallback to the CPU).
+        """
+        device = resolve_device(device)
+        self.prepare()
+        self._build(device)
+        self.device = device
+
+    def embed(self, windows: torch.Tensor, layers: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """Embed a batch of windows (from one or many tracks).
+
+        Args:
+            windows: (n, *window_shape) as produced by `front_end()`, on any device.
+            layers: layer names to return; the default layer when None.
+
+        Returns:
+            One float32 (n, dim) tensor per requested layer, on the encoder's device.
+        """
+        if self.device is None:
+            msg = f"encoder {self.name!r} is not loaded: call load(device) first"
+            raise EncoderError(msg)
+        layers = layers or (self.default_layer,)
+        for name in layers:
+            self.layer(name)
+        with torch.inference_mode():
+            return self._forward(windows.to(self.device, non_blocking=True), layers)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Parse a device string, failing when the device is not present."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        msg = f"unknown device {str(device)!r}: use 'cpu', 'cuda' or 'cuda:N'"
+        raise EncoderError(msg) from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            msg = "device 'cuda' was requested but no CUDA GPU is available here: use --device cpu"
+            raise EncoderError(msg)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            msg = f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
+            raise EncoderError(msg)
+    elif device.type != "cpu":
+        msg = f"device type {device.type!r} is not supported: use 'cpu' or 'cuda'"
+        raise EncoderError(msg)
+    return device

