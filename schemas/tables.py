@@ -124,3 +124,29 @@ RUNS = TableSpec(
 )
 
 TABLES = {spec.name: spec for spec in (EMBEDDINGS, WINDOWS, FAILURES, RUNS)}
+
+# One row per (probe, model, track): a trained probe's outputs on one embedding. `scores` follow the probe's label
+# order (its probe.json names them): sigmoid scores (multilabel), class probabilities (multiclass, key) or
+# predicted values (regression). `embedded_at` is that of the embedding scored, so re-embedded tracks are re-tagged.
+PREDICTIONS = TableSpec(
+    name="predictions",
+    schema=pa.schema(
+        [
+            pa.field("probe_id", pa.string(), nullable=False),
+            pa.field("task", pa.string(), nullable=False),
+            pa.field("kind", pa.string(), nullable=False),
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("layer", pa.string(), nullable=False),
+            pa.field("track_id", pa.string(), nullable=False),
+            pa.field("scores", _VECTOR, nullable=False),
+            pa.field("top_labels", pa.list_(pa.string()), nullable=False),
+            pa.field("top_scores", _VECTOR, nullable=False),
+            pa.field("split", pa.string(), nullable=True),
+            pa.field("embedded_at", _TS, nullable=False),
+            pa.field("predicted_at", _TS, nullable=False),
+        ]
+    ),
+    key=("probe_id", "model", "track_id"),
+    partition_by=("probe_id",),
+)
+TABLES[PREDICTIONS.name] = PREDICTIONS

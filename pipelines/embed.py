@@ -1,0 +1,291 @@
+"""The embed job: validate, plan, run on a runner, commit once, summarise.
+
+    catalog -> plan (diff against the tables) -> runner (decode, front end, encoder, pool, part files) -> commit
+
+Everything that can be wrong with the configuration is checked before any audio is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import version as package_version
+
+import pyarrow as pa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipelines.plan import Plan, plan_run
+from pipelines.runners import EmbedJob, RunStats, get_runner
+from schemas.errors import ConfigError, RunAbortedError
+from schemas.manifest import fingerprints, read_catalog
+from schemas.store import TableStore
+from schemas.tables import EMBEDDINGS, RUNS
+from workers.audio import DecodeConfig
+from workers.encoders import Encoder
+from workers.encoders.base import resolve_device
+from workers.rows import RowContext
+from workers.stages import EncoderConfig
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """A whole embed run; saved as JSON with its `runs` row.
+
+    Attributes:
+        catalog: manifest file, directory or glob URI.
+        out: output root holding the tables.
+        runner: engine name (see `pipelines.runners.RUNNERS`).
+        workers: decode worker processes (local runner) or parallelism hint (other runners).
+        shard_size: tracks per part file.
+        write_windows: also write the per-window timeline to the `windows` table.
+        decode_timeout_s: a track whose decode takes longer fails (the worker is replaced).
+        max_failure_ratio: abort the run when more than this fraction of tracks fail.
+        retry_failed: retry tracks that failed before even if their file is unchanged.
+        run_id: explicit run id (to resume a run); generated when None.
+    """
+
+    catalog: str
+    out: str
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    runner: str = "local"
+    workers: int = 2
+    shard_size: int = 64
+    write_windows: bool = False
+    decode_timeout_s: float = 300.0
+    max_failure_ratio: float = 0.5
+    retry_failed: bool = False
+    run_id: str | None = None
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the option to change."""
+        checks = [
+            (self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
+            (self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}"),
+            (self.encoder.batch_windows >= 1, f"--batch-windows must be at least 1, got {self.encoder.batch_windows}"),
+            (0.0 <= self.max_failure_ratio <= 1.0, f"--max-failure-ratio must be in [0, 1], got {self.max_failure_ratio}"),
+            (self.decode_timeout_s > 0, f"--decode-timeout must be positive, got {self.decode_timeout_s}"),
+            (self.decode.max_duration_s > 0, f"--max-duration must be positive, got {self.decode.max_duration_s}"),
+            (self.decode.min_duration_s >= 0, f"--min-duration must be >= 0, got {self.decode.min_duration_s}"),
+            (self.decode.max_file_mb > 0, f"--max-file-mb must be positive, got {self.decode.max_file_mb}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run did."""
+
+    run_id: str
+    status: str
+    plan: Plan
+    stats: RunStats
+    wall_seconds: float
+    out: str
+
+    @property
+    def throughput(self) -> float:
+        """Audio seconds embedded per wall second."""
+        return self.stats.audio_seconds / self.wall_seconds if self.wall_seconds else 0.0
+
+
+def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary:
+    """Run one embed job end to end; see the module docstring.
+
+    Raises:
+        ConfigError, EncoderError, ManifestError, TableError: before any work.
+        RunAbortedError: too many tracks failed; nothing but an `aborted` runs row is committed.
+    """
+    console = console or Console(stderr=True)
+    started = datetime.now(UTC)
+    clock = time.perf_counter()
+    config.validate()
+    runner = get_runner(config.runner)
+    encoder = config.encoder.build()
+    layers = config.encoder.resolved_layers(encoder)
+    resolve_device(config.encoder.device)
+    encoder.prepare()
+    feature_hash = encoder.front_end().config_hash()
+
+    catalog = read_catalog(config.catalog)
+    prints = fingerprints(catalog["uri"].to_pylist())
+    store = TableStore(config.out)
+    store.ensure_tables()
+    embedded_state, failed_state = store.model_state(encoder.name)
+    plan = plan_run(
+        catalog, prints, embedded_state, failed_state, encoder.version, feature_hash, retry_failed=config.retry_failed
+    )
+    run_id = config.run_id or f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+    console.print(f"[bold]run {run_id}[/]: {encoder.name} {encoder.version} layers {','.join(layers)}; {plan.describe()}")
+    job = EmbedJob(
+        run_id=run_id,
+        out=config.out,
+        items=plan.items,
+        encoder=config.encoder,
+        decode=config.decode,
+        rows=RowContext(run_id, encoder.name, layers, encoder.version, feature_hash),
+        workers=config.workers,
+        shard_size=config.shard_size,
+        write_windows=config.write_windows,
+        decode_timeout_s=config.decode_timeout_s,
+        max_failure_ratio=config.max_failure_ratio,
+    )
+    status = "succeeded"
+    stats = RunStats()
+    if plan.items:
+        try:
+            with _progress_bar(console) as bar:
+                task = bar.add_task("embedding", total=len(plan.items))
+                stats = runner.run(job, lambda n, _audio: bar.advance(task, n))
+        except RunAbortedError:
+            store.drop_staging(run_id)
+            _commit_run_row(store, config, job, encoder, plan, RunStats(), started, clock, "aborted")
+            raise
+    wall = _commit_run_row(store, config, job, encoder, plan, stats, started, clock, status)
+    summary = RunSummary(run_id, status, plan, stats, wall, config.out)
+    print_summary(summary, console)
+    return summary
+
+
+def _commit_run_row(
+    store: TableStore,
+    config: EmbedConfig,
+    job: EmbedJob,
+    encoder: Encoder,
+    plan: Plan,
+    stats: RunStats,
+    started: datetime,
+    clock: float,
+    status: str,
+) -> float:
+    """Commit the run's parts and its `runs` row; returns the run's wall seconds."""
+    commit_start = time.perf_counter()
+    wall = commit_start - clock
+    compute = sum(s for k, s in stats.stage_seconds.items() if k in ("decode", "encode"))
+    row = pa.table(
+        {
+            "run_id": [job.run_id],
+            "status": [status],
+            "runner": [config.runner],
+            "model": [encoder.name],
+            "model_version": [encoder.version],
+            "licence_code": [encoder.licence.code],
+            "licence_weights": [encoder.licence.weights],
+            "feature_hash": [job.rows.feature_hash],
+            "config_json": [json.dumps(dataclasses.asdict(config), sort_keys=True)],
+            "code_version": [package_version("catalog-embed")],
+            "started_at": [started],
+            "finished_at": [datetime.now(UTC)],
+            "n_catalog": [plan.n_catalog],
+            "n_planned": [len(plan.items)],
+            "n_skipped": [plan.n_skipped],
+            "n_embedded": [stats.n_embedded],
+            "n_failed": [stats.n_failed],
+            "n_deleted": [0],
+            "audio_seconds": [stats.audio_seconds],
+            "wall_seconds": [wall],
+            "compute_s_per_audio_hour": [compute / (stats.audio_seconds / 3600) if stats.audio_seconds else None],
+            "stage_seconds_json": [json.dumps(stats.stage_seconds, sort_keys=True)],
+        },
+        schema=RUNS.schema,
+    )
+    store.commit(job.run_id, row)
+    stats.add_time("commit", time.perf_counter() - commit_start)
+    return time.perf_counter() - clock
+
+
+def _progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def print_summary(summary: RunSummary, console: Console) -> None:
+    """The final lines a user reads."""
+    stats = summary.stats
+    hours = stats.audio_seconds / 3600
+    console.print(
+        f"[bold green]{summary.status}[/]: {stats.n_embedded} embedded, {stats.n_failed} failed, "
+        f"{summary.plan.n_skipped} skipped; {hours:.2f} audio hours in {summary.wall_seconds:.1f} s "
+        f"({summary.throughput:.1f}x real time)"
+    )
+    if stats.stage_seconds:
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(stats.stage_seconds.items()))
+        console.print(f"stage time: {stages}")
+    for error in stats.first_errors:
+        console.print(f"  failed: {error}")
+    console.print(f"tables: {summary.out}/{EMBEDDINGS.name} (and failures, runs)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `embed` subcommand."""
+    parser = subparsers.add_parser(
+        "embed",
+        help="embed a catalog into Delta tables",
+        description="Embed every new or changed track of a catalog and commit the rows to Delta tables under --out.",
+    )
+    parser.add_argument("--catalog", required=True, help="manifest (.csv/.parquet/.jsonl), directory or glob; any fsspec URI")
+    parser.add_argument("--out", required=True, help="output root for the tables (local path, s3://, gs://)")
+    parser.add_argument("--model", default="musicnn-msd", help="encoder name (see `catalog-embed models`)")
+    parser.add_argument("--layer", default="", help="layer(s) to write, comma-separated; default: the encoder's")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--weights", help="weights file or folder, for encoders that need them")
+    parser.add_argument("--weights-sha256", help="refuse weights whose sha256 differs")
+    parser.add_argument("--runner", default="local", help="engine: local (default)")
+    parser.add_argument("--workers", type=int, default=2, help="decode worker processes")
+    parser.add_argument("--batch-windows", type=int, default=64, help="windows per encoder call")
+    parser.add_argument("--shard-size", type=int, default=64, help="tracks per part file")
+    parser.add_argument("--windows", action="store_true", help="also write per-window embeddings (windows table)")
+    parser.add_argument("--max-duration", type=float, default=1800.0, help="seconds; longer tracks fail")
+    parser.add_argument("--min-duration", type=float, default=1.0, help="seconds; shorter tracks fail")
+    parser.add_argument("--max-file-mb", type=float, default=512.0, help="larger files fail without being read")
+    parser.add_argument("--decode-timeout", type=float, default=300.0, help="seconds per track before it fails")
+    parser.add_argument("--max-failure-ratio", type=float, default=0.5, help="abort when more tracks fail")
+    parser.add_argument("--retry-failed", action="store_true", help="retry tracks that failed before")
+    parser.add_argument("--run-id", help="explicit run id (resume a crashed run)")
+    parser.set_defaults(handler=_handle)
+
+
+def config_from_args(args: argparse.Namespace) -> EmbedConfig:
+    """Parse the namespace into the config dataclasses (no other logic)."""
+    return EmbedConfig(
+        catalog=args.catalog,
+        out=args.out,
+        encoder=EncoderConfig(
+            model=args.model,
+            layers=tuple(name.strip() for name in args.layer.split(",") if name.strip()),
+            device=args.device,
+            batch_windows=args.batch_windows,
+            weights=args.weights,
+            weights_sha256=args.weights_sha256,
+        ),
+        decode=DecodeConfig(
+            max_file_mb=args.max_file_mb, max_duration_s=args.max_duration, min_duration_s=args.min_duration
+        ),
+        runner=args.runner,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        write_windows=args.windows,
+        decode_timeout_s=args.decode_timeout,
+        max_failure_ratio=args.max_failure_ratio,
+        retry_failed=args.retry_failed,
+        run_id=args.run_id,
+    )
+
+
+def _handle(args: argparse.Namespace) -> int:
+    run_embed(config_from_args(args))
+    return 0

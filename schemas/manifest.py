@@ -1,0 +1,169 @@
+"""Catalog manifests: what tracks exist, where their audio is, and how to tell when it changed.
+
+A catalog is either a manifest file (CSV, Parquet or JSONL with `track_id` and `uri`; other columns are carried
+along) or a directory / glob of audio files whose track ids are their paths relative to the catalog root. Any
+fsspec URI works: a local path, `file://`, `memory://`, `gs://`, `s3://`. Relative `uri`s in a manifest resolve
+against the manifest's folder. The whole manifest is validated before any audio is read.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from schemas.errors import ManifestError
+
+AUDIO_EXTENSIONS = (".mp3", ".ogg", ".oga", ".opus", ".flac", ".m4a", ".aac", ".mp4", ".wav", ".aif", ".aiff")
+MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".ndjson": "json"}
+REQUIRED_COLUMNS = ("track_id", "uri")
+# Fingerprint stands for a file that could not be stat-ed; such a track is planned and fails with its reason.
+MISSING_FINGERPRINT = "missing"
+_MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One track to embed: the unit every runner shards, decodes and reports on."""
+
+    track_id: str
+    uri: str
+    fingerprint: str
+
+
+def read_catalog(uri: str) -> pa.Table:
+    """Read and validate a catalog; returns a table with `track_id`, absolute `uri` and any extra columns.
+
+    Raises:
+        ManifestError: unreadable, missing columns, no rows, empty or duplicate track ids (naming the rows).
+    """
+    suffix = posixpath.splitext(uri.split("?")[0])[1].lower()
+    table = _read_manifest(uri, MANIFEST_FORMATS[suffix]) if suffix in MANIFEST_FORMATS else _list_directory(uri)
+    return validate_catalog(table, uri)
+
+
+def validate_catalog(table: pa.Table, uri: str) -> pa.Table:
+    """Check the manifest contract; see `read_catalog`."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        msg = f"{uri}: missing column(s) {', '.join(missing)}; a manifest needs `track_id` and `uri` columns"
+        raise ManifestError(msg)
+    if table.num_rows == 0:
+        msg = f"{uri}: the catalog has no rows (no tracks to embed)"
+        raise ManifestError(msg)
+    table = table.set_column(
+        table.schema.get_field_index("track_id"), "track_id", pc.cast(table["track_id"], pa.string())
+    ).set_column(table.schema.get_field_index("uri"), "uri", pc.cast(table["uri"], pa.string()))
+    ids = table["track_id"].to_pylist()
+    uris = table["uri"].to_pylist()
+    empty = [i for i, (t, u) in enumerate(zip(ids, uris, strict=True)) if not (t and t.strip()) or not u]
+    if empty:
+        msg = f"{uri}: empty track_id or uri in row(s) {_rows(empty)} (rows count from 0, header excluded)"
+        raise ManifestError(msg)
+    seen: dict[str, int] = {}
+    duplicates: list[str] = []
+    for i, track_id in enumerate(ids):
+        if track_id in seen:
+            duplicates.append(f"{track_id!r} (rows {seen[track_id]} and {i})")
+        else:
+            seen[track_id] = i
+    if duplicates:
+        msg = f"{uri}: duplicate track_id: {', '.join(duplicates[:_MAX_LISTED])}" + (
+            f" and {len(duplicates) - _MAX_LISTED} more" if len(duplicates) > _MAX_LISTED else ""
+        )
+        raise ManifestError(msg)
+    return table
+
+
+def fingerprints(uris: list[str], threads: int = 16) -> list[str]:
+    """Source fingerprints (size plus generation, ETag or modification time) for each URI.
+
+    Stats run in a thread pool because on object stores each is a round trip. A file that cannot be stat-ed gets
+    `MISSING_FINGERPRINT`, so it is planned, fails at read time, and lands in `failures` with its reason.
+    """
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(_fingerprint, uris))
+
+
+def fingerprint_from_info(info: dict[str, Any]) -> str:
+    """Build a fingerprint from an fsspec `info()` dict, whatever the filesystem."""
+    size = info.get("size")
+    for key in ("generation", "ETag", "etag", "mtime", "LastModified", "updated", "created"):
+        value = info.get(key)
+        if value not in (None, ""):
+            return f"size={size};{key.lower()}={str(value).strip(chr(34))}"
+    return f"size={size}"
+
+
+def _fingerprint(uri: str) -> str:
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        return fingerprint_from_info(fs.info(path))
+    except (OSError, ValueError):
+        return MISSING_FINGERPRINT
+
+
+def _read_manifest(uri: str, fmt: str) -> pa.Table:
+    try:
+        with fsspec.open(uri, "rb") as fh:
+            if fmt == "parquet":
+                table = pq.read_table(fh)
+            elif fmt == "csv":
+                # Ids stay strings even when they look like numbers ("007" is not 7).
+                table = pacsv.read_csv(
+                    fh, convert_options=pacsv.ConvertOptions(column_types={"track_id": pa.string(), "uri": pa.string()})
+                )
+            else:
+                table = pajson.read_json(fh)
+    except FileNotFoundError as exc:
+        msg = f"manifest not found: {uri}"
+        raise ManifestError(msg) from exc
+    except (pa.ArrowInvalid, OSError) as exc:
+        msg = f"cannot parse manifest {uri} as {fmt}: {exc}"
+        raise ManifestError(msg) from exc
+    if "uri" in table.column_names:
+        base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        resolved = [_resolve(u, base) for u in table["uri"].to_pylist()]
+        table = table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(resolved, pa.string()))
+    return table
+
+
+def _resolve(uri: str | None, base: str) -> str | None:
+    if not uri or "://" in uri or uri.startswith("/"):
+        return uri
+    return posixpath.normpath(posixpath.join(base, uri)) if "://" not in base else f"{base}/{uri}"
+
+
+def _list_directory(uri: str) -> pa.Table:
+    try:
+        fs, root = fsspec.core.url_to_fs(uri)
+    except (ValueError, ImportError) as exc:
+        msg = f"cannot open catalog {uri}: {exc}"
+        raise ManifestError(msg) from exc
+    is_glob = any(ch in root for ch in "*?[")
+    if is_glob:
+        paths = fs.glob(root)
+        root = root[: min(root.find(ch) for ch in "*?[" if ch in root)].rsplit("/", 1)[0]
+    elif fs.isdir(root):
+        paths = fs.find(root)
+    else:
+        msg = f"catalog {uri} is neither a manifest (.csv, .parquet, .jsonl) nor a directory or glob of audio"
+        raise ManifestError(msg)
+    paths = sorted(p for p in paths if p.lower().endswith(AUDIO_EXTENSIONS))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    uris = [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in paths]
+    ids = [posixpath.relpath(p, root) for p in paths]
+    return pa.table({"track_id": pa.array(ids, pa.string()), "uri": pa.array(uris, pa.string())})
+
+
+def _rows(rows: list[int]) -> str:
+    shown = ", ".join(str(r) for r in rows[:_MAX_LISTED])
+    return shown + (f" and {len(rows) - _MAX_LISTED} more" if len(rows) > _MAX_LISTED else "")

@@ -1,0 +1,243 @@
+"""The one table store every runner writes through: Delta tables under an output root, staged part files, and
+one idempotent commit per run.
+
+Layout under the root (any fsspec/deltalake URI: local, s3://, gs://):
+
+    embeddings/  windows/  failures/  runs/       Delta tables (see schemas.tables)
+    _staging/<run_id>/<table>/part-<shard>.parquet  part files written by workers, invisible to readers
+
+Workers write part files with deterministic names, so a retried shard overwrites itself instead of duplicating.
+`commit()` merges the staged parts of a run into each table, keyed by (model, track_id) so a re-embedded track
+replaces its row, and tags each table's commit with the Delta application transaction `catalog-embed:<run_id>`:
+committing a run twice adds nothing. The `runs` row is committed last and marks the run as done.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import DeltaError, TableNotFoundError
+
+from schemas.errors import TableError
+from schemas.tables import EMBEDDINGS, FAILURES, RUNS, SCHEMA_VERSION, TABLES, WINDOWS, TableSpec
+
+SCHEMA_VERSION_KEY = "catalog_embed.schema_version"
+STAGING = "_staging"
+# Tables merged from staged parts, in commit order; `runs` goes last as the run's completion marker.
+_MERGED = (FAILURES, WINDOWS, EMBEDDINGS)
+
+
+def app_id(run_id: str) -> str:
+    """The Delta application-transaction id a run's commits carry."""
+    return f"catalog-embed:{run_id}"
+
+
+class TableStore:
+    """Tables, staging and commits under one output root.
+
+    Args:
+        root: the output URI (a local path or any URI deltalake and fsspec both understand).
+        storage_options: passed to deltalake (e.g. an S3 endpoint); credentials come from the environment.
+    """
+
+    def __init__(self, root: str, storage_options: dict[str, str] | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.storage_options = storage_options or None
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+
+    def uri(self, spec: TableSpec) -> str:
+        """The URI of one table."""
+        return f"{self.root}/{spec.name}"
+
+    def table(self, spec: TableSpec) -> DeltaTable:
+        """Open a table; raises TableError when it does not exist."""
+        try:
+            return DeltaTable(self.uri(spec), storage_options=self.storage_options)
+        except TableNotFoundError as exc:
+            msg = f"no {spec.name} table at {self.uri(spec)}: run `catalog-embed embed` with --out {self.root} first"
+            raise TableError(msg) from exc
+
+    def ensure_tables(self) -> None:
+        """Create missing tables (so readers and planners always find them) and check existing schemas.
+
+        Raises:
+            TableError: an existing table lacks a column we write, or has an incompatible schema version.
+        """
+        for spec in TABLES.values():
+            try:
+                table = DeltaTable(self.uri(spec), storage_options=self.storage_options)
+            except TableNotFoundError:
+                DeltaTable.create(
+                    self.uri(spec),
+                    spec.schema,
+                    mode="ignore",
+                    partition_by=list(spec.partition_by) or None,
+                    name=spec.name,
+                    configuration={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION)},
+                    storage_options=self.storage_options,
+                )
+                continue
+            except (DeltaError, OSError) as exc:
+                msg = f"cannot open {self.uri(spec)}: {exc}; check --out and its credentials"
+                raise TableError(msg) from exc
+            version = table.metadata().configuration.get(SCHEMA_VERSION_KEY)
+            if version != str(SCHEMA_VERSION):
+                msg = (
+                    f"{self.uri(spec)} has schema version {version}, this release writes {SCHEMA_VERSION}: "
+                    "write to a new --out"
+                )
+                raise TableError(msg)
+            have = set(pa.schema(table.schema()).names)
+            lacking = [name for name in spec.schema.names if name not in have]
+            if lacking:
+                msg = f"{self.uri(spec)} lacks column(s) {', '.join(lacking)}: it was not written by catalog-embed"
+                raise TableError(msg)
+
+    # -- staging ---------------------------------------------------------------------------------------------
+
+    def staging_dir(self, run_id: str, spec: TableSpec | None = None) -> str:
+        """Folder (fsspec path) of a run's staged parts, optionally of one table."""
+        base = posixpath.join(self._root_path, STAGING, run_id)
+        return posixpath.join(base, spec.name) if spec else base
+
+    def write_part(self, run_id: str, spec: TableSpec, part: str, rows: pa.Table) -> str:
+        """Write one part file with a deterministic name; rewriting the same part replaces it.
+
+        On local disks the file is written aside and renamed, so a killed worker never leaves a half-written
+        part under its final name; object stores make a single put atomic themselves.
+        """
+        folder = self.staging_dir(run_id, spec)
+        path = posixpath.join(folder, f"part-{part}.parquet")
+        self.fs.makedirs(folder, exist_ok=True)
+        local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        target = f"{path}.tmp-{uuid.uuid4().hex}" if local else path
+        with self.fs.open(target, "wb") as fh:
+            pq.write_table(rows, fh)
+        if local:
+            self.fs.mv(target, path)
+        return path
+
+    def staged_parts(self, run_id: str, spec: TableSpec) -> list[str]:
+        """Complete part files staged for one table of a run, sorted."""
+        folder = self.staging_dir(run_id, spec)
+        if not self.fs.exists(folder):
+            return []
+        return sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".parquet"))
+
+    def read_staged(self, run_id: str, spec: TableSpec) -> pa.Table:
+        """Every staged row of one table of a run (empty when none)."""
+        parts = self.staged_parts(run_id, spec)
+        if not parts:
+            return spec.schema.empty_table()
+        return pads.dataset(parts, format="parquet", filesystem=self.fs).to_table()
+
+    def drop_staging(self, run_id: str) -> None:
+        """Remove a run's staged parts (after its commit, or by `vacuum`)."""
+        folder = self.staging_dir(run_id)
+        if self.fs.exists(folder):
+            self.fs.rm(folder, recursive=True)
+
+    # -- commit ----------------------------------------------------------------------------------------------
+
+    def is_committed(self, run_id: str) -> bool:
+        """Whether the run's `runs` row is committed (its last step)."""
+        return self.table(RUNS).transaction_version(app_id(run_id)) is not None
+
+    def commit(self, run_id: str, run_row: pa.Table) -> None:
+        """Merge a run's staged parts into the tables, then append its `runs` row; idempotent per table."""
+        txn = CommitProperties(
+            app_transactions=[Transaction(app_id(run_id), 1)],
+            custom_metadata={"catalog_embed.run_id": run_id},
+        )
+        embedded = self.read_staged(run_id, EMBEDDINGS)
+        for spec in _MERGED:
+            table = self.table(spec)
+            if table.transaction_version(app_id(run_id)) is not None:
+                continue
+            staged = self.read_staged(run_id, spec)
+            if spec is FAILURES:
+                _merge_failures(table, staged, embedded.select(["model", "track_id"]), txn)
+            elif staged.num_rows:
+                _merge_rows(table, spec, staged, txn)
+        runs = self.table(RUNS)
+        if runs.transaction_version(app_id(run_id)) is None:
+            write_deltalake(
+                runs,
+                run_row.cast(RUNS.schema),
+                mode="append",
+                commit_properties=txn,
+                storage_options=self.storage_options,
+            )
+        self.drop_staging(run_id)
+
+    # -- reads -----------------------------------------------------------------------------------------------
+
+    def read(self, spec: TableSpec, columns: list[str] | None = None, filter_: pc.Expression | None = None) -> pa.Table:
+        """Read (part of) a table as Arrow."""
+        return self.table(spec).to_pyarrow_dataset().to_table(columns=columns, filter=filter_)
+
+    def model_state(self, model: str) -> tuple[pa.Table, pa.Table]:
+        """What is already known for `model`: its embeddings' keys and its failures' keys, for planning."""
+        by_model = pc.field("model") == model
+        embedded = self.read(
+            EMBEDDINGS,
+            ["track_id", "source_fingerprint", "model_version", "feature_hash", "deleted"],
+            by_model,
+        )
+        failed = self.read(FAILURES, ["track_id", "source_fingerprint", "stage"], by_model)
+        return embedded, failed
+
+
+def _key_predicate(spec: TableSpec) -> str:
+    return " AND ".join(f"t.{k} = s.{k}" for k in spec.key)
+
+
+def _merge_rows(table: DeltaTable, spec: TableSpec, staged: pa.Table, txn: CommitProperties) -> None:
+    """Upsert staged rows by the table's key; new layer columns are added by schema evolution."""
+    (
+        table.merge(
+            staged,
+            predicate=_key_predicate(spec),
+            source_alias="s",
+            target_alias="t",
+            merge_schema=True,
+            commit_properties=txn,
+        )
+        .when_matched_update_all()
+        .when_not_matched_insert_all()
+        .execute()
+    )
+
+
+def _merge_failures(table: DeltaTable, staged: pa.Table, resolved: pa.Table, txn: CommitProperties) -> None:
+    """Upsert this run's failures and, in the same commit, delete failures of tracks that now embedded."""
+    if staged.num_rows == 0 and resolved.num_rows == 0:
+        return
+    failures = staged.cast(FAILURES.schema).append_column("_resolved", pa.repeat(False, staged.num_rows))
+    ok = pa.table(
+        {
+            name: resolved[name] if name in resolved.column_names else pa.nulls(resolved.num_rows, field.type)
+            for name, field in zip(FAILURES.schema.names, FAILURES.schema, strict=True)
+        }
+        | {"_resolved": pa.repeat(True, resolved.num_rows)}
+    )
+    schema = pa.schema([f.with_nullable(True) for f in FAILURES.schema] + [pa.field("_resolved", pa.bool_())])
+    source = pa.concat_tables([failures.cast(schema), ok.cast(schema)])
+    columns = {name: f"s.{name}" for name in FAILURES.schema.names}
+    (
+        table.merge(source, predicate=_key_predicate(FAILURES), source_alias="s", target_alias="t",
+                    commit_properties=txn)
+        .when_matched_delete(predicate="s._resolved")
+        .when_matched_update(updates=columns, predicate="NOT s._resolved")
+        .when_not_matched_insert(updates=columns, predicate="NOT s._resolved")
+        .execute()
+    )
+
