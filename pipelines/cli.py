@@ -15,6 +15,7 @@ from schemas.errors import CatalogEmbedError
 # Modules providing subcommands, in the order `--help` lists them.
 _COMMAND_MODULES = (
     "pipelines.embed",
+    "pipelines.query",
     "pipelines.models",
     "pipelines.demo",
 )

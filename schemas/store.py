@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from schemas.errors import TableError
@@ -77,18 +78,17 @@ class TableStore:
             except TableNotFoundError:
                 DeltaTable.create(
                     self.uri(spec),
-                    spec.schema,
+                    _versioned(spec.schema),
                     mode="ignore",
                     partition_by=list(spec.partition_by) or None,
                     name=spec.name,
-                    configuration={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION)},
                     storage_options=self.storage_options,
                 )
                 continue
             except (DeltaError, OSError) as exc:
                 msg = f"cannot open {self.uri(spec)}: {exc}; check --out and its credentials"
                 raise TableError(msg) from exc
-            version = table.metadata().configuration.get(SCHEMA_VERSION_KEY)
+            version = (table.schema().fields[0].metadata or {}).get(SCHEMA_VERSION_KEY)
             if version != str(SCHEMA_VERSION):
                 msg = (
                     f"{self.uri(spec)} has schema version {version}, this release writes {SCHEMA_VERSION}: "
@@ -196,19 +196,33 @@ class TableStore:
         return embedded, failed
 
 
+def _versioned(schema: pa.Schema) -> pa.Schema:
+    """Tag the first column with the schema version: Delta keeps no free-form table properties (delta-rs
+    rejects unknown configuration keys), but it does keep column metadata."""
+    first = schema.field(0).with_metadata({SCHEMA_VERSION_KEY: str(SCHEMA_VERSION)})
+    return schema.set(0, first)
+
+
 def _key_predicate(spec: TableSpec) -> str:
     return " AND ".join(f"t.{k} = s.{k}" for k in spec.key)
 
 
 def _merge_rows(table: DeltaTable, spec: TableSpec, staged: pa.Table, txn: CommitProperties) -> None:
-    """Upsert staged rows by the table's key; new layer columns are added by schema evolution."""
+    """Upsert staged rows by the table's key; new layer columns are added first.
+
+    Columns are added with `alter` rather than the merge's schema evolution, which rewrites the table metadata
+    and drops the schema-version tag.
+    """
+    have = set(pa.schema(table.schema()).names)
+    new = [field for field in staged.schema if field.name not in have]
+    if new:
+        table.alter.add_columns(DeltaSchema.from_arrow(pa.schema([f.with_nullable(True) for f in new])).fields)
     (
         table.merge(
             staged,
             predicate=_key_predicate(spec),
             source_alias="s",
             target_alias="t",
-            merge_schema=True,
             commit_properties=txn,
         )
         .when_matched_update_all()

@@ -57,20 +57,21 @@ EMBEDDINGS = TableSpec(
 # Extra layers asked for with `--layer a,b` land in nullable columns `embedding_<layer>` added by schema evolution.
 EXTRA_LAYER_PREFIX = "embedding_"
 
+# One row per track holding its whole timeline, so re-embedding a track replaces its windows atomically (a track
+# that got shorter leaves no stale windows behind). Analysts UNNEST `start_s` and `embedding` together.
 WINDOWS = TableSpec(
     name="windows",
     schema=pa.schema(
         [
             pa.field("model", pa.string(), nullable=False),
             pa.field("track_id", pa.string(), nullable=False),
-            pa.field("window", pa.int32(), nullable=False),
-            pa.field("start_s", pa.float64(), nullable=False),
             pa.field("layer", pa.string(), nullable=False),
-            pa.field("embedding", _VECTOR, nullable=False),
+            pa.field("start_s", pa.list_(pa.float64()), nullable=False),
+            pa.field("embedding", pa.list_(_VECTOR), nullable=False),
             pa.field("run_id", pa.string(), nullable=False),
         ]
     ),
-    key=("model", "track_id", "window"),
+    key=("model", "track_id"),
     partition_by=("model",),
 )
 
@@ -123,6 +124,7 @@ RUNS = TableSpec(
     key=("run_id",),
 )
 
+# The tables an embed run writes under its output root.
 TABLES = {spec.name: spec for spec in (EMBEDDINGS, WINDOWS, FAILURES, RUNS)}
 
 # One row per (probe, model, track): a trained probe's outputs on one embedding. `scores` follow the probe's label
@@ -149,4 +151,3 @@ PREDICTIONS = TableSpec(
     key=("probe_id", "model", "track_id"),
     partition_by=("probe_id",),
 )
-TABLES[PREDICTIONS.name] = PREDICTIONS

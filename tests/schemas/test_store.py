@@ -1,0 +1,113 @@
+"""The Delta table store: staged parts, idempotent merge commits, replacement by key, schema checks."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable, write_deltalake
+
+from schemas.errors import TableError
+from schemas.manifest import WorkItem
+from schemas.store import TableStore, app_id
+from schemas.tables import EMBEDDINGS, FAILURES, RUNS, WINDOWS
+from workers.rows import RowContext, embedding_rows, failure_rows, window_rows
+from workers.stages import TrackEmbedding, TrackFailure
+
+
+def _run_row(run_id: str) -> pa.Table:
+    now = datetime.now(UTC)
+    values = {
+        f.name: now if pa.types.is_timestamp(f.type) else 0 if pa.types.is_integer(f.type)
+        else 0.0 if pa.types.is_floating(f.type) else "x"
+        for f in RUNS.schema
+    }
+    return pa.Table.from_pylist([values | {"run_id": run_id}], schema=RUNS.schema)
+
+
+def _embedded(track: str, value: float, layers=("penultimate",), n_windows=2) -> TrackEmbedding:
+    return TrackEmbedding(
+        item=WorkItem(track, f"/audio/{track}.mp3", "size=1"),
+        duration_s=6.0,
+        n_windows=n_windows,
+        pooled={layer: np.full(4, value, np.float32) for layer in layers},
+        timeline=np.full((n_windows, 4), value, np.float32),
+        starts=[3.0 * i for i in range(n_windows)],
+    )
+
+
+def _stage(store, run_id, embedded, failed, layers=("penultimate",)):
+    ctx = RowContext(run_id, "enc", layers, "v1", "h1")
+    store.write_part(run_id, EMBEDDINGS, "000000", embedding_rows(embedded, ctx))
+    store.write_part(run_id, FAILURES, "000000", failure_rows(failed, ctx))
+    store.write_part(run_id, WINDOWS, "000000", window_rows(embedded, ctx))
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = TableStore(str(tmp_path / "out"))
+    store.ensure_tables()
+    return store
+
+
+def test_staged_parts_are_invisible_until_commit_and_commit_is_idempotent(store):
+    bad = TrackFailure(WorkItem("t9", "/audio/t9.mp3", "size=0"), "decode", "AudioDecodeError", "empty")
+    _stage(store, "r1", [_embedded("t1", 1.0), _embedded("t2", 2.0)], [bad])
+    assert store.read(EMBEDDINGS).num_rows == 0
+    assert not store.is_committed("r1")
+    store.commit("r1", _run_row("r1"))
+    store.commit("r1", _run_row("r1"))  # a retried commit adds nothing
+    assert store.is_committed("r1")
+    assert store.read(EMBEDDINGS).num_rows == 2
+    assert store.read(FAILURES)["track_id"].to_pylist() == ["t9"]
+    assert store.read(RUNS).num_rows == 1
+    assert store.read(WINDOWS)["start_s"].to_pylist() == [[0.0, 3.0], [0.0, 3.0]]
+    assert DeltaTable(store.uri(EMBEDDINGS)).transaction_version(app_id("r1")) == 1
+    assert not store.fs.exists(store.staging_dir("r1"))
+
+
+def test_reembedded_tracks_replace_their_rows_and_clear_their_failures(store):
+    bad = TrackFailure(WorkItem("t2", "/audio/t2.mp3", "size=0"), "decode", "AudioDecodeError", "empty")
+    _stage(store, "r1", [_embedded("t1", 1.0, n_windows=3)], [bad])
+    store.commit("r1", _run_row("r1"))
+    _stage(store, "r2", [_embedded("t1", 5.0, n_windows=1), _embedded("t2", 2.0)], [])
+    store.commit("r2", _run_row("r2"))
+    rows = {r["track_id"]: r for r in store.read(EMBEDDINGS).to_pylist()}
+    assert sorted(rows) == ["t1", "t2"]
+    assert rows["t1"]["embedding"] == [5.0] * 4
+    assert rows["t1"]["run_id"] == "r2"
+    assert store.read(FAILURES).num_rows == 0
+    windows = {r["track_id"]: r for r in store.read(WINDOWS).to_pylist()}
+    assert len(windows["t1"]["embedding"]) == 1  # the shorter timeline replaced the old one whole
+
+
+def test_extra_layers_become_columns_and_keep_the_schema_version(store):
+    _stage(store, "r1", [_embedded("t1", 1.0, layers=("penultimate", "pool"))], [], layers=("penultimate", "pool"))
+    store.commit("r1", _run_row("r1"))
+    table = store.read(EMBEDDINGS)
+    assert table["embedding_pool"].to_pylist() == [[1.0] * 4]
+    store.ensure_tables()  # still recognised as ours after schema evolution
+
+
+def test_foreign_tables_are_refused(tmp_path):
+    write_deltalake(str(tmp_path / "embeddings"), pa.table({"x": [1]}))
+    with pytest.raises(TableError, match="schema version None"):
+        TableStore(str(tmp_path)).ensure_tables()
+
+
+def test_missing_table_error_says_what_to_run(tmp_path):
+    with pytest.raises(TableError, match="catalog-embed embed"):
+        TableStore(str(tmp_path)).table(EMBEDDINGS)
+
+
+def test_tables_read_from_duckdb_without_our_code(store):
+    _stage(store, "r1", [_embedded("t1", 1.0), _embedded("t2", 2.0)], [])
+    store.commit("r1", _run_row("r1"))
+    _stage(store, "r2", [_embedded("t1", 3.0)], [])
+    store.commit("r2", _run_row("r2"))
+    embeddings = DeltaTable(store.uri(EMBEDDINGS)).to_pyarrow_dataset()  # noqa: F841 (DuckDB scans it by name)
+    rows = duckdb.sql("SELECT track_id, embedding::FLOAT[4] AS v FROM embeddings ORDER BY track_id").fetchall()
+    assert rows == [("t1", (3.0,) * 4), ("t2", (2.0,) * 4)]
