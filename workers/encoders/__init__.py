@@ -18,6 +18,7 @@ __all__ = ["Encoder", "FrontEnd", "LayerSpec", "Licence", "encoder_names", "get_
 _REGISTRY: dict[str, str] = {
     "musicnn-msd": "workers.encoders.musicnn:Musicnn:MSD",
     "musicnn-mtt": "workers.encoders.musicnn:Musicnn:MTT",
+    "mule-sfnfnet-f0": "workers.encoders.sfnfnet:MuleSfnfnetF0",
 }
 
 
