@@ -1,0 +1,177 @@
+"""End-to-end embed benchmark: per-stage throughput and the local runner against a naive baseline.
+
+Renders a demo catalog, then measures, in one process run so every figure shares the machine's state:
+
+- each stage alone (decode, front end, encoder, write) in audio seconds per wall second, and the encoder in
+  windows per second;
+- the naive baseline: one file at a time, one model call per track, no batching across tracks, no worker pool;
+- the local runner end to end with 1 and 2 decode workers.
+
+Each measurement is repeated and the median reported. Prints a table and writes bench/results/embed_bench.json.
+
+    python bench/embed_bench.py [--tracks 40] [--duration 30] [--repeat 3] [--model musicnn-msd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.embed import EmbedConfig, run_embed
+from pipelines.runners import EmbedJob, write_shard
+from schemas.manifest import WorkItem, fingerprints
+from schemas.store import TableStore
+from workers.audio import DecodeConfig, load_audio
+from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
+from workers.rows import RowContext
+from workers.stages import EmbedStage, EncoderConfig, TrackFeatures
+
+RESULTS = Path(__file__).parent / "results" / "embed_bench.json"
+
+
+def _median_seconds(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracks", type=int, default=40)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--model", default="musicnn-msd")
+    parser.add_argument("--batch-windows", type=int, default=64)
+    args = parser.parse_args()
+    console = Console()
+    work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
+    console.print(f"rendering {args.tracks} x {args.duration:g} s demo tracks in {work} ...")
+    catalog = render_demo_catalog(
+        work / "catalog", DemoCatalogConfig(n_tracks=args.tracks, duration_s=args.duration, n_broken=0), workers=2
+    )
+    manifest = pq.read_table(catalog.manifest_path)
+    uris = manifest["uri"].to_pylist()
+    items = [
+        WorkItem(t, u, f)
+        for t, u, f in zip(manifest["track_id"].to_pylist(), uris, fingerprints(uris), strict=True)
+    ]
+    encoder_config = EncoderConfig(model=args.model, batch_windows=args.batch_windows)
+    embed = EmbedStage(encoder_config)
+    embed.setup()
+    front_end = embed.model.front_end().eval()
+    rate = front_end.sample_rate
+
+    audio = [load_audio(u, rate) for u in uris]
+    audio_s = sum(a.duration_s for a in audio)
+    with torch.inference_mode():
+        windows = [front_end(torch.from_numpy(a.samples)) for a in audio]
+    n_windows = sum(len(w) for w in windows)
+    features = [
+        TrackFeatures(item, w, front_end.window_starts(len(a.samples)), a.duration_s)
+        for item, w, a in zip(items, windows, audio, strict=True)
+    ]
+    ctx = RowContext("bench", embed.model.name, (embed.model.default_layer,), embed.model.version, "bench")
+
+    def decode_all() -> None:
+        for u in uris:
+            load_audio(u, rate)
+
+    def front_end_all() -> None:
+        with torch.inference_mode():
+            for a in audio:
+                front_end(torch.from_numpy(a.samples))
+
+    def encode_all() -> None:
+        embed(features)
+
+    embedded = embed(features)
+
+    def write_all() -> None:
+        out = tempfile.mkdtemp(dir=work)
+        store = TableStore(out)
+        job = EmbedJob("bench", out, tuple(items), encoder_config, DecodeConfig(), ctx)
+        write_shard(job, store, "000000", embedded, [])
+
+    def naive() -> None:
+        # One file at a time, one model call per track (batches never span tracks), no decode pool.
+        for item in items:
+            a = load_audio(item.uri, rate)
+            with torch.inference_mode():
+                w = front_end(torch.from_numpy(a.samples))
+            embed([TrackFeatures(item, w, front_end.window_starts(len(a.samples)), a.duration_s)])
+
+    def end_to_end(workers: int) -> Callable[[], object]:
+        def run() -> None:
+            out = tempfile.mkdtemp(dir=work)
+            config = EmbedConfig(
+                catalog=str(catalog.manifest_path), out=out, encoder=encoder_config, workers=workers
+            )
+            run_embed(config, Console(quiet=True))
+
+        return run
+
+    measurements: dict[str, float] = {}
+    console.print("measuring stages ...")
+    measurements["decode"] = _median_seconds(decode_all, args.repeat)
+    measurements["front end"] = _median_seconds(front_end_all, args.repeat)
+    measurements["encoder"] = _median_seconds(encode_all, args.repeat)
+    measurements["write (part files)"] = _median_seconds(write_all, args.repeat)
+    console.print("measuring the naive baseline and the local runner ...")
+    measurements["naive baseline"] = _median_seconds(naive, args.repeat)
+    measurements["local, 1 worker"] = _median_seconds(end_to_end(1), args.repeat)
+    measurements["local, 2 workers"] = _median_seconds(end_to_end(2), args.repeat)
+
+    naive_s = measurements["naive baseline"]
+    table = Table(title=f"{args.tracks} tracks, {audio_s / 60:.1f} min of audio, {n_windows} windows, {args.model}")
+    for column in ("measurement", "median s", "audio s / s", "windows / s", "vs naive"):
+        table.add_column(column, justify="right")
+    rows = []
+    for name, seconds in measurements.items():
+        row = {
+            "measurement": name,
+            "median_s": seconds,
+            "audio_s_per_s": audio_s / seconds,
+            "windows_per_s": n_windows / seconds,
+            "speedup_vs_naive": naive_s / seconds,
+        }
+        rows.append(row)
+        table.add_row(
+            name, f"{seconds:.2f}", f"{row['audio_s_per_s']:.1f}", f"{row['windows_per_s']:.1f}",
+            f"{row['speedup_vs_naive']:.2f}x",
+        )
+    console.print(table)
+    console.print(f"torch threads {torch.get_num_threads()}, batch {args.batch_windows} windows")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "tracks": args.tracks,
+                "duration_s": args.duration,
+                "audio_s": audio_s,
+                "windows": n_windows,
+                "model": args.model,
+                "repeat": args.repeat,
+                "torch_threads": torch.get_num_threads(),
+                "results": rows,
+            },
+            indent=2,
+        )
+    )
+    console.print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
