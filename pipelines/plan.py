@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from schemas.manifest import WorkItem
+from schemas.manifest import MISSING_FINGERPRINT, WorkItem
 
 # Failures at these stages are properties of the file itself: retrying an unchanged file would fail the same way.
-# Read failures (missing file, permissions, network) are retried by every run.
+# Read failures (permissions, network) are retried by every run, except for a file that is still missing.
 _DETERMINISTIC_STAGES = ("decode", "frontend")
 
 
@@ -70,7 +70,7 @@ def plan_run(
     known_bad = {
         row["track_id"]: row["source_fingerprint"]
         for row in failed.to_pylist()
-        if row["stage"] in _DETERMINISTIC_STAGES
+        if row["stage"] in _DETERMINISTIC_STAGES or row["source_fingerprint"] == MISSING_FINGERPRINT
     }
     items: list[WorkItem] = []
     n_new = n_changed = n_unchanged = n_known_bad = 0

@@ -39,10 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    result = connect(args.out).sql(args.sql)
+    result = connect(args.out).execute(args.sql)
     table = Table(show_lines=False)
-    for column in result.columns:
-        table.add_column(column)
+    for column in result.description:
+        table.add_column(column[0])
     for row in result.fetchmany(args.limit):
         table.add_row(*(_short(v) for v in row))
     Console().print(table)

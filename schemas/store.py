@@ -180,19 +180,33 @@ class TableStore:
 
     # -- reads -----------------------------------------------------------------------------------------------
 
-    def read(self, spec: TableSpec, columns: list[str] | None = None, filter_: pc.Expression | None = None) -> pa.Table:
-        """Read (part of) a table as Arrow."""
-        return self.table(spec).to_pyarrow_dataset().to_table(columns=columns, filter=filter_)
+    def read(
+        self,
+        spec: TableSpec,
+        columns: list[str] | None = None,
+        filter_: pc.Expression | None = None,
+        partition: dict[str, str] | None = None,
+    ) -> pa.Table:
+        """Read (part of) a table as Arrow.
+
+        `partition` prunes files by partition value. `filter_` is applied after the scan, not pushed into it: files
+        written by merges store strings as `string_view`, which pyarrow's scan-time comparison kernels reject
+        when fragments of both kinds are mixed.
+        """
+        pruning = [(key, "=", value) for key, value in (partition or {}).items()] or None
+        table = self.table(spec).to_pyarrow_dataset(file_pruning_predicate=pruning).to_table()
+        if filter_ is not None:
+            table = table.filter(filter_)
+        return table.select(columns) if columns is not None else table
 
     def model_state(self, model: str) -> tuple[pa.Table, pa.Table]:
         """What is already known for `model`: its embeddings' keys and its failures' keys, for planning."""
-        by_model = pc.field("model") == model
         embedded = self.read(
             EMBEDDINGS,
             ["track_id", "source_fingerprint", "model_version", "feature_hash", "deleted"],
-            by_model,
+            partition={"model": model},
         )
-        failed = self.read(FAILURES, ["track_id", "source_fingerprint", "stage"], by_model)
+        failed = self.read(FAILURES, ["track_id", "source_fingerprint", "stage"], pc.field("model") == model)
         return embedded, failed
 
 

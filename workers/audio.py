@@ -28,6 +28,9 @@ _KAISER_BEST = {
     "beta": 14.769656459379492,
 }
 
+_TRUNCATION_TOLERANCE_S = 0.5
+_TRUNCATION_TOLERANCE_SHARE = 0.02
+
 
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -136,6 +139,7 @@ def decode(fh: IO[bytes], sample_rate: int, config: DecodeConfig = DecodeConfig(
         if n_samples == 0:
             msg = f"the {stream.codec_context.name} stream decoded to no samples (empty or truncated)"
             raise AudioDecodeError(msg)
+        _check_complete(stream, n_samples / source_rate)
         mono = np.concatenate(chunks).astype(np.float32, copy=False)
         return Audio(
             samples=resample(mono, source_rate, sample_rate),
@@ -144,6 +148,21 @@ def decode(fh: IO[bytes], sample_rate: int, config: DecodeConfig = DecodeConfig(
             source_channels=stream.codec_context.channels,
             codec=stream.codec_context.name,
         )
+
+
+def _check_complete(stream: av.audio.stream.AudioStream, decoded_s: float) -> None:
+    """Fail a file that decodes to much less than its header declares: an interrupted download or copy.
+
+    Only the stream's own declared duration counts (Xing/Info frames, STREAMINFO, a WAV data size), not FFmpeg's
+    bitrate-based estimate, which is wrong for VBR files without a header. Encoder priming and padding differ
+    by milliseconds, far below the tolerance.
+    """
+    if not stream.duration or stream.time_base is None:
+        return
+    declared_s = float(stream.duration * stream.time_base)
+    if declared_s - decoded_s > max(_TRUNCATION_TOLERANCE_S, _TRUNCATION_TOLERANCE_SHARE * declared_s):
+        msg = f"truncated: decoded {decoded_s:.2f} s of the {declared_s:.2f} s the file declares"
+        raise AudioDecodeError(msg)
 
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
