@@ -27,7 +27,60 @@ MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".js
 REQUIRED_COLUMNS = ("track_id", "uri")
 # Fingerprint stands for a file that could not be stat-ed; such a track is planned and fails with its reason.
 MISSING_FINGERPRINT = "missing"
+# Fingerprint of a row whose URI the policy refuses: the file is never touched, not even stat-ed.
+REFUSED_FINGERPRINT = "refused"
 _MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class UriPolicy:
+    """Which URIs a manifest may point at: manifests can come from untrusted sources.
+
+    Each row's URI must start with an allowed prefix: by default the catalog's own root (the manifest's folder,
+    or the directory listed), wherever it is stored. A URI with a `..` segment is refused before resolution, so it
+    cannot climb out of an allowed prefix. http(s) is refused unless enabled. A refused row becomes a `failures`
+    row; the rest of the catalog runs.
+
+    Attributes:
+        allow_prefixes: extra allowed prefixes (`/data/audio`, `s3://media-bucket/`, ...).
+        allow_http: allow http:// and https:// URIs.
+    """
+
+    allow_prefixes: tuple[str, ...] = ()
+    allow_http: bool = False
+
+    def prefixes(self, catalog_uri: str) -> tuple[str, ...]:
+        """The allowed prefixes for a catalog at `catalog_uri`, normalised to end with '/'."""
+        return tuple(_as_prefix(p) for p in (catalog_root(catalog_uri), *self.allow_prefixes))
+
+    def violation(self, raw_uri: str, resolved_uri: str, prefixes: tuple[str, ...]) -> str | None:
+        """Why a row's URI is refused, or None when it is allowed."""
+        if ".." in raw_uri.replace("\\", "/").split("/"):
+            return f"URI {raw_uri!r} contains a '..' segment"
+        scheme = resolved_uri.split("://", 1)[0] if "://" in resolved_uri else "file"
+        if scheme in ("http", "https"):
+            if self.allow_http:
+                return None
+            return f"URI {raw_uri!r} uses {scheme}, which is off: enable it with --allow-http"
+        if not any(_as_prefix(resolved_uri).startswith(p) for p in prefixes):
+            return f"URI {raw_uri!r} is outside the allowed prefixes {', '.join(prefixes)}: add one with --allow-prefix"
+        return None
+
+
+def catalog_root(uri: str) -> str:
+    """The folder a catalog lives in: a manifest's folder, a directory itself, a glob's fixed part."""
+    suffix = posixpath.splitext(uri.split("?")[0])[1].lower()
+    if suffix in MANIFEST_FORMATS:
+        return uri.rsplit("/", 1)[0] if "/" in uri else "."
+    return uri[: min((uri.find(ch) for ch in "*?[" if ch in uri), default=len(uri))].rstrip("/")
+
+
+def _as_prefix(uri: str) -> str:
+    if "://" not in uri:
+        uri = posixpath.abspath(uri)
+    elif uri.startswith("file://"):
+        uri = posixpath.abspath(uri[len("file://") :])
+    return uri.rstrip("/") + "/"
 
 
 @dataclass(frozen=True)
@@ -39,15 +92,26 @@ class WorkItem:
     fingerprint: str
 
 
-def read_catalog(uri: str) -> pa.Table:
-    """Read and validate a catalog; returns a table with `track_id`, absolute `uri` and any extra columns.
+def read_catalog(uri: str, policy: UriPolicy = UriPolicy()) -> pa.Table:
+    """Read and validate a catalog.
+
+    Returns:
+        `track_id`, resolved `uri`, `refused` (why the policy refuses the row's URI, else null) and any extra
+        columns of the manifest.
 
     Raises:
         ManifestError: unreadable, missing columns, no rows, empty or duplicate track ids (naming the rows).
     """
     suffix = posixpath.splitext(uri.split("?")[0])[1].lower()
     table = _read_manifest(uri, MANIFEST_FORMATS[suffix]) if suffix in MANIFEST_FORMATS else _list_directory(uri)
-    return validate_catalog(table, uri)
+    table = validate_catalog(table, uri)
+    raw = table["uri"].to_pylist()
+    base = catalog_root(uri)
+    resolved = [_resolve(u, base) for u in raw]
+    prefixes = policy.prefixes(uri)
+    refused = [policy.violation(r, u, prefixes) for r, u in zip(raw, resolved, strict=True)]
+    table = table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(resolved, pa.string()))
+    return table.append_column("refused", pa.array(refused, pa.string()))
 
 
 def validate_catalog(table: pa.Table, uri: str) -> pa.Table:
@@ -129,15 +193,12 @@ def _read_manifest(uri: str, fmt: str) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as exc:
         msg = f"cannot parse manifest {uri} as {fmt}: {exc}"
         raise ManifestError(msg) from exc
-    if "uri" in table.column_names:
-        base = uri.rsplit("/", 1)[0] if "/" in uri else "."
-        resolved = [_resolve(u, base) for u in table["uri"].to_pylist()]
-        table = table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(resolved, pa.string()))
     return table
 
 
-def _resolve(uri: str | None, base: str) -> str | None:
-    if not uri or "://" in uri or uri.startswith("/"):
+def _resolve(uri: str, base: str) -> str:
+    """Relative URIs resolve against the catalog's folder; absolute ones and other schemes stay as they are."""
+    if "://" in uri or uri.startswith("/"):
         return uri
     return posixpath.normpath(posixpath.join(base, uri)) if "://" not in base else f"{base}/{uri}"
 

@@ -15,6 +15,7 @@ committing a run twice adds nothing. The `runs` row is committed last and marks 
 from __future__ import annotations
 
 import posixpath
+import time
 import uuid
 from typing import Any
 
@@ -25,15 +26,17 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake import Schema as DeltaSchema
-from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from schemas.errors import TableError
+from schemas import failpoints
 from schemas.tables import EMBEDDINGS, FAILURES, RUNS, SCHEMA_VERSION, TABLES, WINDOWS, TableSpec
 
 SCHEMA_VERSION_KEY = "catalog_embed.schema_version"
 STAGING = "_staging"
-# Tables merged from staged parts, in commit order; `runs` goes last as the run's completion marker.
-_MERGED = (FAILURES, WINDOWS, EMBEDDINGS)
+# A commit that loses a race with another writer is retried on the new version with exponential backoff.
+_COMMIT_ATTEMPTS = 6
+_COMMIT_BACKOFF_S = 0.2
 
 
 def app_id(run_id: str) -> str:
@@ -151,32 +154,56 @@ class TableStore:
         """Whether the run's `runs` row is committed (its last step)."""
         return self.table(RUNS).transaction_version(app_id(run_id)) is not None
 
-    def commit(self, run_id: str, run_row: pa.Table) -> None:
-        """Merge a run's staged parts into the tables, then append its `runs` row; idempotent per table."""
-        txn = CommitProperties(
-            app_transactions=[Transaction(app_id(run_id), 1)],
-            custom_metadata={"catalog_embed.run_id": run_id},
-        )
-        embedded = self.read_staged(run_id, EMBEDDINGS)
-        for spec in _MERGED:
-            table = self.table(spec)
-            if table.transaction_version(app_id(run_id)) is not None:
-                continue
-            staged = self.read_staged(run_id, spec)
-            if spec is FAILURES:
-                _merge_failures(table, staged, embedded.select(["model", "track_id"]), txn)
-            elif staged.num_rows:
-                _merge_rows(table, spec, staged, txn)
-        runs = self.table(RUNS)
-        if runs.transaction_version(app_id(run_id)) is None:
-            write_deltalake(
-                runs,
-                run_row.cast(RUNS.schema),
-                mode="append",
-                commit_properties=txn,
-                storage_options=self.storage_options,
-            )
+    def commit(self, run_id: str, run_row: pa.Table, gone: pa.Table | None = None, prune: bool = False) -> None:
+        """Commit a run: merge its staged parts, retire tracks gone from the catalog, append its `runs` row.
+
+        Each step is one Delta commit tagged with its own application transaction, so re-running a commit after a
+        crash at any point skips the steps already done and finishes the rest; a commit that loses a race with
+        another writer is retried on the new table version.
+
+        Args:
+            run_id: the run.
+            run_row: its `runs` row.
+            gone: (model, track_id) of tracks that left the catalog: their embeddings are marked `deleted` (or
+                deleted with `prune`), their failures and, with `prune`, their windows removed.
+            prune: delete rather than mark the rows of tracks gone from the catalog.
+        """
+        keys = pa.schema([pa.field("model", pa.string()), pa.field("track_id", pa.string())])
+        gone = (gone if gone is not None else keys.empty_table()).cast(keys)
+        embedded = self.read_staged(run_id, EMBEDDINGS).select(["model", "track_id"]).cast(keys)
+        steps = [
+            (FAILURES, "", lambda t, txn: _merge_failures(
+                t, self.read_staged(run_id, FAILURES), pa.concat_tables([embedded, gone]), txn)),
+            (WINDOWS, "", lambda t, txn: _merge_rows(t, WINDOWS, self.read_staged(run_id, WINDOWS), txn)),
+            (EMBEDDINGS, "", lambda t, txn: _merge_rows(t, EMBEDDINGS, self.read_staged(run_id, EMBEDDINGS), txn)),
+            (EMBEDDINGS, ":gone", lambda t, txn: _retire(t, gone, prune, txn)),
+            (RUNS, "", lambda t, txn: write_deltalake(
+                t, run_row.cast(RUNS.schema), mode="append", commit_properties=txn,
+                storage_options=self.storage_options)),
+        ]
+        if prune:
+            steps.insert(2, (WINDOWS, ":gone", lambda t, txn: _retire(t, gone, True, txn)))
+        for spec, suffix, step in steps:
+            self._commit_step(spec, app_id(run_id) + suffix, run_id, step)
         self.drop_staging(run_id)
+
+    def _commit_step(self, spec: TableSpec, txn_id: str, run_id: str, step) -> None:
+        """Run one commit step unless its transaction is already in the table; retry lost races."""
+        for attempt in range(_COMMIT_ATTEMPTS):
+            table = self.table(spec)
+            if table.transaction_version(txn_id) is not None:
+                return
+            failpoints.hit(f"commit.{spec.name}", txn_id)
+            txn = CommitProperties(
+                app_transactions=[Transaction(txn_id, 1)], custom_metadata={"catalog_embed.run_id": run_id}
+            )
+            try:
+                step(table, txn)
+                return
+            except CommitFailedError:
+                if attempt == _COMMIT_ATTEMPTS - 1:
+                    raise
+                time.sleep(_COMMIT_BACKOFF_S * 2**attempt)
 
     # -- reads -----------------------------------------------------------------------------------------------
 
@@ -222,11 +249,13 @@ def _key_predicate(spec: TableSpec) -> str:
 
 
 def _merge_rows(table: DeltaTable, spec: TableSpec, staged: pa.Table, txn: CommitProperties) -> None:
-    """Upsert staged rows by the table's key; new layer columns are added first.
+    """Upsert staged rows by the table's key (nothing when none); new layer columns are added first.
 
     Columns are added with `alter` rather than the merge's schema evolution, which rewrites the table metadata
     and drops the schema-version tag.
     """
+    if staged.num_rows == 0:
+        return
     have = set(pa.schema(table.schema()).names)
     new = [field for field in staged.schema if field.name not in have]
     if new:
@@ -243,6 +272,17 @@ def _merge_rows(table: DeltaTable, spec: TableSpec, staged: pa.Table, txn: Commi
         .when_not_matched_insert_all()
         .execute()
     )
+
+
+def _retire(table: DeltaTable, gone: pa.Table, delete: bool, txn: CommitProperties) -> None:
+    """Mark the rows of tracks gone from the catalog as deleted, or delete them."""
+    if gone.num_rows == 0:
+        return
+    merger = table.merge(
+        gone, predicate="t.model = s.model AND t.track_id = s.track_id", source_alias="s", target_alias="t",
+        commit_properties=txn,
+    )
+    (merger.when_matched_delete() if delete else merger.when_matched_update({"deleted": "true"})).execute()
 
 
 def _merge_failures(table: DeltaTable, staged: pa.Table, resolved: pa.Table, txn: CommitProperties) -> None:

@@ -41,11 +41,14 @@ class DecodeConfig:
         max_duration_s: decoding stops and the track fails past this duration (default 30 minutes, as MULE).
         min_duration_s: shorter audio fails as too short. Audio at least this long but shorter than one encoder
             window is zero-padded to one window by the front end (so a 2 s jingle still gets an embedding).
+        max_memory_mb: memory a decode worker process may allocate beyond what it holds after start-up; a
+            decoder that balloons on hostile input fails its track instead of taking the machine down.
     """
 
     max_file_mb: float = 512.0
     max_duration_s: float = 1800.0
     min_duration_s: float = 1.0
+    max_memory_mb: float = 4096.0
 
 
 @dataclass(frozen=True)

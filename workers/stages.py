@@ -14,6 +14,7 @@ import torch
 
 from schemas.errors import FrontEndError, TrackError
 from schemas.manifest import WorkItem
+from schemas import failpoints
 from workers.audio import DecodeConfig, load_audio
 from workers.encoders import Encoder, FrontEnd, get_encoder
 
@@ -111,6 +112,7 @@ class DecodeStage:
         """Decode `item`; every per-track error becomes a TrackFailure, never an exception."""
         self.setup()
         front_end = self._front_end
+        failpoints.hit("decode", item.uri)
         try:
             audio = load_audio(item.uri, front_end.sample_rate, self.decode)
         except TrackError as exc:

@@ -8,6 +8,7 @@ fed with windows batched across tracks while the pool decodes ahead.
 from __future__ import annotations
 
 import multiprocessing
+import resource
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -31,6 +32,18 @@ def _init_worker(stage: DecodeStage) -> None:
     torch.set_num_threads(1)
     stage.setup()
     _stage = stage
+    _cap_memory(stage.decode.max_memory_mb)
+
+
+def _cap_memory(extra_mb: float) -> None:
+    """Limit this process's address space to what it maps now plus `extra_mb` (Linux; elsewhere a no-op)."""
+    try:
+        with open("/proc/self/status") as status:
+            mapped_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        return
+    limit = int(mapped_kb * 1024 + extra_mb * 2**20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def _decode(item: WorkItem) -> tuple[TrackFeatures | TrackFailure, float]:
@@ -110,4 +123,6 @@ class LocalRunner:
                 result = TrackFailure(item, "decode", "DecodeTimeout", f"decoding took over {job.decode_timeout_s:g} s")
             except ProcessExpired as exc:
                 result = TrackFailure(item, "decode", "DecoderCrashed", f"the decoder process died: {exc}")
+            except Exception as exc:  # noqa: BLE001 (a decoder bug on one file must cost one row, not the run)
+                result = TrackFailure.from_error(item, exc, stage="decode")
             yield result

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -111,3 +116,50 @@ def test_tables_read_from_duckdb_without_our_code(store):
     embeddings = DeltaTable(store.uri(EMBEDDINGS)).to_pyarrow_dataset()  # noqa: F841 (DuckDB scans it by name)
     rows = duckdb.sql("SELECT track_id, embedding::FLOAT[4] AS v FROM embeddings ORDER BY track_id").fetchall()
     assert rows == [("t1", (3.0,) * 4), ("t2", (2.0,) * 4)]
+
+
+def _gone(*tracks: str) -> pa.Table:
+    return pa.table({"model": ["enc"] * len(tracks), "track_id": list(tracks)})
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_tracks_gone_from_the_catalog_are_marked_deleted_or_pruned(store, prune):
+    bad = TrackFailure(WorkItem("t3", "/audio/t3.mp3", "size=0"), "decode", "AudioDecodeError", "empty")
+    _stage(store, "r1", [_embedded("t1", 1.0), _embedded("t2", 2.0)], [bad])
+    store.commit("r1", _run_row("r1"))
+    _stage(store, "r2", [], [])
+    store.commit("r2", _run_row("r2"), gone=_gone("t2", "t3"), prune=prune)
+    rows = {r["track_id"]: r["deleted"] for r in store.read(EMBEDDINGS).to_pylist()}
+    assert rows == ({"t1": False} if prune else {"t1": False, "t2": True})
+    assert store.read(FAILURES).num_rows == 0
+    assert store.read(WINDOWS)["track_id"].to_pylist() == (["t1"] if prune else ["t1", "t2"])
+
+
+def test_a_commit_killed_midway_finishes_on_retry_without_duplicates(store, tmp_path):
+    _stage(store, "r1", [_embedded("t1", 1.0), _embedded("t2", 2.0)], [])
+    script = (
+        "import sys, pyarrow as pa; sys.path[:0] = sys.argv[1:3]\n"
+        "from tests.schemas.test_store import _run_row\n"
+        "from schemas.store import TableStore\n"
+        f"TableStore({store.root!r}).commit('r1', _run_row('r1'))\n"
+    )
+    env = dict(os.environ, CATALOG_EMBED_FAILPOINTS="commit.embeddings=exit")
+    root = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-c", script, root, root], env=env, check=False, timeout=120)
+    assert done.returncode == 137  # died like kill -9 between the windows and embeddings commits
+    assert store.read(WINDOWS).num_rows == 2 and store.read(EMBEDDINGS).num_rows == 0
+    store.commit("r1", _run_row("r1"))
+    assert store.read(EMBEDDINGS).num_rows == 2 and store.read(WINDOWS).num_rows == 2
+    assert store.read(RUNS).num_rows == 1
+
+
+def test_concurrent_commits_to_one_table_both_land_intact(store):
+    runs = [f"r{i}" for i in range(4)]
+    for i, run in enumerate(runs):
+        _stage(store, run, [_embedded(f"{run}-t{j}", float(i)) for j in range(3)] + [_embedded("shared", float(i))], [])
+    with ThreadPoolExecutor(len(runs)) as pool:
+        list(pool.map(lambda run: store.commit(run, _run_row(run)), runs))
+    table = store.read(EMBEDDINGS)
+    assert table.num_rows == 3 * len(runs) + 1  # the track every run wrote exists once
+    assert sorted(store.read(RUNS)["run_id"].to_pylist()) == runs
+    assert DeltaTable(store.uri(EMBEDDINGS)).history()  # the log is readable after the races
