@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "pipelines.query",
     "pipelines.models",
     "pipelines.demo",
+    "pipelines.probe",
 )
 
 

@@ -70,3 +70,11 @@ class TableError(CatalogEmbedError):
 
 class RunAbortedError(CatalogEmbedError):
     """The run was stopped as a whole, e.g. because too many tracks failed."""
+
+
+class LabelsError(CatalogEmbedError):
+    """A labels table is unreadable or does not fit the probe task (columns, types, ids, splits)."""
+
+
+class ProbeError(CatalogEmbedError):
+    """A probe cannot be trained or applied: unusable data, a diverged search, a missing or mismatching probe."""

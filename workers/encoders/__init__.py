@@ -19,6 +19,8 @@ _REGISTRY: dict[str, str] = {
     "musicnn-msd": "workers.encoders.musicnn:Musicnn:MSD",
     "musicnn-mtt": "workers.encoders.musicnn:Musicnn:MTT",
     "mule-sfnfnet-f0": "workers.encoders.sfnfnet:MuleSfnfnetF0",
+    "mfcc-stats": "workers.encoders.handcrafted:MfccStats",
+    "chroma-stats": "workers.encoders.handcrafted:ChromaStats",
 }
 
 

@@ -1,0 +1,236 @@
+"""Probe benchmark: train probes on a synthetic embeddings table and time them.
+
+A synthetic Delta table of N x 1728 embeddings (MULE's width) with 50 tags (multilabel, prevalence 2-30%) is
+written to a temporary directory, then:
+  1. loading: reading the table, joining the labels and splitting;
+  2. single trials of the `linear` and `mlp` presets (one 512-unit layer): seconds per epoch, epochs and seconds
+     to the best validation epoch (convergence), total seconds with early stopping's patience, test ROC-AUC;
+     the MLP also with 2 torch threads;
+  3. grid search wall time with 1 and 2 trials in parallel, on a seeded sample of the grid over a subset of rows
+     (the full 216-trial grid on 100k rows is hours on 2 cores).
+
+Prints a table and writes bench/results/probe_bench.json. Timings depend on what else the machine runs: say so
+when reporting them. `--quick` runs a small version (10,000 rows, capped epochs) in a minute or two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from deltalake import write_deltalake
+from rich.console import Console
+from rich.table import Table
+
+from schemas.tables import EMBEDDINGS
+from workers.probes.data import EmbeddingsSource, LabelSpec, ProbeDataset, Split, TaskKind, build_dataset
+from workers.probes.metrics import evaluate
+from workers.probes.models import predict_scores
+from workers.probes.search import PRESETS, grid_configs, run_trial, search
+from workers.probes.train import ProbeConfig, restore
+
+RESULTS = Path(__file__).parent / "results" / "probe_bench.json"
+
+
+def synthetic_table(directory: Path, rows: int, dim: int, n_labels: int, seed: int = 0) -> tuple[str, pa.Table]:
+    """Write an embeddings Delta table and return its URI and a matching labels table."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(rows, 64)).astype(np.float32)
+    vectors = latent @ rng.normal(size=(64, dim)).astype(np.float32) / 8
+    vectors += rng.normal(scale=0.5, size=(rows, dim)).astype(np.float32)
+    # Tags: thresholded noisy projections of the latent factors, some through a nonlinearity, prevalence 2-30%.
+    logits = latent @ rng.normal(size=(64, n_labels)).astype(np.float32)
+    logits[:, ::3] = np.abs(logits[:, ::3])
+    logits += rng.normal(scale=2.0, size=logits.shape).astype(np.float32)
+    prevalence = np.linspace(0.02, 0.3, n_labels)
+    thresholds = np.array([np.quantile(logits[:, j], 1 - p) for j, p in enumerate(prevalence)])
+    tags = logits > thresholds
+    ids = [f"track{i:07d}" for i in range(rows)]
+    now = datetime.now(UTC)
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * dim)
+    table = pa.Table.from_pydict(
+        {
+            "model": ["synthetic"] * rows,
+            "track_id": ids,
+            "layer": ["pool"] * rows,
+            "dim": [dim] * rows,
+            "embedding": pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1))),
+            "n_windows": [10] * rows,
+            "duration_s": [30.0] * rows,
+            "source_uri": ids,
+            "source_fingerprint": ids,
+            "model_version": ["0"] * rows,
+            "feature_hash": ["0"] * rows,
+            "run_id": ["bench"] * rows,
+            "embedded_at": [now] * rows,
+            "deleted": [False] * rows,
+        },
+        schema=EMBEDDINGS.schema,
+    )
+    uri = str(directory / "embeddings")
+    write_deltalake(uri, table, partition_by=list(EMBEDDINGS.partition_by))
+    names = [f"tag{j:02d}" for j in range(n_labels)]
+    labels = pa.table({"track_id": ids, **{name: tags[:, j] for j, name in enumerate(names)}})
+    return uri, labels
+
+
+def subset(dataset: ProbeDataset, rows: int) -> ProbeDataset:
+    """The first rows of every split, in the splits' proportions."""
+    total = sum(len(s.track_ids) for s in dataset.splits.values())
+    splits = {}
+    for name, split in dataset.splits.items():
+        keep = max(1, round(len(split.track_ids) * rows / total))
+        splits[name] = Split(split.track_ids[:keep], split.x[:keep], split.y[:keep])
+    return replace(dataset, splits=splits)
+
+
+def single_trial(dataset: ProbeDataset, name: str, config: ProbeConfig, threads: int) -> dict:
+    """Train one trial and measure it."""
+    result = run_trial(dataset, config, threads)
+    test = dataset.splits["test"]
+    scores = predict_scores(restore(dataset, result), dataset.kind, test.x)
+    summary = result.summary()
+    return {
+        "probe": name,
+        "threads": threads,
+        "config": config.label(),
+        "seconds_per_epoch": summary["seconds_per_epoch"],
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "seconds_to_best": summary["seconds_to_best"],
+        "seconds_total": result.seconds,
+        "valid_roc_auc": result.best_valid,
+        "test": evaluate(dataset.kind, test.y, scores, dataset.label_names).metrics,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="10,000 rows, epochs capped at 8, 4 grid trials")
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=1728)
+    parser.add_argument("--labels", type=int, default=50)
+    parser.add_argument("--max-epochs", type=int, default=100, help="schedule length of the single trials")
+    parser.add_argument("--grid-trials", type=int, default=8, help="grid points sampled for the search timing")
+    parser.add_argument("--grid-rows", type=int, default=20_000, help="rows the grid search trains on")
+    parser.add_argument("--grid-max-epochs", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.max_epochs, args.grid_trials, args.grid_rows, args.grid_max_epochs = 10_000, 8, 4, 5_000, 4
+
+    console = Console(width=180)
+    results: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "load_average_at_start": os.getloadavg(),
+        },
+        "params": vars(args),
+    }
+    with tempfile.TemporaryDirectory(prefix="probe-bench-") as tmp:
+        started = time.perf_counter()
+        uri, labels = synthetic_table(Path(tmp), args.rows, args.dim, args.labels)
+        results["write_table_seconds"] = time.perf_counter() - started
+        console.print(f"wrote {args.rows} x {args.dim} embeddings in {results['write_table_seconds']:.1f}s")
+
+        started = time.perf_counter()
+        source = EmbeddingsSource(uri)
+        dataset = build_dataset(source.read(), labels, LabelSpec(TaskKind.MULTILABEL), source.model, source.layer)
+        results["load_seconds"] = time.perf_counter() - started
+        console.print(f"read, joined and split in {results['load_seconds']:.1f}s: {dataset.info}")
+
+    trials = []
+    for name, threads in (("linear", 1), ("mlp", 1), ("mlp", 2)):
+        config = replace(PRESETS[name], max_epochs=args.max_epochs)
+        trials.append(single_trial(dataset, name, config, threads))
+        t = trials[-1]
+        console.print(
+            f"{name} ({threads} thread(s)): {t['seconds_per_epoch']:.1f} s/epoch, best epoch "
+            f"{t['best_epoch']}/{t['epochs_run']} at {t['seconds_to_best']:.0f}s, test ROC-AUC "
+            f"{t['test']['roc_auc']:.4f}"
+        )
+    results["single_trials"] = trials
+
+    small = subset(dataset, args.grid_rows)
+    configs = grid_configs(replace(PRESETS["linear"], max_epochs=args.grid_max_epochs), args.grid_trials)
+    grid = []
+    for parallel in (1, 2):
+        started = time.perf_counter()
+        best, _ = search(small, configs, parallel=parallel, threads=1)
+        grid.append(
+            {
+                "parallel": parallel,
+                "trials": len(configs),
+                "rows": args.grid_rows,
+                "wall_seconds": time.perf_counter() - started,
+                "best": best.config.label(),
+                "best_valid_roc_auc": best.best_valid,
+            }
+        )
+        console.print(
+            f"grid, {len(configs)} trials on {args.grid_rows} rows, {parallel} parallel: "
+            f"{grid[-1]['wall_seconds']:.0f}s"
+        )
+    results["grid"] = grid
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+
+    table = Table(
+        title=f"Probe benchmark: {args.rows:,} x {args.dim} embeddings, {args.labels} tags "
+        f"({os.cpu_count()} cores, load {results['machine']['load_average_at_start'][0]:.1f})"
+    )
+    for column in (
+        "run",
+        "threads",
+        "s/epoch",
+        "best epoch / run",
+        "s to best",
+        "s total",
+        "test ROC-AUC",
+        "test PR-AUC",
+    ):
+        table.add_column(column, justify="right" if column != "run" else "left")
+    for t in trials:
+        table.add_row(
+            f"{t['probe']} ({t['config']})",
+            str(t["threads"]),
+            f"{t['seconds_per_epoch']:.1f}",
+            f"{t['best_epoch']} / {t['epochs_run']}",
+            f"{t['seconds_to_best']:.0f}",
+            f"{t['seconds_total']:.0f}",
+            f"{t['test']['roc_auc']:.4f}",
+            f"{t['test']['pr_auc']:.4f}",
+        )
+    for g in grid:
+        table.add_row(
+            f"grid: {g['trials']} trials, {g['rows']:,} rows, {g['parallel']} parallel",
+            "1",
+            "",
+            "",
+            "",
+            f"{g['wall_seconds']:.0f}",
+            f"{g['best_valid_roc_auc']:.4f} (valid)",
+            "",
+        )
+    table.add_row("load: read table + join + split", "", "", "", "", f"{results['load_seconds']:.1f}", "", "")
+    console.print(table)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, default=float))
+    console.print(f"results -> {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,601 @@
+"""Probe data: read an embeddings table and a labels table, join them on track_id, and split.
+
+The embeddings table follows `schemas.tables.EMBEDDINGS`; a probe reads one model and one layer of it, live rows
+only (`deleted` rows are ignored). Labels come as CSV, Parquet or a Delta table with a `track_id` column plus
+label columns; how those are read depends on the task kind (see `encode_targets`). Splits come from a `split`
+column when there is one, else from a seeded split grouped by artist (no artist in two splits) or stratified by
+label. Every problem with the inputs is raised before any training, with the fix in the message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import fsspec
+import mir_eval
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+from schemas.errors import ConfigError, LabelsError, ProbeError, TableError
+from schemas.tables import EMBEDDINGS, EXTRA_LAYER_PREFIX
+
+SPLITS = ("train", "valid", "test")
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "valid": "valid",
+    "validation": "valid",
+    "val": "valid",
+    "dev": "valid",
+    "test": "test",
+    "testing": "test",
+}
+GROUP_COLUMNS = ("artist", "group")
+
+# Key classes: index = semitone of the tonic above C + 12 for minor. Names are mir_eval.key strings.
+_PITCHES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
+KEY_CLASSES = tuple(f"{pitch} {mode}" for mode in ("major", "minor") for pitch in _PITCHES)
+
+
+class TaskKind(StrEnum):
+    """What a probe predicts, which fixes its loss, output activation and metrics."""
+
+    MULTILABEL = "multilabel"
+    MULTICLASS = "multiclass"
+    REGRESSION = "regression"
+    KEY = "key"
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Live embeddings of one model and layer.
+
+    Attributes:
+        track_ids: (n,) track ids.
+        vectors: (n, dim) float32.
+        embedded_at: (n,) `datetime64[us]` (UTC) of each embedding, carried into predictions.
+    """
+
+    track_ids: np.ndarray
+    vectors: np.ndarray
+    embedded_at: np.ndarray
+
+
+class EmbeddingsSource:
+    """One model and one layer of an embeddings Delta table, resolved and checked on construction.
+
+    Args:
+        uri: the embeddings table (any URI deltalake reads).
+        model: the model to read; may be omitted only when the table holds a single model.
+        layer: the layer to read: the `layer` of the `embedding` column, or an extra layer stored in
+            `embedding_<layer>`; may be omitted when the model's rows carry a single layer.
+
+    Raises:
+        TableError: the URI is not a Delta table, lacks the embeddings columns, or has no live rows.
+        ConfigError: the model or layer is ambiguous or absent; the message lists the choices.
+    """
+
+    def __init__(self, uri: str, model: str | None = None, layer: str | None = None) -> None:
+        self.uri = uri
+        try:
+            table = DeltaTable(uri)
+        except TableNotFoundError as exc:
+            msg = f"no Delta table at {uri!r}: pass the embeddings table written by `catalog-embed embed`"
+            raise TableError(msg) from exc
+        self._dataset = table.to_pyarrow_dataset()
+        names = set(self._dataset.schema.names)
+        missing = [c for c in ("model", "track_id", "layer", "embedding", "embedded_at", "deleted") if c not in names]
+        if missing:
+            msg = f"{uri!r} is not an embeddings table: it lacks column(s) {missing} of {EMBEDDINGS.schema.names}"
+            raise TableError(msg)
+        self.model = self._resolve_model(model)
+        self.layer, self.column, self._filter = self._resolve_layer(layer)
+
+    def _resolve_model(self, model: str | None) -> str:
+        live = self._dataset.to_table(columns=["model"], filter=~pc.field("deleted"))
+        models = sorted(pc.unique(live.column("model")).to_pylist())
+        if not models:
+            msg = f"the embeddings table {self.uri!r} has no live rows: embed some tracks first"
+            raise TableError(msg)
+        if model is None:
+            if len(models) > 1:
+                msg = (
+                    f"the embeddings table {self.uri!r} holds several models ({', '.join(models)}): "
+                    f"pass --model with one of them"
+                )
+                raise ConfigError(msg)
+            return models[0]
+        if model not in models:
+            msg = f"model {model!r} has no live rows in {self.uri!r}; it holds: {', '.join(models)} (fix --model)"
+            raise ConfigError(msg)
+        return model
+
+    def _resolve_layer(self, layer: str | None) -> tuple[str, str, pc.Expression]:
+        live = (pc.field("model") == self.model) & ~pc.field("deleted")
+        layers = sorted(pc.unique(self._dataset.to_table(columns=["layer"], filter=live).column("layer")).to_pylist())
+        extra = sorted(
+            n[len(EXTRA_LAYER_PREFIX) :] for n in self._dataset.schema.names if n.startswith(EXTRA_LAYER_PREFIX)
+        )
+        if layer is None:
+            if len(layers) > 1:
+                msg = f"model {self.model!r} has rows of several layers ({', '.join(layers)}): pass --layer"
+                raise ConfigError(msg)
+            layer = layers[0]
+        if layer in layers:
+            return layer, "embedding", live & (pc.field("layer") == layer)
+        if layer in extra:
+            column = EXTRA_LAYER_PREFIX + layer
+            return layer, column, live & pc.field(column).is_valid()
+        msg = f"model {self.model!r} has no layer {layer!r} in {self.uri!r}; choose one of: {', '.join(layers + extra)}"
+        raise ConfigError(msg)
+
+    def batches(self, rows: int = 65536) -> Iterator[Embeddings]:
+        """Stream the live embeddings in batches of at most `rows`."""
+        scanner = self._dataset.scanner(
+            columns=["track_id", "embedded_at", self.column], filter=self._filter, batch_size=rows
+        )
+        for batch in scanner.to_batches():
+            if batch.num_rows:
+                yield self._to_embeddings(batch)
+
+    def read(self) -> Embeddings:
+        """All live embeddings of the model and layer at once."""
+        table = self._dataset.to_table(columns=["track_id", "embedded_at", self.column], filter=self._filter)
+        return self._to_embeddings(table)
+
+    def _to_embeddings(self, data: pa.Table | pa.RecordBatch) -> Embeddings:
+        column = data.column(self.column)
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        dim = int(lengths[0]) if len(lengths) else 0
+        if len(lengths) and (lengths != dim).any():
+            msg = f"embeddings of model {self.model!r}, layer {self.layer!r} in {self.uri!r} differ in length"
+            raise TableError(msg)
+        vectors = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        return Embeddings(
+            track_ids=np.asarray(data.column("track_id").to_pylist(), dtype=object),
+            vectors=vectors.reshape(len(lengths), dim),
+            embedded_at=data.column("embedded_at").to_numpy(zero_copy_only=False).astype("datetime64[us]"),
+        )
+
+
+def read_labels(uri: str) -> pa.Table:
+    """Read a labels table from CSV, Parquet or Delta, with `track_id` as strings.
+
+    Raises:
+        LabelsError: the format cannot be told, the file cannot be read, or it has no `track_id` column.
+    """
+    lowered = uri.lower().rstrip("/")
+    try:
+        if lowered.endswith((".csv", ".csv.gz", ".tsv")):
+            # Read ids and split/group columns as strings: numeric-looking ids must not become integers.
+            as_text = {name: pa.string() for name in ("track_id", "split", *GROUP_COLUMNS)}
+            parse = pacsv.ParseOptions(delimiter="\t" if lowered.endswith(".tsv") else ",")
+            with fsspec.open(uri, "rb", compression="infer") as fh:
+                table = pacsv.read_csv(
+                    fh, parse_options=parse, convert_options=pacsv.ConvertOptions(column_types=as_text)
+                )
+        elif lowered.endswith((".parquet", ".pq")):
+            with fsspec.open(uri, "rb") as fh:
+                table = pq.read_table(fh)
+        elif DeltaTable.is_deltatable(uri):
+            table = DeltaTable(uri).to_pyarrow_table()
+        else:
+            msg = f"cannot tell the format of labels {uri!r}: use a .csv, .tsv or .parquet file or a Delta table"
+            raise LabelsError(msg)
+    except (OSError, pa.ArrowInvalid) as exc:
+        msg = f"cannot read labels {uri!r}: {exc}"
+        raise LabelsError(msg) from exc
+    if "track_id" not in table.column_names:
+        msg = f"labels {uri!r} have no 'track_id' column (columns: {', '.join(table.column_names)}): add or rename it"
+        raise LabelsError(msg)
+    return table.set_column(table.column_names.index("track_id"), "track_id", pc.cast(table["track_id"], pa.string()))
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """How to read labels and split them.
+
+    Attributes:
+        kind: the task kind.
+        columns: label columns; empty means every column but `track_id`, the split and group columns.
+        label_sep: for multilabel, split a string column on this separator (e.g. "|") into tags.
+        split_column: the column holding train/valid/test; a seeded split is drawn when it is absent.
+        group_column: the column grouping tracks that must share a split; None tries `artist` then `group`.
+        fractions: train, valid and test fractions of a seeded split.
+        seed: seed of the seeded split.
+    """
+
+    kind: TaskKind
+    columns: tuple[str, ...] = ()
+    label_sep: str | None = None
+    split_column: str = "split"
+    group_column: str | None = None
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Encoded labels: `y` for the rows where `present` is true, and the names of its outputs."""
+
+    y: np.ndarray
+    names: tuple[str, ...]
+    present: np.ndarray
+    columns: tuple[str, ...]
+
+
+def _wrong_type(column: str, dtype: pa.DataType, kind: TaskKind, expected: str, fix: str) -> LabelsError:
+    msg = f"label column {column!r} has type {dtype}, which a {kind} probe cannot use: it needs {expected}; {fix}"
+    return LabelsError(msg)
+
+
+def _label_columns(labels: pa.Table, spec: LabelSpec) -> tuple[str, ...]:
+    if spec.columns:
+        missing = [c for c in spec.columns if c not in labels.column_names]
+        if missing:
+            msg = f"label column(s) {missing} not in the labels table (columns: {', '.join(labels.column_names)})"
+            raise LabelsError(msg)
+        return spec.columns
+    reserved = {"track_id", spec.split_column, *GROUP_COLUMNS, spec.group_column}
+    columns = tuple(c for c in labels.column_names if c not in reserved)
+    if not columns:
+        msg = "the labels table has no label column besides track_id/split/group: add one"
+        raise LabelsError(msg)
+    single = spec.kind in (TaskKind.MULTICLASS, TaskKind.KEY)
+    if single and len(columns) > 1:
+        msg = f"a {spec.kind} probe needs one label column, the table has {list(columns)}: pass --label-column"
+        raise LabelsError(msg)
+    return columns
+
+
+def encode_targets(labels: pa.Table, spec: LabelSpec) -> Targets:
+    """Encode the label columns into the probe's target array.
+
+    multilabel: one list<string> column of tags, one string column split on `label_sep`, or one bool/0-1
+    column per tag; multiclass: one string, integer or bool column; regression: one or more numeric columns;
+    key: one string column of mir_eval keys ("C major", "A minor"). Rows with a null label are left out.
+
+    Raises:
+        LabelsError: a column has the wrong type or invalid values; the message says what to change.
+    """
+    columns = _label_columns(labels, spec)
+    present = np.ones(labels.num_rows, dtype=bool)
+    for name in columns:
+        present &= labels[name].is_valid().to_numpy(zero_copy_only=False)
+    kind = spec.kind
+    if kind is TaskKind.REGRESSION:
+        for name in columns:
+            dtype = labels.schema.field(name).type
+            if not (pa.types.is_integer(dtype) or pa.types.is_floating(dtype)):
+                raise _wrong_type(name, dtype, kind, "numbers", "cast it to float or pick the right --label-column")
+        y = np.stack([labels[n].to_numpy(zero_copy_only=False) for n in columns], axis=1)[present]
+        return Targets(y.astype(np.float32), columns, present, columns)
+    if kind is TaskKind.MULTILABEL:
+        return _encode_multilabel(labels, spec, columns, present)
+    (name,) = columns
+    dtype = labels.schema.field(name).type
+    values = labels[name].to_numpy(zero_copy_only=False)[present]
+    if kind is TaskKind.KEY:
+        if not pa.types.is_string(dtype) and not pa.types.is_large_string(dtype):
+            raise _wrong_type(name, dtype, kind, "strings like 'C major' or 'A minor'", "fix the column")
+        return Targets(_encode_keys(name, values), KEY_CLASSES, present, columns)
+    if not (
+        pa.types.is_string(dtype)
+        or pa.types.is_large_string(dtype)
+        or pa.types.is_integer(dtype)
+        or pa.types.is_boolean(dtype)
+        or pa.types.is_dictionary(dtype)
+    ):
+        raise _wrong_type(
+            name,
+            dtype,
+            kind,
+            "class names (string, integer or bool)",
+            "use --kind regression for numeric targets, or pick the right --label-column",
+        )
+    classes, y = np.unique(values, return_inverse=True)
+    return Targets(y.astype(np.int64), tuple(str(c) for c in classes), present, columns)
+
+
+def _encode_keys(column: str, values: np.ndarray) -> np.ndarray:
+    index = {}
+    bad = []
+    for value in np.unique(values):
+        try:
+            mir_eval.key.validate_key(value)
+            tonic, mode = mir_eval.key.split_key_string(value)
+        except ValueError:
+            bad.append(value)
+            continue
+        if tonic is None or mode not in ("major", "minor"):
+            bad.append(value)
+            continue
+        index[value] = tonic + (12 if mode == "minor" else 0)
+    if bad:
+        msg = (
+            f"key column {column!r} has values that are not '<tonic> major|minor' keys: {bad[:5]}; the key probe "
+            "has 24 classes, so drop rows with 'X' or 'other' and spell keys like 'Eb major' or 'F# minor'"
+        )
+        raise LabelsError(msg)
+    return np.array([index[v] for v in values], dtype=np.int64)
+
+
+def _encode_multilabel(labels: pa.Table, spec: LabelSpec, columns: tuple[str, ...], present: np.ndarray) -> Targets:
+    kind = spec.kind
+    if len(columns) == 1:
+        (name,) = columns
+        dtype = labels.schema.field(name).type
+        column = labels[name].filter(pa.array(present))
+        if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+            if not (pa.types.is_string(dtype.value_type) or pa.types.is_large_string(dtype.value_type)):
+                raise _wrong_type(name, dtype, kind, "a list of tag strings", "cast the list items to string")
+            tag_lists = column.to_pylist()
+        elif pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+            if spec.label_sep is None:
+                raise _wrong_type(
+                    name,
+                    dtype,
+                    kind,
+                    "a list<string> column or one 0/1 column per tag",
+                    "pass --label-sep to split this column into tags",
+                )
+            tag_lists = [[t.strip() for t in v.split(spec.label_sep) if t.strip()] for v in column.to_pylist()]
+        else:
+            return _encode_tag_columns(labels, columns, present)
+        names = tuple(sorted({tag for tags in tag_lists for tag in tags}))
+        position = {tag: i for i, tag in enumerate(names)}
+        y = np.zeros((len(tag_lists), len(names)), dtype=np.float32)
+        for row, tags in enumerate(tag_lists):
+            y[row, [position[t] for t in tags]] = 1.0
+        return Targets(y, names, present, columns)
+    return _encode_tag_columns(labels, columns, present)
+
+
+def _encode_tag_columns(labels: pa.Table, columns: tuple[str, ...], present: np.ndarray) -> Targets:
+    stacked = []
+    for name in columns:
+        dtype = labels.schema.field(name).type
+        if not (pa.types.is_boolean(dtype) or pa.types.is_integer(dtype)):
+            raise _wrong_type(
+                name,
+                dtype,
+                TaskKind.MULTILABEL,
+                "one bool or 0/1 column per tag (or a list column)",
+                "convert it, or leave it out with --label-column",
+            )
+        values = labels[name].to_numpy(zero_copy_only=False)[present].astype(np.int64)
+        if not np.isin(values, (0, 1)).all():
+            msg = f"tag column {name!r} holds values other than 0/1: a multilabel probe needs 0/1 or bool per tag"
+            raise LabelsError(msg)
+        stacked.append(values)
+    return Targets(np.stack(stacked, axis=1).astype(np.float32), columns, present, columns)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split's rows: track ids, embeddings and targets, aligned."""
+
+    track_ids: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+
+@dataclass(frozen=True)
+class ProbeDataset:
+    """Everything a probe trains and is tested on.
+
+    Attributes:
+        kind: the task kind.
+        label_names: the names of the probe's outputs (tags, classes, keys or regression targets).
+        model: embedding model.
+        layer: embedding layer.
+        splits: "train", "valid" and "test".
+        info: how the data was joined and split (counts and the split method), for the report.
+    """
+
+    kind: TaskKind
+    label_names: tuple[str, ...]
+    model: str
+    layer: str
+    splits: dict[str, Split]
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the probe's output layer."""
+        return len(self.label_names)
+
+    @property
+    def in_dim(self) -> int:
+        """Embedding dimensionality."""
+        return int(self.splits["train"].x.shape[1])
+
+    def save(self, directory: str | Path) -> None:
+        """Write the arrays as .npy files so worker processes can memory-map them instead of copying."""
+        directory = Path(directory)
+        for name, split in self.splits.items():
+            np.save(directory / f"{name}_x.npy", split.x)
+            np.save(directory / f"{name}_y.npy", split.y)
+            np.save(directory / f"{name}_ids.npy", split.track_ids.astype(str))
+        meta = {"kind": str(self.kind), "label_names": self.label_names, "model": self.model, "layer": self.layer}
+        (directory / "meta.json").write_text(json.dumps({**meta, "info": self.info}))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ProbeDataset:
+        """Read a dataset written by `save`, memory-mapping the embeddings."""
+        directory = Path(directory)
+        meta = json.loads((directory / "meta.json").read_text())
+        splits = {
+            name: Split(
+                track_ids=np.load(directory / f"{name}_ids.npy"),
+                x=np.load(directory / f"{name}_x.npy", mmap_mode="r"),
+                y=np.load(directory / f"{name}_y.npy"),
+            )
+            for name in SPLITS
+        }
+        return cls(
+            TaskKind(meta["kind"]), tuple(meta["label_names"]), meta["model"], meta["layer"], splits, meta["info"]
+        )
+
+
+def build_dataset(embeddings: Embeddings, labels: pa.Table, spec: LabelSpec, model: str, layer: str) -> ProbeDataset:
+    """Join embeddings with labels on track_id, split, and check the result is trainable.
+
+    Raises:
+        LabelsError: duplicate or unmatched ids, wrong label types, unknown split names, or a class (a tag) of
+            the valid or test split absent from training.
+        ProbeError: a split is empty.
+    """
+    ids = pc.cast(labels["track_id"], pa.string())
+    if pc.count_distinct(ids).as_py() != labels.num_rows:
+        counts = pc.value_counts(ids)
+        dupes = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:5]
+        msg = f"labels repeat track ids (e.g. {dupes}): keep one row per track (a list column holds several tags)"
+        raise LabelsError(msg)
+    targets = encode_targets(labels, spec)
+    label_ids = np.asarray(ids.to_pylist(), dtype=object)[targets.present]
+    row_of = {track_id: row for row, track_id in enumerate(embeddings.track_ids)}
+    emb_rows = np.array([row_of.get(t, -1) for t in label_ids], dtype=np.int64)
+    matched = emb_rows >= 0
+    if not matched.any():
+        msg = (
+            f"none of the {len(label_ids)} labelled track ids matches one of the {len(embeddings.track_ids)} "
+            f"embedded tracks of model {model!r} (labels e.g. {list(label_ids[:3])}, embeddings e.g. "
+            f"{list(embeddings.track_ids[:3])}): the labels' track_id must use the catalog's ids; check --model "
+            f"and that the embed job has run on these tracks"
+        )
+        raise LabelsError(msg)
+    # Split only the tracks that can be used, so the fractions hold for them.
+    label_rows = np.flatnonzero(targets.present)[matched]
+    assignment = _assign_splits(labels, spec, targets.y[matched], label_rows)
+    names, rows, y = assignment.names, emb_rows[matched], targets.y[matched]
+    splits = {}
+    for split in SPLITS:
+        take = names == split
+        if not take.any():
+            msg = (
+                f"the {split} split is empty ({len(rows)} labelled tracks, split: {assignment.describe}): "
+                f"give it rows in the {spec.split_column!r} column, or drop that column for a seeded split"
+            )
+            raise ProbeError(msg)
+        splits[split] = Split(embeddings.track_ids[rows[take]], embeddings.vectors[rows[take]], y[take])
+    _check_training_covers(spec.kind, targets.names, splits)
+    info = {
+        "labelled_rows": labels.num_rows,
+        "rows_with_null_label": int((~targets.present).sum()),
+        "labelled_not_embedded": int((~matched).sum()),
+        "embedded": len(embeddings.track_ids),
+        "split": assignment.describe,
+        "label_columns": list(targets.columns),
+        **{f"n_{s}": len(splits[s].track_ids) for s in SPLITS},
+    }
+    return ProbeDataset(spec.kind, targets.names, model, layer, splits, info)
+
+
+@dataclass(frozen=True)
+class _Assignment:
+    names: np.ndarray
+    describe: str
+
+
+def _assign_splits(labels: pa.Table, spec: LabelSpec, y: np.ndarray, rows: np.ndarray) -> _Assignment:
+    """Split names for the label table's `rows` (whose targets are `y`)."""
+    if spec.split_column in labels.column_names:
+        raw = labels[spec.split_column].take(rows).to_pylist()
+        unknown = sorted({str(v) for v in raw if v is None or str(v).strip().lower() not in _SPLIT_ALIASES})
+        if unknown:
+            msg = (
+                f"split column {spec.split_column!r} has values {unknown[:5]}: use train/valid/test (or "
+                "training/validation/val/dev/testing) in every row, or drop the column for a seeded split"
+            )
+            raise LabelsError(msg)
+        names = np.array([_SPLIT_ALIASES[str(v).strip().lower()] for v in raw], dtype=object)
+        return _Assignment(names, f"column {spec.split_column!r}")
+    rng = np.random.default_rng(spec.seed)
+    group_column = spec.group_column or next((c for c in GROUP_COLUMNS if c in labels.column_names), None)
+    if group_column is not None:
+        if group_column not in labels.column_names:
+            msg = f"group column {group_column!r} is not in the labels table: fix --group-column"
+            raise LabelsError(msg)
+        track_ids = labels["track_id"].take(rows).to_pylist()
+        # A track without a group is its own group: it can go anywhere without leaking anything.
+        groups = [
+            f"track\0{t}" if g is None else f"group\0{g}"
+            for g, t in zip(labels[group_column].take(rows).to_pylist(), track_ids, strict=True)
+        ]
+        names = _grouped_split(np.asarray(groups), spec.fractions, rng)
+        return _Assignment(names, f"seeded {spec.seed}, grouped by {group_column!r}")
+    names = _stratified_split(_strata(spec.kind, y), spec.fractions, rng)
+    return _Assignment(names, f"seeded {spec.seed}, stratified")
+
+
+def _strata(kind: TaskKind, y: np.ndarray) -> np.ndarray:
+    if kind is TaskKind.MULTILABEL:
+        # The rarest tag of each track: stratifying on it keeps rare tags in every split.
+        frequency = y.sum(axis=0)
+        rarest = np.where(y > 0, frequency, np.inf).argmin(axis=1)
+        return np.where(y.any(axis=1), rarest, -1)
+    if kind is TaskKind.REGRESSION:
+        return np.digitize(y[:, 0], np.quantile(y[:, 0], [0.2, 0.4, 0.6, 0.8]))
+    return y
+
+
+def _stratified_split(
+    strata: np.ndarray, fractions: tuple[float, float, float], rng: np.random.Generator
+) -> np.ndarray:
+    names = np.empty(len(strata), dtype=object)
+    _, f_valid, f_test = fractions
+    for value in np.unique(strata):
+        rows = rng.permutation(np.flatnonzero(strata == value))
+        n_valid, n_test = round(len(rows) * f_valid), round(len(rows) * f_test)
+        # Training gets at least one row of every stratum, so every class is learnable.
+        n_test = min(n_test, len(rows) - 1)
+        n_valid = min(n_valid, len(rows) - 1 - n_test)
+        names[rows[:n_valid]] = "valid"
+        names[rows[n_valid : n_valid + n_test]] = "test"
+        names[rows[n_valid + n_test :]] = "train"
+    return names
+
+
+def _grouped_split(groups: np.ndarray, fractions: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
+    unique, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    order = rng.permutation(len(unique))
+    bounds = np.cumsum(fractions)[:2] * len(groups)
+    group_split = np.empty(len(unique), dtype=object)
+    filled = 0
+    for g in order:
+        group_split[g] = "train" if filled < bounds[0] else "valid" if filled < bounds[1] else "test"
+        filled += counts[g]
+    return group_split[inverse]
+
+
+def _check_training_covers(kind: TaskKind, names: tuple[str, ...], splits: dict[str, Split]) -> None:
+    if kind is TaskKind.REGRESSION:
+        return
+    if kind is TaskKind.MULTILABEL:
+        train_has = splits["train"].y.sum(axis=0) > 0
+        missing = [names[i] for i in np.flatnonzero(~train_has)]
+        where = "no positive training example"
+    else:
+        train_has = np.zeros(len(names), dtype=bool)
+        train_has[np.unique(splits["train"].y)] = True
+        held_out = np.unique(np.concatenate([splits["valid"].y, splits["test"].y]))
+        missing = [names[i] for i in held_out if not train_has[i]]
+        where = "examples in valid/test but none in train"
+    if missing:
+        msg = (
+            f"class(es) {missing[:10]} have {where}: the probe cannot learn them. Move some of their tracks to "
+            "the train split, drop them from the labels, or drop the split column for a stratified seeded split"
+        )
+        raise LabelsError(msg)
