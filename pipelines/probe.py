@@ -301,7 +301,8 @@ def _tag(args: argparse.Namespace) -> int:
     summary = tag(probe, source, args.out, batch_rows=args.batch_rows, top_k=args.top_k)
     _log(
         f"tag {summary.probe_id}: {summary.embedded} embedded tracks, {summary.already_tagged} already tagged, "
-        f"{summary.tagged} tagged in {summary.commits} commit(s), {summary.seconds:.1f}s -> {args.out}"
+        f"{summary.tagged} tagged, {summary.removed} removed (deleted tracks) in {summary.commits} commit(s), "
+        f"{summary.seconds:.1f}s -> {args.out}"
     )
     return 0
 

@@ -100,8 +100,9 @@ def test_probe_end_to_end(reports, kind):
         assert all(len(t) == 3 for t in predictions["top_labels"].to_pylist())
 
 
-def test_tag_covers_every_track_once(tables, reports, tmp_path):
-    _, uri, _ = tables
+def test_tag_covers_every_track_once(reports, tmp_path):
+    # A copy of the module's embeddings table: this test re-embeds and deletes tracks in it.
+    uri = write_embeddings(tmp_path / "embeddings", embeddings_rows(latent(N), dim=24, deleted=DELETED))
     out = str(tmp_path / "predictions")
     assert (
         run("tag", "--probe", str(reports["multilabel"]), "--embeddings", uri, "--out", out, "--batch-rows", "150") == 0
@@ -130,6 +131,12 @@ def test_tag_covers_every_track_once(tables, reports, tmp_path):
     assert DeltaTable(out).version() == version + 1
     retagged = rows.filter(pc.equal(rows["track_id"], "t00003"))["embedded_at"].to_pylist()
     assert retagged == [datetime(2026, 11, 20, tzinfo=UTC)]
+
+    # Delete one track from the embeddings: the next run removes its prediction.
+    DeltaTable(uri).update(updates={"deleted": "true"}, predicate="track_id = 't00005'")
+    assert run("tag", "--probe", str(reports["multilabel"]), "--embeddings", uri, "--out", out) == 0
+    rows = DeltaTable(out).to_pyarrow_table()
+    assert rows.num_rows == N - DELETED - 1 and "t00005" not in set(rows["track_id"].to_pylist())
 
 
 def test_probe_report_table(reports, tmp_path):

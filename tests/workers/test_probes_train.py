@@ -9,12 +9,13 @@ from dataclasses import replace
 import mir_eval
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import r2_score
 
 from schemas.errors import ConfigError, ProbeError
 from workers.probes.data import KEY_CLASSES, ProbeDataset, Split, TaskKind
 from workers.probes.metrics import evaluate, primary_score
-from workers.probes.models import Probe, ProbeSpec, predict_scores
+from workers.probes.models import MaskDropout, Probe, ProbeSpec, predict_scores
 from workers.probes.search import GRID, PRESETS, grid_configs, run_trial, search
 from workers.probes.train import ProbeConfig, lr_factor, restore
 
@@ -145,3 +146,16 @@ def test_saved_probe_round_trips(tmp_path):
         Probe.load(tmp_path / "out")
     with pytest.raises(ProbeError, match="no probe in"):
         Probe.load(tmp_path / "nowhere")
+
+
+def test_mask_dropout_keeps_the_expectation():
+    dropout = MaskDropout(0.25)
+    dropout.seed(1)
+    x = torch.ones(200, 500)
+    y = dropout(x)
+    assert abs(float((y == 0).float().mean()) - 0.25) < 0.01
+    assert abs(float(y.mean()) - 1.0) < 0.02
+    dropout.seed(1)
+    assert torch.equal(dropout(x), y)
+    dropout.eval()
+    assert torch.equal(dropout(x), x)

@@ -2,7 +2,8 @@
 
 Tagging is incremental: tracks whose current embedding the same probe already scored are skipped, every batch is
 upserted by (probe_id, model, track_id) in its own commit, so an interrupted run resumes where it stopped and a
-re-embedded track (newer `embedded_at`) is scored again.
+re-embedded track (newer `embedded_at`) is scored again. The probe's rows for tracks no longer live in the
+embeddings table (deleted since) are removed at the end.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class TagSummary:
     embedded: int
     already_tagged: int
     tagged: int
+    removed: int
     commits: int
     seconds: float
 
@@ -94,8 +96,10 @@ def tag(probe: Probe, source: EmbeddingsSource, out_uri: str, batch_rows: int = 
     started = time.perf_counter()
     done = _tagged(out_uri, probe)
     embedded = already = tagged = commits = 0
+    live: set[str] = set()
     for batch in source.batches(batch_rows):
         embedded += len(batch.track_ids)
+        live.update(batch.track_ids)
         previous = np.array([done.get(t, np.datetime64("NaT")) for t in batch.track_ids], dtype="datetime64[us]")
         todo = ~(previous == batch.embedded_at)
         already += int((~todo).sum())
@@ -106,7 +110,11 @@ def tag(probe: Probe, source: EmbeddingsSource, out_uri: str, batch_rows: int = 
         _upsert(out_uri, rows)
         tagged += rows.num_rows
         commits += 1
-    return TagSummary(probe.probe_id, embedded, already, tagged, commits, time.perf_counter() - started)
+    gone = sorted(set(done) - live)
+    if gone:
+        _delete(out_uri, probe, gone)
+        commits += 1
+    return TagSummary(probe.probe_id, embedded, already, tagged, len(gone), commits, time.perf_counter() - started)
 
 
 def _tagged(out_uri: str, probe: Probe) -> dict[str, np.datetime64]:
@@ -124,6 +132,16 @@ def _tagged(out_uri: str, probe: Probe) -> dict[str, np.datetime64]:
     )
     stamps = rows.column("embedded_at").to_numpy(zero_copy_only=False).astype("datetime64[us]")
     return dict(zip(rows.column("track_id").to_pylist(), stamps, strict=True))
+
+
+def _sql(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _delete(out_uri: str, probe: Probe, track_ids: list[str]) -> None:
+    listed = ", ".join(_sql(t) for t in track_ids)
+    predicate = f"probe_id = {_sql(probe.probe_id)} AND model = {_sql(probe.spec.model)} AND track_id IN ({listed})"
+    DeltaTable(out_uri).delete(predicate)
 
 
 def _upsert(out_uri: str, rows: pa.Table) -> None:
