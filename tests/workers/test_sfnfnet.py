@@ -4,8 +4,8 @@ The released weights (CC BY-NC 4.0) are not available here. The reference was re
 Keras code with deterministic stand-in weights; these tests rebuild those weights from their rule, write them in
 the release's file layout, import them as a user's file would be, and require the reference outputs.
 
-The reference files (28 MB) live outside the repository: `MULE_REFERENCE_DIR` (default
-/work/shared/reference/mule); tests that need them are skipped, with the reason, where they are absent.
+The reference files (28 MB) live outside the repository, in `shared/reference/mule` beside the checkout (see
+`tests/reference.py`); CI has them, so a missing reference fails rather than skips.
 """
 
 from __future__ import annotations
@@ -21,14 +21,12 @@ import pytest
 import torch
 
 from schemas.errors import WeightsError
+from tests.reference import MULE_REFERENCE
 from workers.encoders import get_encoder
 from workers.encoders.keras_import import CONVERTED_WEIGHTS, h5_variables
 from workers.encoders.sfnfnet import TAPS, MuleFrontEnd, MuleSfnfnetF0, SfNfNetF0, state_shapes
 
-REFERENCE = Path(os.environ.get("MULE_REFERENCE_DIR", "/work/shared/reference/mule"))
-needs_reference = pytest.mark.skipif(
-    not (REFERENCE / "reference.npz").is_file(), reason=f"MULE reference files not found in {REFERENCE}"
-)
+REFERENCE = MULE_REFERENCE
 TOL = {"rtol": 1e-4, "atol": 1e-4}  # the original reproduces itself to ~1e-6; porting mistakes move it >1e-3
 
 
@@ -77,7 +75,8 @@ def standin(weights_facts: dict) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def release(tmp_path_factory: pytest.TempPathFactory, standin: dict[str, np.ndarray]) -> dict[str, Path]:
     """The stand-in weights as the release ships them: model.weights.h5, and model.keras wrapping it."""
-    h5py = pytest.importorskip("h5py")
+    import h5py  # the [mule] extra; imported here so the fast tests run without it
+
     root = tmp_path_factory.mktemp("mule_release")
     h5_path = root / "model.weights.h5"
     # Keras 2.13 v3 layout: only the paths matter to the importer (it reads no attributes).
@@ -117,7 +116,6 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
 # --- structure ---------------------------------------------------------------------------------------------
 
 
-@needs_reference
 def test_structure_matches_the_release(architecture: dict) -> None:
     """62,345,742 parameters split as in the release, same kernels, betas and output shapes."""
     shapes = state_shapes()
@@ -156,7 +154,6 @@ def test_structure_matches_the_release(architecture: dict) -> None:
         assert tuple(_nhwc(out[tap]).shape) == (2, *reference[name].shape[1:]), tap
 
 
-@needs_reference
 def test_h5_paths_follow_the_keras_counter_rule(weights_facts: dict) -> None:
     """The importer's derived HDF5 path of every array is the release's, and covers our whole state dict."""
     by_key = {v.key: v.path for v in h5_variables()}
@@ -220,7 +217,6 @@ def test_remote_weights_are_downloaded_unless_offline(tmp_path: Path, monkeypatc
 
 
 @pytest.mark.slow
-@needs_reference
 def test_standin_weights_match_the_recorded_checksums(weights_facts: dict, standin: dict[str, np.ndarray]) -> None:
     """Our regeneration of the stand-in weights is the one the reference was recorded with."""
     assert sum(a.size for a in standin.values()) == weights_facts["param_count"]
@@ -233,7 +229,6 @@ def test_standin_weights_match_the_recorded_checksums(weights_facts: dict, stand
 
 
 @pytest.mark.slow
-@needs_reference
 def test_imported_release_reproduces_the_reference(encoder: MuleSfnfnetF0) -> None:
     """Every intermediate and the embedding of the original, within atol = rtol = 1e-4."""
     reference = np.load(REFERENCE / "reference.npz")
@@ -254,7 +249,6 @@ def test_imported_release_reproduces_the_reference(encoder: MuleSfnfnetF0) -> No
 
 
 @pytest.mark.slow
-@needs_reference
 def test_every_source_form_gives_one_version(
     encoder: MuleSfnfnetF0, release: dict[str, Path], cache: Path
 ) -> None:
@@ -284,7 +278,6 @@ def test_every_source_form_gives_one_version(
 
 
 @pytest.mark.slow
-@needs_reference
 def test_wrong_pin_is_refused(release: dict[str, Path], cache: Path) -> None:
     with pytest.raises(WeightsError, match="expected 0{64}"):
         MuleSfnfnetF0(weights=str(release["h5"]), weights_sha256="0" * 64).prepare()
@@ -308,7 +301,6 @@ def pipeline_reference() -> dict[str, np.ndarray]:
     return dict(np.load(REFERENCE / "pipeline_reference.npz"))
 
 
-@needs_reference
 def test_front_end_matches_the_release(pipeline_reference: dict[str, np.ndarray]) -> None:
     """Log-mel, slice positions and standardised slices of the release's own front end."""
     front = MuleFrontEnd()
@@ -335,7 +327,6 @@ def test_short_audio_is_padded_to_one_slice() -> None:
 
 
 @pytest.mark.slow
-@needs_reference
 def test_pipeline_timeline_and_average(encoder: MuleSfnfnetF0, pipeline_reference: dict[str, np.ndarray]) -> None:
     """Front end + network + averaging on a 6.5 s clip, as the release's pipeline computed them."""
     windows = encoder.front_end()(torch.from_numpy(pipeline_reference["audio"]) * 2.0)
