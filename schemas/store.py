@@ -17,7 +17,7 @@ from __future__ import annotations
 import posixpath
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
 
 import fsspec
 import pyarrow as pa
@@ -187,7 +187,9 @@ class TableStore:
             self._commit_step(spec, app_id(run_id) + suffix, run_id, step)
         self.drop_staging(run_id)
 
-    def _commit_step(self, spec: TableSpec, txn_id: str, run_id: str, step) -> None:
+    def _commit_step(
+        self, spec: TableSpec, txn_id: str, run_id: str, step: Callable[[DeltaTable, CommitProperties], object]
+    ) -> None:
         """Run one commit step unless its transaction is already in the table; retry lost races."""
         for attempt in range(_COMMIT_ATTEMPTS):
             table = self.table(spec)
