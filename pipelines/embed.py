@@ -21,13 +21,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipelines.plan import Plan, plan_run
-from pipelines.runners import EmbedJob, RunStats, get_runner
+from pipelines.runners import RUNNERS, EmbedJob, RunStats, get_runner
+from pipelines.runners.options import BeamOptions, RayOptions, add_engine_arguments, engine_options_from_args
 from schemas.errors import ConfigError, RunAbortedError
 from schemas.manifest import fingerprints, read_catalog
 from schemas.store import TableStore
 from schemas.tables import EMBEDDINGS, RUNS
 from workers.audio import DecodeConfig
-from workers.encoders import Encoder
 from workers.encoders.base import resolve_device
 from workers.rows import RowContext
 from workers.stages import EncoderConfig
@@ -48,6 +48,8 @@ class EmbedConfig:
         max_failure_ratio: abort the run when more than this fraction of tracks fail.
         retry_failed: retry tracks that failed before even if their file is unchanged.
         run_id: explicit run id (to resume a run); generated when None.
+        beam: options of `--runner beam` and `--runner dataflow`.
+        ray: options of `--runner ray`.
     """
 
     catalog: str
@@ -62,6 +64,8 @@ class EmbedConfig:
     max_failure_ratio: float = 0.5
     retry_failed: bool = False
     run_id: str | None = None
+    beam: BeamOptions = field(default_factory=BeamOptions)
+    ray: RayOptions = field(default_factory=RayOptions)
 
     def validate(self) -> None:
         """Raise ConfigError naming the option to change."""
@@ -78,6 +82,23 @@ class EmbedConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        if self.runner not in RUNNERS:
+            msg = f"--runner {self.runner!r} is unknown; choose one of: {', '.join(RUNNERS)}"
+            raise ConfigError(msg)
+        self.beam.validate(self.runner, self.out, self.catalog, self.encoder.device)
+        self.ray.validate(self.runner)
+
+    def runner_options(self) -> dict[str, object]:
+        """Keyword arguments of the selected runner's constructor: its engine options."""
+        engine = {"beam": self.beam, "dataflow": self.beam, "ray": self.ray}
+        return {"options": engine[self.runner]} if self.runner in engine else {}
+
+    def encoder_runs_here(self) -> bool:
+        """Whether the encoder runs on this machine, so that its device can be checked before any work.
+
+        On Dataflow and on a Ray cluster the device is the workers' (the Ray runner checks the cluster's GPUs).
+        """
+        return self.runner != "dataflow" and not (self.runner == "ray" and self.ray.uses_cluster())
 
 
 @dataclass(frozen=True)
@@ -108,10 +129,11 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
     started = datetime.now(UTC)
     clock = time.perf_counter()
     config.validate()
-    runner = get_runner(config.runner)
+    runner = get_runner(config.runner, **config.runner_options())
     encoder = config.encoder.build()
     layers = config.encoder.resolved_layers(encoder)
-    resolve_device(config.encoder.device)
+    if config.encoder_runs_here():
+        resolve_device(config.encoder.device)
     encoder.prepare()
     feature_hash = encoder.front_end().config_hash()
 
@@ -125,6 +147,19 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
     )
     run_id = config.run_id or f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
     console.print(f"[bold]run {run_id}[/]: {encoder.name} {encoder.version} layers {','.join(layers)}; {plan.describe()}")
+    commit = RunCommit(
+        config=config,
+        run_id=run_id,
+        model=encoder.name,
+        model_version=encoder.version,
+        licence_code=encoder.licence.code,
+        licence_weights=encoder.licence.weights,
+        feature_hash=feature_hash,
+        n_catalog=plan.n_catalog,
+        n_planned=len(plan.items),
+        n_skipped=plan.n_skipped,
+        started=started,
+    )
     job = EmbedJob(
         run_id=run_id,
         out=config.out,
@@ -137,8 +172,8 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
         write_windows=config.write_windows,
         decode_timeout_s=config.decode_timeout_s,
         max_failure_ratio=config.max_failure_ratio,
+        commit=commit.finish,
     )
-    status = "succeeded"
     stats = RunStats()
     if plan.items:
         try:
@@ -146,60 +181,88 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
                 task = bar.add_task("embedding", total=len(plan.items))
                 stats = runner.run(job, lambda n, _audio: bar.advance(task, n))
         except RunAbortedError:
-            store.drop_staging(run_id)
-            _commit_run_row(store, config, job, encoder, plan, RunStats(), started, clock, "aborted")
+            commit.abort()
             raise
-    wall = _commit_run_row(store, config, job, encoder, plan, stats, started, clock, status)
-    summary = RunSummary(run_id, status, plan, stats, wall, config.out)
+    status = stats.status or "succeeded"
+    if stats.status is None:
+        commit_start = time.perf_counter()
+        commit.succeed(stats)
+        stats.add_time("commit", time.perf_counter() - commit_start)
+    summary = RunSummary(run_id, status, plan, stats, time.perf_counter() - clock, config.out)
     print_summary(summary, console)
     return summary
 
 
-def _commit_run_row(
-    store: TableStore,
-    config: EmbedConfig,
-    job: EmbedJob,
-    encoder: Encoder,
-    plan: Plan,
-    stats: RunStats,
-    started: datetime,
-    clock: float,
-    status: str,
-) -> float:
-    """Commit the run's parts and its `runs` row; returns the run's wall seconds."""
-    commit_start = time.perf_counter()
-    wall = commit_start - clock
-    compute = sum(s for k, s in stats.stage_seconds.items() if k in ("decode", "encode"))
-    row = pa.table(
-        {
-            "run_id": [job.run_id],
-            "status": [status],
-            "runner": [config.runner],
-            "model": [encoder.name],
-            "model_version": [encoder.version],
-            "licence_code": [encoder.licence.code],
-            "licence_weights": [encoder.licence.weights],
-            "feature_hash": [job.rows.feature_hash],
-            "config_json": [json.dumps(dataclasses.asdict(config), sort_keys=True)],
-            "code_version": [package_version("catalog-embed")],
-            "started_at": [started],
-            "finished_at": [datetime.now(UTC)],
-            "n_catalog": [plan.n_catalog],
-            "n_planned": [len(plan.items)],
-            "n_skipped": [plan.n_skipped],
-            "n_embedded": [stats.n_embedded],
-            "n_failed": [stats.n_failed],
-            "n_deleted": [0],
-            "audio_seconds": [stats.audio_seconds],
-            "wall_seconds": [wall],
-            "compute_s_per_audio_hour": [compute / (stats.audio_seconds / 3600) if stats.audio_seconds else None],
-            "stage_seconds_json": [json.dumps(stats.stage_seconds, sort_keys=True)],
-        },
-        schema=RUNS.schema,
-    )
-    store.commit(job.run_id, row)
-    stats.add_time("commit", time.perf_counter() - commit_start)
-    return time.perf_counter() - clock
+@dataclass(frozen=True)
+class RunCommit:
+    """Commits one run: its staged parts, then its `runs` row (see `TableStore.commit`).
+
+    Picklable, so that a runner whose driver may exit before its job ends (Beam, launched from a Dataflow Flex
+    Template) can commit from its graph's last step; committing a run twice adds nothing.
+    """
+
+    config: EmbedConfig
+    run_id: str
+    model: str
+    model_version: str
+    licence_code: str
+    licence_weights: str
+    feature_hash: str
+    n_catalog: int
+    n_planned: int
+    n_skipped: int
+    started: datetime
+
+    def succeed(self, stats: RunStats) -> None:
+        """Commit a finished run's parts and a `succeeded` runs row."""
+        self._commit(stats, "succeeded")
+
+    def abort(self) -> None:
+        """Drop the run's parts and commit an `aborted` runs row."""
+        TableStore(self.config.out).drop_staging(self.run_id)
+        self._commit(RunStats(), "aborted")
+
+    def finish(self, stats: RunStats) -> str:
+        """Abort the run when too many tracks failed, else commit it; returns the status committed."""
+        try:
+            stats.check_failure_ratio(self.config.max_failure_ratio)
+        except RunAbortedError:
+            self.abort()
+            return "aborted"
+        self.succeed(stats)
+        return "succeeded"
+
+    def _commit(self, stats: RunStats, status: str) -> None:
+        compute = sum(s for k, s in stats.stage_seconds.items() if k in ("decode", "encode"))
+        finished = datetime.now(UTC)
+        row = pa.table(
+            {
+                "run_id": [self.run_id],
+                "status": [status],
+                "runner": [self.config.runner],
+                "model": [self.model],
+                "model_version": [self.model_version],
+                "licence_code": [self.licence_code],
+                "licence_weights": [self.licence_weights],
+                "feature_hash": [self.feature_hash],
+                "config_json": [json.dumps(dataclasses.asdict(self.config), sort_keys=True)],
+                "code_version": [package_version("catalog-embed")],
+                "started_at": [self.started],
+                "finished_at": [finished],
+                "n_catalog": [self.n_catalog],
+                "n_planned": [self.n_planned],
+                "n_skipped": [self.n_skipped],
+                "n_embedded": [stats.n_embedded],
+                "n_failed": [stats.n_failed],
+                "n_deleted": [0],
+                "audio_seconds": [stats.audio_seconds],
+                "wall_seconds": [(finished - self.started).total_seconds()],
+                "compute_s_per_audio_hour": [compute / (stats.audio_seconds / 3600) if stats.audio_seconds else None],
+                "stage_seconds_json": [json.dumps(stats.stage_seconds, sort_keys=True)],
+            },
+            schema=RUNS.schema,
+        )
+        TableStore(self.config.out).commit(self.run_id, row)
 
 
 def _progress_bar(console: Console) -> Progress:
@@ -216,6 +279,12 @@ def _progress_bar(console: Console) -> Progress:
 def print_summary(summary: RunSummary, console: Console) -> None:
     """The final lines a user reads."""
     stats = summary.stats
+    if summary.status == "launched":
+        console.print(
+            f"[bold green]launched[/]: run {summary.run_id} ({len(summary.plan.items)} tracks) runs on Dataflow and "
+            f"commits to {summary.out} when it finishes; its `runs` row tells how it went"
+        )
+        return
     hours = stats.audio_seconds / 3600
     console.print(
         f"[bold green]{summary.status}[/]: {stats.n_embedded} embedded, {stats.n_failed} failed, "
@@ -244,8 +313,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--weights", help="weights file or folder, for encoders that need them")
     parser.add_argument("--weights-sha256", help="refuse weights whose sha256 differs")
-    parser.add_argument("--runner", default="local", help="engine: local (default)")
-    parser.add_argument("--workers", type=int, default=2, help="decode worker processes")
+    parser.add_argument("--runner", default="local", help=f"engine: {', '.join(RUNNERS)} (default: local)")
+    parser.add_argument("--workers", type=int, default=2, help="decode worker processes (Beam: SDK workers)")
     parser.add_argument("--batch-windows", type=int, default=64, help="windows per encoder call")
     parser.add_argument("--shard-size", type=int, default=64, help="tracks per part file")
     parser.add_argument("--windows", action="store_true", help="also write per-window embeddings (windows table)")
@@ -256,11 +325,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-failure-ratio", type=float, default=0.5, help="abort when more tracks fail")
     parser.add_argument("--retry-failed", action="store_true", help="retry tracks that failed before")
     parser.add_argument("--run-id", help="explicit run id (resume a crashed run)")
+    add_engine_arguments(parser)
     parser.set_defaults(handler=_handle)
 
 
 def config_from_args(args: argparse.Namespace) -> EmbedConfig:
     """Parse the namespace into the config dataclasses (no other logic)."""
+    beam, ray = engine_options_from_args(args)
     return EmbedConfig(
         catalog=args.catalog,
         out=args.out,
@@ -283,6 +354,8 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
         max_failure_ratio=args.max_failure_ratio,
         retry_failed=args.retry_failed,
         run_id=args.run_id,
+        beam=beam,
+        ray=ray,
     )
 
 

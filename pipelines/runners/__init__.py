@@ -2,7 +2,11 @@
 
 A runner receives an `EmbedJob` (picklable: it travels to remote workers), runs `DecodeStage` and `EmbedStage`
 over its work items, and writes each shard's rows with `write_shard`. The job then commits once on the driver.
-A new engine is a module here with a class exposing `run(job, progress) -> RunStats`, plus a line in `RUNNERS`.
+A new engine is a module here with a class exposing `run(job, progress) -> RunStats`, plus a line in `RUNNERS`;
+engine imports (apache_beam, ray) stay in that module.
+
+A runner whose driver may exit before its job ends (Beam: a Dataflow Flex Template launcher only builds the
+graph) commits from its graph's last step through `job.commit` and says so in `RunStats.status`.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import pyarrow as pa
 
 from schemas.errors import ConfigError, RunAbortedError
 from schemas.manifest import WorkItem
@@ -22,6 +28,9 @@ from workers.stages import EncoderConfig, TrackEmbedding, TrackFailure
 
 RUNNERS: dict[str, str] = {
     "local": "pipelines.runners.local:LocalRunner",
+    "beam": "pipelines.runners.beam:BeamRunner",
+    "dataflow": "pipelines.runners.beam:DataflowRunner",
+    "ray": "pipelines.runners.ray:RayRunner",
 }
 
 # Below this many finished tracks the failure ratio is too noisy to abort a run on.
@@ -46,11 +55,28 @@ class EmbedJob:
     decode_timeout_s: float = 300.0
     max_failure_ratio: float = 0.5
     storage_options: dict[str, str] | None = None
+    commit: Callable[[RunStats], str] | None = None
 
     def shards(self) -> list[tuple[str, tuple[WorkItem, ...]]]:
         """Deterministic shards: the same plan always yields the same part names."""
         size = self.shard_size
         return [(f"{i // size:06d}", self.items[i : i + size]) for i in range(0, len(self.items), size)]
+
+    def work_items(self) -> pa.Table:
+        """The work items with their shard, one row per track, for engines that read their input as a table."""
+        rows = [(shard, item) for shard, items in self.shards() for item in items]
+        return pa.table(
+            {
+                "shard": pa.array([shard for shard, _ in rows], pa.string()),
+                "track_id": pa.array([item.track_id for _, item in rows], pa.string()),
+                "uri": pa.array([item.uri for _, item in rows], pa.string()),
+                "fingerprint": pa.array([item.fingerprint for _, item in rows], pa.string()),
+            }
+        )
+
+    def without_items(self) -> EmbedJob:
+        """This job minus its work items: what workers need, without shipping the whole plan to each of them."""
+        return replace(self, items=())
 
     def store(self) -> TableStore:
         """The output store (cheap; build one per worker)."""
@@ -59,13 +85,20 @@ class EmbedJob:
 
 @dataclass
 class RunStats:
-    """Counts and stage timings a runner reports back."""
+    """Counts and stage timings a runner reports back.
+
+    Attributes:
+        status: None when the job is to commit the run (most runners). A runner that committed the run from its
+            own graph through `EmbedJob.commit` sets 'succeeded'; one that returns before its job has run (a
+            Dataflow Flex Template launch, whose job commits from its last step) sets 'launched'.
+    """
 
     n_embedded: int = 0
     n_failed: int = 0
     audio_seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     first_errors: list[str] = field(default_factory=list)
+    status: str | None = None
 
     def add_time(self, stage: str, seconds: float) -> None:
         """Accumulate time spent in a stage."""

@@ -1,0 +1,426 @@
+"""The Beam runner: the embed job as an Apache Beam pipeline, on Beam's local runners or on Dataflow.
+
+    work items (Parquet) | Reshuffle
+      | Decode        DecodeStage in a subprocess with a timeout (CPU)
+      | RunInference  TrackModelHandler: EmbedStage, one model per worker process, batches across tracks
+      | GroupByKey(shard) | WriteShard (write_shard: deterministic part names)
+      | CombineGlobally(RunStats) | Commit (once, through `EmbedJob.commit`)
+
+The work items are staged as one Parquet file under the run's staging folder rather than inlined into the graph,
+which Dataflow caps at a few megabytes. A decoder that raises, crashes its process or hangs goes to Beam's
+dead-letter output (`with_exception_handling`) and becomes a `failures` row; so does a batch the encoder fails
+on. No track fails a bundle.
+
+The commit is the graph's last step because a Dataflow Flex Template launcher only builds the graph and exits:
+nothing after `run()` would ever commit. Where the driver does wait (DirectRunner, Prism, Dataflow launched
+from this CLI), the run's counts come back as Beam metrics in the namespace `catalog-embed`: counters
+`tracks_embedded`, `tracks_failed`, `audio_milliseconds` (Beam counters are integers) and distributions
+`decode_ms`, `encode_ms`, `write_ms`.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import apache_beam as beam
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.portability.prism_runner import PrismJobServer
+from apache_beam.transforms.window import GlobalWindows
+
+from pipelines.runners import EmbedJob, Progress, RunStats, split_results, write_shard
+from pipelines.runners.options import BeamOptions
+from schemas.errors import ConfigError
+from schemas.manifest import WorkItem
+from schemas.store import STAGING
+from schemas.tables import FAILURES
+from workers.stages import DecodeStage, EmbedStage, TrackEmbedding, TrackFailure, TrackFeatures
+
+METRICS_NAMESPACE = "catalog-embed"
+_FAILED = "failed"
+_STATS = "stats"
+_LOG = logging.getLogger(__name__)
+
+
+class BeamRunner:
+    """Runs a job on one of Beam's local runners: DirectRunner (default) or Prism.
+
+    Args:
+        options: the engine options; `beam_runner` picks the local runner and `pipeline_args` pass through.
+
+    Raises:
+        ConfigError: Prism was asked for but its binary is neither cached nor downloadable.
+    """
+
+    def __init__(self, options: BeamOptions | None = None) -> None:
+        self.options = options or BeamOptions()
+        if self.options.beam_runner == "prism":
+            _check_prism(self.options)
+
+    def pipeline_options(self, job: EmbedJob) -> PipelineOptions:
+        """Beam options of a local run: the DirectRunner runs `job.workers` SDK worker processes."""
+        if self.options.beam_runner == "prism":
+            return PipelineOptions(list(self.options.pipeline_args), runner="PrismRunner")
+        return PipelineOptions(
+            list(self.options.pipeline_args),
+            runner="DirectRunner",
+            direct_num_workers=job.workers,
+            # One worker runs in this process; more run as subprocesses, each with its own model.
+            direct_running_mode="multi_processing" if job.workers > 1 else "in_memory",
+        )
+
+    def run(self, job: EmbedJob, progress: Progress | None = None) -> RunStats:
+        """Stage the work items, build and run the pipeline; the pipeline commits the run itself.
+
+        Returns:
+            The run's counts from Beam metrics, with `status` 'succeeded'; 'launched' when it returned before
+            the job ran (`--detach`, or a Flex Template launcher that only builds the graph).
+
+        Raises:
+            RunAbortedError: too many tracks failed (the pipeline committed an `aborted` runs row).
+        """
+        if job.commit is None:
+            msg = "the Beam runner commits from its pipeline and needs EmbedJob.commit (run it through run_embed)"
+            raise ConfigError(msg)
+        items_uri = _stage_work_items(job)
+        pipeline = beam.Pipeline(options=self.pipeline_options(job))
+        build_pipeline(pipeline, job, items_uri)
+        result = pipeline.run()
+        # A Flex Template launcher gets a result without a job (it only built the graph); a detached submission
+        # does not wait. Either way the job commits the run from its last step.
+        if self.options.detach or not getattr(result, "has_job", True):
+            _LOG.warning("run %s launched: the Dataflow job commits it from its last step", job.run_id)
+            return RunStats(status="launched")
+        result.wait_until_finish()
+        stats = _stats_from_metrics(result)
+        if stats.n_failed:
+            stats.first_errors = _first_errors(job)
+        if progress:
+            progress(len(job.items), stats.audio_seconds)
+        stats.check_failure_ratio(job.max_failure_ratio)
+        return stats
+
+
+class DataflowRunner(BeamRunner):
+    """Runs a job on Google Cloud Dataflow (Runner v2, our worker image, optional GPUs).
+
+    The options were validated with the config (`BeamOptions.validate`): project, region, a gs:// temp location,
+    the worker image and, with `--device cuda`, a worker accelerator.
+    """
+
+    def pipeline_options(self, job: EmbedJob) -> PipelineOptions:
+        """Beam options of a Dataflow job."""
+        o = self.options
+        settings: dict[str, Any] = {
+            "runner": "DataflowRunner",
+            "project": o.project,
+            "region": o.region,
+            "temp_location": o.temp_location,
+            "staging_location": o.staging_location or o.temp_location,
+            "sdk_container_image": o.sdk_container_image,
+            # The image already holds Beam and the package: stage neither, so workers start from the image alone.
+            "sdk_location": "container",
+            "experiments": ["use_runner_v2"],
+            "job_name": o.job_name or _job_name(job.run_id),
+        }
+        if o.worker_accelerator:
+            settings["dataflow_service_options"] = [f"worker_accelerator={o.worker_accelerator}"]
+        if o.machine_type:
+            settings["machine_type"] = o.machine_type
+        if o.max_num_workers:
+            settings["max_num_workers"] = o.max_num_workers
+        return PipelineOptions(list(o.pipeline_args), **settings)
+
+
+def build_pipeline(pipeline: beam.Pipeline, job: EmbedJob, items_uri: str) -> beam.PCollection:
+    """Add the embed graph (see the module docstring) to `pipeline`.
+
+    Returns:
+        The single-element PCollection of the status the run was committed with.
+    """
+    lean = job.without_items()
+    decoded, decode_dead = (
+        pipeline
+        | "WorkItems" >> beam.io.ReadFromParquet(items_uri)
+        | "Reshuffle" >> beam.Reshuffle()
+        | "Decode" >> beam.ParDo(_DecodeFn(lean)).with_exception_handling(
+            use_subprocess=True, timeout=job.decode_timeout_s
+        )
+    )
+    routed = decoded | "Route" >> beam.ParDo(_RouteFn()).with_outputs(_FAILED, _STATS, main="features")
+    inferred, inference_dead = routed.features | "Embed" >> RunInference(
+        TrackModelHandler(lean), metrics_namespace=METRICS_NAMESPACE
+    ).with_exception_handling()
+    pooled = inferred | "Pooled" >> beam.ParDo(_PooledFn()).with_outputs(_STATS, main="embedded")
+    results = (
+        pooled.embedded,
+        routed[_FAILED],
+        decode_dead | "DecodeDeadLetters" >> beam.Map(_decode_dead_letter),
+        inference_dead.failed_inferences | "EmbedDeadLetters" >> beam.FlatMap(_inference_dead_letter),
+    ) | "Results" >> beam.Flatten()
+    written = (
+        results
+        | "ByShard" >> beam.GroupByKey()
+        | "WriteShard" >> beam.ParDo(_WriteShardFn(lean))
+    )
+    return (
+        (routed[_STATS], pooled[_STATS], written)
+        | "AllStats" >> beam.Flatten()
+        | "RunStats" >> beam.CombineGlobally(_MergeStats())
+        | "Commit" >> beam.Map(_commit, lean)
+    )
+
+
+class TrackModelHandler(ModelHandler[tuple[str, TrackFeatures], tuple[str, TrackEmbedding, float], EmbedStage]):
+    """Beam's ModelHandler around `EmbedStage`: examples are (shard, TrackFeatures), predictions are
+    (shard, TrackEmbedding, encode seconds of that track's share of the batch).
+
+    RunInference loads the model once per worker process and feeds it batches of about `batch_windows` windows,
+    assembled across tracks (BatchElements weighs each track by its number of windows).
+    """
+
+    def __init__(self, job: EmbedJob) -> None:
+        super().__init__(
+            min_batch_size=job.encoder.batch_windows,
+            max_batch_size=job.encoder.batch_windows,
+            element_size_fn=_n_windows,
+        )
+        self._encoder = job.encoder
+        self._keep_timeline = job.write_windows
+
+    def load_model(self) -> EmbedStage:
+        """Build the encoder on the configured device (once per worker process)."""
+        stage = EmbedStage(self._encoder, keep_timeline=self._keep_timeline)
+        stage.setup()
+        return stage
+
+    def run_inference(
+        self,
+        batch: Sequence[tuple[str, TrackFeatures]],
+        model: EmbedStage,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[tuple[str, TrackEmbedding, float]]:
+        """Embed and pool one batch of tracks."""
+        start = time.perf_counter()
+        embedded = model([features for _, features in batch])
+        share = (time.perf_counter() - start) / len(batch)
+        return [(shard, embedding, share) for (shard, _), embedding in zip(batch, embedded, strict=True)]
+
+    def get_num_bytes(self, batch: Sequence[tuple[str, TrackFeatures]]) -> int:
+        """Bytes of window data in a batch (the default pickles the whole batch to measure it)."""
+        return sum(features.windows.nbytes for _, features in batch)
+
+    def get_metrics_namespace(self) -> str:
+        """Beam's inference metrics go next to ours."""
+        return METRICS_NAMESPACE
+
+
+class _DecodeFn(beam.DoFn):
+    """Decode one work item; runs in Beam's exception-handling subprocess, so it must not touch metrics."""
+
+    def __init__(self, job: EmbedJob) -> None:
+        self._stage = DecodeStage(job.encoder, job.decode)
+
+    def setup(self) -> None:
+        # One thread per decoder: Beam forks this process, and a forked OpenMP pool left at >1 thread can hang.
+        torch.set_num_threads(1)
+        self._stage.setup()
+
+    def process(self, row: dict[str, str]) -> Iterator[tuple[str, TrackFeatures | TrackFailure, float]]:
+        start = time.perf_counter()
+        result = self._stage(_work_item(row))
+        yield row["shard"], result, time.perf_counter() - start
+
+
+class _BundleStatsFn(beam.DoFn):
+    """A DoFn that sums stage time over a bundle and emits it once, to the `stats` output."""
+
+    stage = ""
+
+    def start_bundle(self) -> None:
+        self._stats = RunStats()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        if self._stats.stage_seconds:
+            yield beam.pvalue.TaggedOutput(_STATS, GlobalWindows.windowed_value(self._stats))
+
+    def _timed(self, seconds: float) -> None:
+        self._stats.add_time(self.stage, seconds)
+        Metrics.distribution(METRICS_NAMESPACE, f"{self.stage}_ms").update(int(seconds * 1000))
+
+
+class _RouteFn(_BundleStatsFn):
+    """Decoded tracks to the main output, tracks that failed to decode to `failed`; records decode time."""
+
+    stage = "decode"
+
+    def process(self, element: tuple[str, TrackFeatures | TrackFailure, float]) -> Iterator[Any]:
+        shard, result, seconds = element
+        self._timed(seconds)
+        if isinstance(result, TrackFailure):
+            yield beam.pvalue.TaggedOutput(_FAILED, (shard, result))
+        else:
+            yield shard, result
+
+
+class _PooledFn(_BundleStatsFn):
+    """Drop the encode-time share from each prediction, recording it."""
+
+    stage = "encode"
+
+    def process(self, element: tuple[str, TrackEmbedding, float]) -> Iterator[tuple[str, TrackEmbedding]]:
+        shard, embedding, seconds = element
+        self._timed(seconds)
+        yield shard, embedding
+
+
+class _WriteShardFn(beam.DoFn):
+    """Write one shard's part files; count what it holds."""
+
+    def __init__(self, job: EmbedJob) -> None:
+        self._job = job
+
+    def setup(self) -> None:
+        self._store = self._job.store()
+        self._embedded = Metrics.counter(METRICS_NAMESPACE, "tracks_embedded")
+        self._failed = Metrics.counter(METRICS_NAMESPACE, "tracks_failed")
+        self._audio_ms = Metrics.counter(METRICS_NAMESPACE, "audio_milliseconds")
+        self._write_ms = Metrics.distribution(METRICS_NAMESPACE, "write_ms")
+
+    def process(self, element: tuple[str, Iterable[TrackEmbedding | TrackFailure]]) -> Iterator[RunStats]:
+        shard, results = element
+        embedded, failed = split_results(results)
+        # Rows arrive in whatever order the engine chose; sorting keeps a retried shard's file identical.
+        embedded.sort(key=lambda e: e.item.track_id)
+        failed.sort(key=lambda f: f.item.track_id)
+        seconds = write_shard(self._job, self._store, shard, embedded, failed)
+        stats = RunStats()
+        stats.record(embedded, failed)
+        stats.add_time("write", seconds)
+        self._embedded.inc(stats.n_embedded)
+        self._failed.inc(stats.n_failed)
+        self._audio_ms.inc(round(stats.audio_seconds * 1000))
+        self._write_ms.update(int(seconds * 1000))
+        yield stats
+
+
+class _MergeStats(beam.CombineFn):
+    """Sum the RunStats of every shard and bundle."""
+
+    def create_accumulator(self) -> RunStats:
+        return RunStats()
+
+    def add_input(self, accumulator: RunStats, stats: RunStats) -> RunStats:
+        accumulator.merge(stats)
+        return accumulator
+
+    def merge_accumulators(self, accumulators: Iterable[RunStats]) -> RunStats:
+        merged = RunStats()
+        for accumulator in accumulators:
+            merged.merge(accumulator)
+        return merged
+
+    def extract_output(self, accumulator: RunStats) -> RunStats:
+        return accumulator
+
+
+def _commit(stats: RunStats, job: EmbedJob) -> str:
+    status = job.commit(stats)
+    Metrics.counter(METRICS_NAMESPACE, f"runs_{status}").inc()
+    if status != "succeeded":
+        _LOG.error("run %s %s: %d of %d tracks failed", job.run_id, status, stats.n_failed,
+                   stats.n_failed + stats.n_embedded)
+    return status
+
+
+def _decode_dead_letter(bad: tuple[dict[str, str], tuple[type, str, list[str]]]) -> tuple[str, TrackFailure]:
+    """A work item whose decoder raised, crashed its process or ran past the timeout."""
+    row, (error_type, error_repr, _traceback) = bad
+    item = _work_item(row)
+    if issubclass(error_type, TimeoutError):
+        failure = TrackFailure(item, "decode", "DecodeTimeout", "decoding ran past --decode-timeout")
+    elif issubclass(error_type, BrokenProcessPool):
+        failure = TrackFailure(item, "decode", "DecoderCrashed", f"the decoder process died: {error_repr}")
+    else:
+        failure = TrackFailure(item, "decode", error_type.__name__, error_repr)
+    return row["shard"], failure
+
+
+def _inference_dead_letter(
+    bad: tuple[Sequence[tuple[str, TrackFeatures]], tuple[type, str, list[str]]],
+) -> Iterator[tuple[str, TrackFailure]]:
+    """Every track of a batch the encoder raised on."""
+    batch, (error_type, error_repr, _traceback) = bad
+    for shard, features in batch:
+        yield shard, TrackFailure(features.item, "encode", error_type.__name__, error_repr)
+
+
+def _n_windows(element: tuple[str, TrackFeatures]) -> int:
+    return len(element[1].windows)
+
+
+def _work_item(row: dict[str, str]) -> WorkItem:
+    return WorkItem(track_id=row["track_id"], uri=row["uri"], fingerprint=row["fingerprint"])
+
+
+def _stage_work_items(job: EmbedJob) -> str:
+    """Write the work items next to the run's staged parts; returns the URI Beam reads them from."""
+    store = job.store()
+    folder = store.staging_dir(job.run_id)
+    store.fs.makedirs(folder, exist_ok=True)
+    with store.fs.open(posixpath.join(folder, "work-items.parquet"), "wb") as fh:
+        pq.write_table(job.work_items(), fh)
+    return f"{store.root}/{STAGING}/{job.run_id}/work-items.parquet"
+
+
+def _stats_from_metrics(result: beam.runners.runner.PipelineResult) -> RunStats:
+    """The run's counts and stage times, from the committed metrics of a finished pipeline."""
+    metrics = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    counters = {m.key.metric.name: m.committed for m in metrics["counters"]}
+    stats = RunStats(
+        n_embedded=counters.get("tracks_embedded", 0),
+        n_failed=counters.get("tracks_failed", 0),
+        audio_seconds=counters.get("audio_milliseconds", 0) / 1000,
+        status="succeeded",
+    )
+    for metric in metrics["distributions"]:
+        name = metric.key.metric.name
+        if name in ("decode_ms", "encode_ms", "write_ms") and metric.committed is not None:
+            stats.add_time(name.removesuffix("_ms"), metric.committed.sum / 1000)
+    return stats
+
+
+def _first_errors(job: EmbedJob, limit: int = 5) -> list[str]:
+    """The first failures of a committed run, for the summary (the pipeline does not hand them back)."""
+    rows = job.store().read(FAILURES, ["track_id", "error_type", "message"], pc.field("run_id") == job.run_id)
+    return [f"{r['track_id']}: {r['error_type']}: {r['message']}" for r in rows.slice(0, limit).to_pylist()]
+
+
+def _job_name(run_id: str) -> str:
+    """A Dataflow job name (lowercase letters, digits, hyphens; starts with a letter) from a run id."""
+    return "catalog-embed-" + re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")
+
+
+def _check_prism(options: BeamOptions) -> None:
+    """Make sure Prism's binary is at hand before any work: Beam downloads it from GitHub on first use."""
+    try:
+        PrismJobServer(PipelineOptions(list(options.pipeline_args))).path_to_binary()
+    except (RuntimeError, ValueError, OSError) as exc:
+        msg = (
+            f"--beam-runner prism needs Beam's Prism binary, which Beam fetches from GitHub on first use and "
+            f"could not ({exc}). Download apache_beam-v{beam.__version__}-prism-<os>-<arch>.zip from "
+            f"https://github.com/apache/beam/releases/tag/v{beam.__version__} where the network allows and pass "
+            f"--beam-option prism_location=/path/to/that.zip, or use --beam-runner direct"
+        )
+        raise ConfigError(msg) from exc

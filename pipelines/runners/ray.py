@@ -1,0 +1,219 @@
+"""The Ray runner: the embed job as a streaming Ray Data pipeline, on a local Ray instance or a cluster.
+
+    shards | map(decode: DecodeStage, CPU tasks) | map(EmbedStage actor pool, GPUs with CUDA)
+           | write_datasink(PartSink: write_shard per shard; stats gathered on the driver)
+
+A row is a shard, from the first operator to the sink: each shard's part files are then the product of exactly one
+write, under their deterministic name, without a shuffle. Shards stream: the encoder actors embed one shard
+(batching windows across its tracks) while CPU tasks decode the next ones. A shard's decoded windows travel as one
+row, so `--shard-size` bounds the memory in flight. The sink's `on_write_complete` runs on the driver and gathers
+the shards' stats; `run_embed` then commits the run there.
+
+`--address` reaches an existing cluster; under `ray job submit` the entrypoint runs on the cluster with
+RAY_ADDRESS set, so the same command line works with or without `--address auto`. Without either, a local Ray
+instance is started with `--workers` CPUs for decoding plus one per encoder actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+import ray
+import ray.data
+from ray._private.services import get_ray_address_from_environment
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import Datasink
+from ray.data.datasource.datasink import WriteResult
+
+from pipelines.runners import EmbedJob, Progress, RunStats, split_results, write_shard
+from pipelines.runners.options import RayOptions
+from schemas.errors import ConfigError
+from workers.stages import DecodeStage, EmbedStage, TrackFeatures
+
+# Seconds to wait for a cluster's head to accept a connection before calling --address unreachable.
+_CONNECT_TIMEOUT_S = 3.0
+_LOG = logging.getLogger(__name__)
+
+
+class RayRunner:
+    """Runs a job with Ray Data.
+
+    Args:
+        options: the engine options (`address`, `embed_actors`).
+
+    Raises:
+        ConfigError: `--address` names no running cluster, or nothing answers there (checked at once, with a
+            short timeout, before any work).
+    """
+
+    def __init__(self, options: RayOptions | None = None) -> None:
+        self.options = options or RayOptions()
+        address = self.options.address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            _check_reachable(address)
+        self.address = address
+
+    def run(self, job: EmbedJob, progress: Progress | None = None) -> RunStats:
+        """Decode, embed and write every shard of `job`; see the module docstring.
+
+        Raises:
+            RunAbortedError: too many tracks failed; nothing is committed.
+        """
+        started_here = not ray.is_initialized()
+        if started_here:
+            if self.address:
+                ray.init(address=self.address)
+            else:
+                ray.init(num_cpus=job.workers + self.options.embed_actors, include_dashboard=False)
+        try:
+            stats = self._run(job)
+        finally:
+            if started_here:
+                ray.shutdown()
+        if progress:
+            progress(len(job.items), stats.audio_seconds)
+        stats.check_failure_ratio(job.max_failure_ratio)
+        return stats
+
+    def _run(self, job: EmbedJob) -> RunStats:
+        gpus = 1 if job.encoder.device.startswith("cuda") else 0
+        if gpus and not ray.cluster_resources().get("GPU"):
+            _LOG.warning("--device %s: the Ray cluster has no GPU yet; the encoder actors wait for one",
+                         job.encoder.device)
+        lean = job.without_items()
+        sink = PartSink(lean)
+        shards = [{"shard": shard, "items": _pack(list(items))} for shard, items in job.shards()]
+        (
+            # One block per shard, so that every decode task starts on its own shard.
+            ray.data.from_items(shards, override_num_blocks=len(shards))
+            .map(
+                _decode_shard,
+                fn_kwargs={"stage": DecodeStage(job.encoder, job.decode)},
+                compute=ray.data.TaskPoolStrategy(size=job.workers),
+                num_cpus=1,
+            )
+            .map(
+                _EmbedShard,
+                fn_constructor_args=(lean,),
+                compute=ray.data.ActorPoolStrategy(size=self.options.embed_actors),
+                num_cpus=1,
+                num_gpus=gpus,
+            )
+            .write_datasink(sink)
+        )
+        return sink.stats
+
+
+def _decode_shard(row: dict[str, Any], stage: DecodeStage) -> dict[str, Any]:
+    """Decode a shard's tracks in one CPU task (each task unpickles its stage and builds the front end once)."""
+    start = time.perf_counter()
+    results = [stage(item) for item in _unpack(row["items"])]
+    return {"shard": row["shard"], "results": _pack(results), "decode_s": time.perf_counter() - start}
+
+
+class _EmbedShard:
+    """An encoder actor: embeds the decoded tracks of a shard in batches across them; passes failures through."""
+
+    def __init__(self, job: EmbedJob) -> None:
+        self._stage = EmbedStage(job.encoder, keep_timeline=job.write_windows)
+        self._stage.setup()
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        results = _unpack(row["results"])
+        decoded = [i for i, result in enumerate(results) if isinstance(result, TrackFeatures)]
+        start = time.perf_counter()
+        for i, embedding in zip(decoded, self._stage([results[i] for i in decoded]), strict=True):
+            results[i] = embedding
+        return {
+            "shard": row["shard"],
+            "results": _pack(results),
+            "decode_s": row["decode_s"],
+            "encode_s": time.perf_counter() - start,
+        }
+
+
+class PartSink(Datasink[RunStats]):
+    """Writes each shard's part files with `write_shard`; gathers the run's stats on the driver.
+
+    Attributes:
+        stats: the whole run's stats, set by `on_write_complete` on the driver.
+    """
+
+    def __init__(self, job: EmbedJob) -> None:
+        self._job = job
+        self.stats = RunStats()
+
+    def write(self, blocks: Iterable[Block], ctx: object) -> RunStats:
+        """Write the shards of one write task (each shard is one row)."""
+        store = self._job.store()
+        stats = RunStats()
+        for block in blocks:
+            for row in BlockAccessor.for_block(block).iter_rows(public_row_format=False):
+                embedded, failed = split_results(_unpack(row["results"]))
+                stats.add_time("write", write_shard(self._job, store, row["shard"], embedded, failed))
+                stats.add_time("decode", float(row["decode_s"]))
+                stats.add_time("encode", float(row["encode_s"]))
+                stats.record(embedded, failed)
+        return stats
+
+    def on_write_complete(self, write_result: WriteResult[RunStats]) -> None:
+        """Sum the write tasks' stats (driver side)."""
+        for stats in write_result.write_returns:
+            self.stats.merge(stats)
+
+
+def _pack(values: list[Any]) -> bytes:
+    """Stage objects as one binary cell. Ray would pickle them anyway, after failing to make Arrow of them and
+    logging a warning for every block."""
+    return pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpack(blob: bytes) -> list[Any]:
+    return pickle.loads(blob)  # noqa: S301 (our own rows, written by this job's tasks)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast, naming the option, when no Ray cluster answers at `address`."""
+    if address.startswith("ray://"):
+        target = address.removeprefix("ray://")
+    else:
+        try:
+            target = get_ray_address_from_environment(address, None)
+        except ConnectionError as exc:
+            msg = (
+                f"--address {address}: no running Ray cluster found ({exc}). Start one with `ray start --head`, "
+                "or pass the head's host:port"
+            )
+            raise ConfigError(msg) from exc
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        msg = f"--address {address!r} is not 'auto', host:port or ray://host:port"
+        raise ConfigError(msg)
+    try:
+        socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        msg = (
+            f"--address {address}: nothing answers at {host}:{port} ({exc}). Check that the cluster is up "
+            "(`ray status`) and the address, or leave --address out to run on a local Ray instance"
+        )
+        raise ConfigError(msg) from exc
+    # Something accepts connections there. A Ray head's GCS (and a Ray Client server) speaks gRPC; a dashboard or
+    # any other HTTP/1 service does not, and ray.init would retry against it for a minute before failing.
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=_CONNECT_TIMEOUT_S)
+    except grpc.FutureTimeoutError as exc:
+        msg = (
+            f"--address {address}: {host}:{port} answers but not as a Ray head does (no gRPC): pass the head's GCS "
+            "port (6379 unless `ray start --port` set another), not the dashboard's (8265)"
+        )
+        raise ConfigError(msg) from exc
+    finally:
+        channel.close()
