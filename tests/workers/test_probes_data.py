@@ -152,3 +152,16 @@ def test_class_missing_from_training_fails(table):
     labels = pa.table({"track_id": labels["track_id"], "genre": genre, "split": split})
     with pytest.raises(LabelsError, match=r"class\(es\) \['polka'\].*Move some of their tracks to the train split"):
         _dataset(uri, labels, LabelSpec(TaskKind.MULTICLASS))
+
+
+def test_labels_only_on_unembedded_tracks_are_left_out(table):
+    z, uri = table
+    tags = labels_for("multilabel", z).to_pylist()
+    tags.append({"track_id": "not-embedded", "tags": ["theremin", "guitar"]})
+    data = _dataset(uri, pa.Table.from_pylist(tags), LabelSpec(TaskKind.MULTILABEL))
+    assert "theremin" not in data.label_names and data.info["labels_only_on_unembedded_tracks"] == ["theremin"]
+    assert data.splits["train"].y.shape[1] == len(data.label_names)
+    genres = labels_for("multiclass", z).to_pylist() + [{"track_id": "not-embedded", "genre": "polka"}]
+    data = _dataset(uri, pa.Table.from_pylist(genres), LabelSpec(TaskKind.MULTICLASS))
+    assert data.label_names == ("blues", "jazz", "pop", "rock")
+    assert data.splits["train"].y.max() == 3

@@ -476,10 +476,11 @@ def build_dataset(embeddings: Embeddings, labels: pa.Table, spec: LabelSpec, mod
             f"and that the embed job has run on these tracks"
         )
         raise LabelsError(msg)
+    y, label_names, unseen = _drop_unseen(spec.kind, targets.y[matched], targets.names)
     # Split only the tracks that can be used, so the fractions hold for them.
     label_rows = np.flatnonzero(targets.present)[matched]
-    assignment = _assign_splits(labels, spec, targets.y[matched], label_rows)
-    names, rows, y = assignment.names, emb_rows[matched], targets.y[matched]
+    assignment = _assign_splits(labels, spec, y, label_rows)
+    names, rows = assignment.names, emb_rows[matched]
     splits = {}
     for split in SPLITS:
         take = names == split
@@ -490,7 +491,7 @@ def build_dataset(embeddings: Embeddings, labels: pa.Table, spec: LabelSpec, mod
             )
             raise ProbeError(msg)
         splits[split] = Split(embeddings.track_ids[rows[take]], embeddings.vectors[rows[take]], y[take])
-    _check_training_covers(spec.kind, targets.names, splits)
+    _check_training_covers(spec.kind, label_names, splits)
     info = {
         "labelled_rows": labels.num_rows,
         "rows_with_null_label": int((~targets.present).sum()),
@@ -498,9 +499,28 @@ def build_dataset(embeddings: Embeddings, labels: pa.Table, spec: LabelSpec, mod
         "embedded": len(embeddings.track_ids),
         "split": assignment.describe,
         "label_columns": list(targets.columns),
+        "labels_only_on_unembedded_tracks": list(unseen),
         **{f"n_{s}": len(splits[s].track_ids) for s in SPLITS},
     }
-    return ProbeDataset(spec.kind, targets.names, model, layer, splits, info)
+    return ProbeDataset(spec.kind, label_names, model, layer, splits, info)
+
+
+def _drop_unseen(kind: TaskKind, y: np.ndarray, names: tuple[str, ...]) -> tuple[np.ndarray, tuple[str, ...], tuple]:
+    """Leave out tags and classes that only unembedded tracks have: the probe could never see an example.
+
+    Key probes keep all 24 classes (their outputs are the key space, not the labels seen).
+    """
+    if kind is TaskKind.MULTILABEL:
+        seen = y.sum(axis=0) > 0
+        y = y[:, seen]
+    elif kind is TaskKind.MULTICLASS:
+        present, y = np.unique(y, return_inverse=True)
+        seen = np.isin(np.arange(len(names)), present)
+        y = y.astype(np.int64)
+    else:
+        return y, names, ()
+    kept = tuple(n for n, s in zip(names, seen, strict=True) if s)
+    return y, kept, tuple(n for n, s in zip(names, seen, strict=True) if not s)
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,8 @@ def predict_scores(net: ProbeNet, kind: TaskKind, x: np.ndarray, batch_rows: int
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(x), batch_rows):
-            batch = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_rows], dtype=np.float32))
+            # A copy: `x` may be a read-only memory map, which torch will not wrap.
+            batch = torch.from_numpy(np.array(x[start : start + batch_rows], dtype=np.float32))
             chunks.append(net.outputs(batch, kind).numpy())
     if not chunks:
         return np.zeros((0, net.out_mean.shape[0]), dtype=np.float32)
