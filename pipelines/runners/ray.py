@@ -39,6 +39,8 @@ from workers.stages import DecodeStage, EmbedStage, TrackFeatures
 
 # Seconds to wait for a cluster's head to accept a connection before calling --address unreachable.
 _CONNECT_TIMEOUT_S = 3.0
+# Attempts after the first for a decode task whose worker died: enough for a preempted node, not a crash loop.
+_DECODE_TASK_RETRIES = 2
 _LOG = logging.getLogger(__name__)
 
 
@@ -98,6 +100,10 @@ class RayRunner:
                 fn_kwargs={"stage": DecodeStage(job.encoder, job.decode)},
                 compute=ray.data.TaskPoolStrategy(size=job.workers),
                 num_cpus=1,
+                # Ray Data retries a task whose worker died forever; a decoder that crashes its process on a file
+                # would crash it again. (Differing from the actors' options also keeps Ray from fusing the decode
+                # tasks into the encoder actors, which would serialise decoding behind encoding.)
+                max_retries=_DECODE_TASK_RETRIES,
             )
             .map(
                 _EmbedShard,

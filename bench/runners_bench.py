@@ -1,0 +1,128 @@
+"""Runner benchmark: the same demo catalog through every engine that runs on one machine, in one process run.
+
+Measures end to end (`run_embed`: plan, engine start-up, decode, encode, write, commit) for
+
+- the local runner with 2 decode workers: the reference every overhead is measured against;
+- Beam's DirectRunner in this process (`--workers 1`) and with 2 SDK worker processes;
+- Ray on a local instance with 1 and 2 CPU decode workers (one encoder actor), which is how Ray scales here.
+
+Rounds interleave the runners, so that a machine whose load drifts (other jobs, thermal limits) affects them alike;
+each figure is the median over rounds and every overhead compares runs of the same round. Every run writes a fresh
+output root. Prints a table and writes bench/results/runners.json.
+
+    python bench/runners_bench.py [--tracks 48] [--duration 30] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.embed import EmbedConfig, run_embed
+from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
+
+RESULTS = Path(__file__).parent / "results" / "runners.json"
+# (label, runner, decode workers)
+CASES = (
+    ("local, 2 workers", "local", 2),
+    ("beam direct, in process", "beam", 1),
+    ("beam direct, 2 workers", "beam", 2),
+    ("ray, 1 CPU worker", "ray", 1),
+    ("ray, 2 CPU workers", "ray", 2),
+)
+REFERENCE = CASES[0][0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracks", type=int, default=48, help="demo catalog rows (the full demo has 240)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per track (the demo's 30)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--shard-size", type=int, default=16)
+    args = parser.parse_args()
+    console = Console()
+    work = Path(tempfile.mkdtemp(prefix="runners-bench-"))
+    demo = DemoCatalogConfig(n_tracks=args.tracks, duration_s=args.duration)
+    console.print(f"rendering {demo.n_tracks} x {demo.duration_s:g} s demo tracks ({demo.n_broken} broken) in {work}")
+    catalog = render_demo_catalog(work / "catalog", demo, workers=2)
+    quiet = Console(quiet=True)
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in CASES}
+    for round_ in range(args.rounds):
+        for label, runner, workers in CASES:
+            config = EmbedConfig(
+                catalog=str(catalog.manifest_path),
+                out=str(work / f"tables-{round_}-{runner}-{workers}"),
+                runner=runner,
+                workers=workers,
+                shard_size=args.shard_size,
+            )
+            summary = run_embed(config, quiet)
+            runs[label].append(
+                {
+                    "wall_s": summary.wall_seconds,
+                    "audio_s": summary.stats.audio_seconds,
+                    "n_embedded": summary.stats.n_embedded,
+                    "n_failed": summary.stats.n_failed,
+                }
+            )
+            console.print(f"round {round_ + 1}: {label}: {summary.wall_seconds:.1f} s")
+
+    rows = []
+    for label, runner, workers in CASES:
+        done = runs[label]
+        wall = statistics.median(r["wall_s"] for r in done)
+        audio = done[0]["audio_s"]
+        overheads = [r["wall_s"] / ref["wall_s"] for r, ref in zip(done, runs[REFERENCE], strict=True)]
+        rows.append(
+            {
+                "runner": label,
+                "engine": runner,
+                "workers": workers,
+                "wall_s": wall,
+                "x_real_time": audio / wall,
+                "tracks_per_s": (done[0]["n_embedded"] + done[0]["n_failed"]) / wall,
+                "vs_local": statistics.median(overheads),
+                "walls_s": [r["wall_s"] for r in done],
+                "n_embedded": done[0]["n_embedded"],
+                "n_failed": done[0]["n_failed"],
+            }
+        )
+    by_label = {row["runner"]: row for row in rows}
+    ray_scaling = by_label["ray, 1 CPU worker"]["wall_s"] / by_label["ray, 2 CPU workers"]["wall_s"]
+
+    table = Table(title=f"runners on {demo.n_tracks} x {demo.duration_s:g} s demo tracks, median of {args.rounds}")
+    for column in ("runner", "wall s", "x real time", "tracks/s", "wall vs local"):
+        table.add_column(column, justify="left" if column == "runner" else "right")
+    for row in rows:
+        table.add_row(row["runner"], f"{row['wall_s']:.1f}", f"{row['x_real_time']:.1f}",
+                      f"{row['tracks_per_s']:.2f}", f"{row['vs_local']:.2f}x")
+    console.print(table)
+    console.print(f"ray speed-up from 1 to 2 CPU workers: {ray_scaling:.2f}x")
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "catalog": {"tracks": demo.n_tracks, "duration_s": demo.duration_s, "broken": demo.n_broken},
+                "rounds": args.rounds,
+                "shard_size": args.shard_size,
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "runners": rows,
+                "ray_speedup_1_to_2_workers": ray_scaling,
+            },
+            indent=2,
+        )
+    )
+    console.print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
