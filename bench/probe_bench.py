@@ -34,10 +34,11 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas.tables import EMBEDDINGS
-from workers.probes.data import EmbeddingsSource, LabelSpec, ProbeDataset, Split, TaskKind, build_dataset
+from workers.probes.data import EmbeddingsSource, LabelSpec, ProbeDataset, Split, build_dataset
 from workers.probes.metrics import evaluate
 from workers.probes.models import predict_scores
 from workers.probes.search import PRESETS, grid_configs, run_trial, search
+from workers.probes.tasks import TaskKind
 from workers.probes.train import ProbeConfig, restore
 
 RESULTS = Path(__file__).parent / "results" / "probe_bench.json"

@@ -21,10 +21,11 @@ from pathlib import Path
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from pipelines.probe import ProbeJobConfig, run_probe_job
-from workers.probes.data import LabelSpec, TaskKind
+from pipelines.probe_job import ProbeJobConfig, run_probe_job
+from workers.probes.data import LabelSpec
 from workers.probes.report import results_table
 from workers.probes.search import PRESETS, preset
+from workers.probes.tasks import TaskKind
 
 TASKS = {
     "instrument": (TaskKind.MULTICLASS, "instrument_family"),

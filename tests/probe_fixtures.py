@@ -10,7 +10,7 @@ import pyarrow as pa
 from deltalake import write_deltalake
 
 from schemas.tables import EMBEDDINGS
-from workers.probes.data import KEY_CLASSES
+from workers.probes.tasks import KEY_CLASSES
 
 # Enharmonic spellings the key labels use now and then: the probe must treat them as the same class.
 _ENHARMONIC = {"C#": "Db", "Eb": "D#", "F#": "Gb", "Ab": "G#", "Bb": "A#"}

@@ -13,8 +13,10 @@ import pytest
 from deltalake import DeltaTable
 
 from pipelines.cli import main
+from pipelines.probe import PRESET_NAMES
 from schemas.tables import EMBEDDINGS, PREDICTIONS
 from tests.probe_fixtures import embeddings_rows, labels_for, latent, write_embeddings
+from workers.probes.search import PRESETS
 
 N = 400
 DELETED = 7
@@ -265,3 +267,7 @@ def test_bad_inputs_fail_before_training(tables, tmp_path, capsys):
         assert run(*base, *extra) == 2
         assert re.search(f"catalog-embed: error: .*{message}", capsys.readouterr().err)
     assert not (tmp_path / "never").exists()
+
+
+def test_cli_preset_names_match_the_presets():
+    assert PRESET_NAMES == tuple(PRESETS)

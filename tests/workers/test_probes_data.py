@@ -11,15 +11,8 @@ from deltalake import write_deltalake
 
 from schemas.errors import ConfigError, LabelsError
 from tests.probe_fixtures import embeddings_rows, labels_for, latent, write_embeddings
-from workers.probes.data import (
-    KEY_CLASSES,
-    EmbeddingsSource,
-    LabelSpec,
-    TaskKind,
-    build_dataset,
-    encode_targets,
-    read_labels,
-)
+from workers.probes.data import EmbeddingsSource, LabelSpec, build_dataset, encode_targets, read_labels
+from workers.probes.tasks import KEY_CLASSES, TaskKind
 
 N = 300
 

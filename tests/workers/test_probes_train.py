@@ -13,10 +13,11 @@ import torch
 from sklearn.metrics import r2_score
 
 from schemas.errors import ConfigError, ProbeError
-from workers.probes.data import KEY_CLASSES, ProbeDataset, Split, TaskKind
+from workers.probes.data import ProbeDataset, Split
 from workers.probes.metrics import evaluate, primary_score
 from workers.probes.models import MaskDropout, Probe, ProbeSpec, predict_scores
 from workers.probes.search import GRID, PRESETS, grid_configs, run_trial, search
+from workers.probes.tasks import KEY_CLASSES, TaskKind
 from workers.probes.train import ProbeConfig, lr_factor, restore
 
 

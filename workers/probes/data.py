@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import fsspec
@@ -27,6 +26,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from schemas.errors import ConfigError, LabelsError, ProbeError, TableError
 from schemas.tables import EMBEDDINGS, EXTRA_LAYER_PREFIX
+from workers.probes.tasks import KEY_CLASSES, TaskKind
 
 SPLITS = ("train", "valid", "test")
 _SPLIT_ALIASES = {
@@ -40,19 +40,6 @@ _SPLIT_ALIASES = {
     "testing": "test",
 }
 GROUP_COLUMNS = ("artist", "group")
-
-# Key classes: index = semitone of the tonic above C + 12 for minor. Names are mir_eval.key strings.
-_PITCHES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
-KEY_CLASSES = tuple(f"{pitch} {mode}" for mode in ("major", "minor") for pitch in _PITCHES)
-
-
-class TaskKind(StrEnum):
-    """What a probe predicts, which fixes its loss, output activation and metrics."""
-
-    MULTILABEL = "multilabel"
-    MULTICLASS = "multiclass"
-    REGRESSION = "regression"
-    KEY = "key"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from schemas.errors import ProbeError
-from workers.probes.data import TaskKind
+from workers.probes.tasks import TaskKind
 
 WEIGHTS_FILE = "probe.safetensors"
 SPEC_FILE = "probe.json"

@@ -19,8 +19,9 @@ from deltalake import DeltaTable, write_deltalake
 
 from schemas.errors import TableError
 from schemas.tables import PREDICTIONS
-from workers.probes.data import Embeddings, EmbeddingsSource, TaskKind
+from workers.probes.data import Embeddings, EmbeddingsSource
 from workers.probes.models import Probe
+from workers.probes.tasks import TaskKind
 
 _MERGE_PREDICATE = " AND ".join(f"t.{k} = s.{k}" for k in PREDICTIONS.key)
 

@@ -15,8 +15,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve
 
-from workers.probes.data import TaskKind
 from workers.probes.metrics import PRIMARY_METRIC, Evaluation
+from workers.probes.tasks import TaskKind
 from workers.probes.train import TrialResult
 
 REPORT_FILE = "report.json"

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from schemas.errors import ConfigError
-from workers.probes.data import ProbeDataset, TaskKind
+from workers.probes.data import ProbeDataset
 from workers.probes.metrics import primary_score
 from workers.probes.models import ProbeNet, predict_scores
+from workers.probes.tasks import TaskKind
 
 
 @dataclass(frozen=True)
