@@ -6,6 +6,7 @@ cache, offline afterwards.
 
 from __future__ import annotations
 
+import struct
 import zipfile
 
 import numpy as np
@@ -170,3 +171,114 @@ def test_load_checkpoint_from_disk(checkpoints: dict[str, tuple[bytes, bytes]], 
         np.testing.assert_array_equal(from_disk[name], in_memory[name])
     with pytest.raises(WeightsError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path / "missing")
+
+
+# A minimal writer of checkpoint bundles, to reach what the real checkpoints lack: several data blocks, several
+# shards, other dtypes, tensors this reader cannot decode.
+_DTYPE_CODES = {np.dtype("<f4"): 1, np.dtype("<f8"): 2, np.dtype("<i8"): 9, np.dtype("<f2"): 19}
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, value: int | bytes, wire: int = 0) -> bytes:
+    if wire == 2:
+        return _varint(number << 3 | 2) + _varint(len(value)) + value
+    if wire == 5:
+        return _varint(number << 3 | 5) + struct.pack("<I", value)
+    return _varint(number << 3) + _varint(value)
+
+
+def _masked(data: bytes) -> int:
+    crc = crc32c(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _table_block(entries: list[tuple[bytes, bytes]], restart_interval: int = 2) -> bytes:
+    body, restarts, previous = bytearray(), [], b""
+    for i, (key, value) in enumerate(entries):
+        shared = 0
+        if i % restart_interval == 0:
+            restarts.append(len(body))
+        else:
+            while shared < min(len(key), len(previous)) and key[shared] == previous[shared]:
+                shared += 1
+        body += _varint(shared) + _varint(len(key) - shared) + _varint(len(value)) + key[shared:] + value
+        previous = key
+    restarts = restarts or [0]
+    return bytes(body) + struct.pack(f"<{len(restarts) + 1}I", *restarts, len(restarts))
+
+
+def write_bundle(
+    tensors: dict[str, np.ndarray | bytes], shards: int = 2, per_block: int = 3
+) -> tuple[bytes, list[bytes]]:
+    """(index, data shards) of a checkpoint holding `tensors` in their order; bytes are stored as DT_STRING."""
+    data = [bytearray() for _ in range(shards)]
+    entries = [(b"", _field(1, shards))]
+    for i, (name, value) in enumerate(tensors.items()):
+        shard = i % shards
+        raw = value if isinstance(value, bytes) else value.tobytes()
+        shape = (len(value),) if isinstance(value, bytes) else value.shape
+        proto = (
+            _field(1, 7 if isinstance(value, bytes) else _DTYPE_CODES[value.dtype])
+            + _field(2, b"".join(_field(2, _field(1, dim), 2) for dim in shape), 2)
+            + _field(3, shard) + _field(4, len(data[shard])) + _field(5, len(raw)) + _field(6, _masked(raw), 5)
+        )  # fmt: skip
+        data[shard] += raw
+        entries.append((name.encode(), proto))
+    index, index_entries = bytearray(), []
+
+    def append_block(block: bytes) -> bytes:
+        handle = _varint(len(index)) + _varint(len(block))
+        index.extend(block + b"\0" + struct.pack("<I", _masked(block + b"\0")))
+        return handle
+
+    for start in range(0, len(entries), per_block):
+        chunk = entries[start : start + per_block]
+        index_entries.append((max(key for key, _ in chunk), append_block(_table_block(chunk))))
+    footer = append_block(_table_block([])) + append_block(_table_block(index_entries))
+    index += footer.ljust(40, b"\0") + struct.pack("<Q", 0xDB4775248B80FB57)
+    return bytes(index), [bytes(shard) for shard in data]
+
+
+def test_reads_a_bundle_of_many_blocks_and_shards() -> None:
+    rng = np.random.default_rng(0)
+    tensors = {f"layer_{i:02d}/kernel": rng.standard_normal((i + 1, 3)).astype("<f4") for i in range(10)}
+    tensors["global_step"] = np.array(1234, dtype="<i8")
+    tensors["scale/f64"] = np.array([0.1, -2.5], dtype="<f8")
+    tensors["scale/f16"] = np.array([[0.5, 65504.0]], dtype="<f2")
+    tensors["zz_empty"] = np.zeros((0, 4), dtype="<f4")
+    index, shards = write_bundle(dict(sorted(tensors.items())))
+    num_shards, entries = read_index(index)
+    assert num_shards == 2 and list(entries) == sorted(tensors)
+    result = read_checkpoint(index, shards)
+    for name, expected in tensors.items():
+        assert result[name].shape == expected.shape, name
+        np.testing.assert_array_equal(result[name], expected.astype(result[name].dtype))
+    assert result["scale/f64"].dtype == result["scale/f16"].dtype == np.float32
+    assert result["global_step"].dtype == np.int64 and result["global_step"] == 1234
+
+
+def test_undecodable_tensors_are_listed_but_only_read_on_request() -> None:
+    tensors = {"_CHECKPOINTABLE_OBJECT_GRAPH": b"\x0a\x03abc", "w": np.ones(3, dtype="<f4")}
+    index, shards = write_bundle(tensors, shards=1)
+    _, entries = read_index(index)
+    assert entries["_CHECKPOINTABLE_OBJECT_GRAPH"].dtype is None
+    assert list(read_checkpoint(index, shards, include=lambda name: name == "w")) == ["w"]
+    with pytest.raises(WeightsError, match="dtype code 7 cannot be read"):
+        read_checkpoint(index, shards)
+
+
+@pytest.mark.parametrize(("per_block", "where"), [(8, "data block"), (2, "index block")])
+def test_keys_out_of_order_raise(per_block: int, where: str) -> None:
+    # The header's key "" comes first, then "b" and "a": in one data block, or in two whose separators disagree.
+    tensors = {"b": np.ones(1, dtype="<f4"), "a": np.ones(1, dtype="<f4")}
+    index, shards = write_bundle(tensors, shards=1, per_block=per_block)
+    with pytest.raises(WeightsError, match=f"{where}.*keys out of order"):
+        read_checkpoint(index, shards)

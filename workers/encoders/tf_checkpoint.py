@@ -13,6 +13,7 @@ so a corrupt or truncated file raises `WeightsError` instead of yielding wrong w
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -82,7 +83,9 @@ class TensorEntry:
 
     Attributes:
         name: the variable name (the index key).
-        dtype: numpy dtype of the stored values (little-endian).
+        dtype_code: TensorFlow's DataType enum value.
+        dtype: numpy dtype of the stored values (little-endian); None for types this reader cannot decode
+            (strings, complex, quantized), which can be listed but not read.
         shape: the tensor's shape; () for a scalar.
         shard: index of the data shard holding the bytes.
         offset: byte offset in that shard.
@@ -91,7 +94,8 @@ class TensorEntry:
     """
 
     name: str
-    dtype: np.dtype
+    dtype_code: int
+    dtype: np.dtype | None
     shape: tuple[int, ...]
     shard: int
     offset: int
@@ -219,18 +223,14 @@ def _parse_entry(name: str, data: memoryview) -> TensorEntry:
         elif number == 7:
             msg = f"{what}: partitioned (sliced) variables are not supported"
             raise WeightsError(msg)
-    if dtype_code not in _DTYPES:
-        msg = f"{what}: unsupported TensorFlow dtype code {dtype_code}"
-        raise WeightsError(msg)
     if crc is None:
         msg = f"{what}: no crc32c recorded"
         raise WeightsError(msg)
-    dtype = _DTYPES[dtype_code]
-    expected_size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if size != expected_size:
-        msg = f"{what}: {size} bytes stored for shape {shape} of {dtype}, expected {expected_size}"
+    dtype = _DTYPES.get(dtype_code)
+    if dtype is not None and size != (expected := math.prod(shape) * dtype.itemsize):
+        msg = f"{what}: {size} bytes stored for shape {shape} of {dtype}, expected {expected}"
         raise WeightsError(msg)
-    return TensorEntry(name, dtype, shape, shard, offset, size, crc)
+    return TensorEntry(name, dtype_code, dtype, shape, shard, offset, size, crc)
 
 
 def _parse_header(data: memoryview) -> int:
@@ -410,6 +410,9 @@ def read_checkpoint(
     for name, entry in entries.items():
         if include is not None and not include(name):
             continue
+        if entry.dtype is None:
+            msg = f"tensor {name!r}: TensorFlow dtype code {entry.dtype_code} cannot be read as a numeric array"
+            raise WeightsError(msg)
         shard = memoryview(shards[entry.shard])
         if entry.offset + entry.size > len(shard):
             msg = (
