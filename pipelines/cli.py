@@ -16,6 +16,7 @@ from schemas.errors import CatalogEmbedError
 _COMMAND_MODULES = (
     "pipelines.embed",
     "pipelines.query",
+    "pipelines.vacuum",
     "pipelines.models",
     "pipelines.demo",
     "pipelines.probe",

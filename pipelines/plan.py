@@ -21,7 +21,8 @@ class Plan:
     Attributes:
         items: tracks to embed.
         refused: tracks whose URI the policy refuses, with the reason, to record as failures.
-        gone: track ids with a live embedding that left the catalog, to mark deleted (or prune).
+        gone: track ids with a live embedding or a failure that left the catalog: embeddings are marked deleted
+            (or pruned), failures removed.
     """
 
     items: tuple[WorkItem, ...]
@@ -113,10 +114,11 @@ def plan_run(
             n_changed += 1
         items.append(WorkItem(track_id=track_id, uri=uri, fingerprint=fingerprint))
     in_catalog = set(ids)
+    known = set(current) | set(failed["track_id"].to_pylist())
     return Plan(
         items=tuple(items),
         refused=tuple(refused),
-        gone=tuple(sorted(t for t in current if t not in in_catalog)),
+        gone=tuple(sorted(known - in_catalog)),
         n_catalog=catalog.num_rows,
         n_new=n_new,
         n_changed=n_changed,

@@ -68,6 +68,10 @@ class TableError(CatalogEmbedError):
     """A Delta table is missing, has an unexpected schema, or a commit failed."""
 
 
+class WorkerError(CatalogEmbedError):
+    """A worker process could not start (its setup failed): the run cannot proceed on this machine."""
+
+
 class RunAbortedError(CatalogEmbedError):
     """The run was stopped as a whole, e.g. because too many tracks failed."""
 

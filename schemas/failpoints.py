@@ -1,8 +1,8 @@
 """Fault injection for the fault-tolerance suite: make a named point crash, hang or exit on demand.
 
 `CATALOG_EMBED_FAILPOINTS` holds `point=action:match` entries separated by `;`, e.g.
-`decode=segfault:track-07;commit.embeddings=exit`. When code reaches `hit(point, key)` and `match` is a substring
-of `key` (or no match is given), the action runs:
+`decode=segfault:track-07;decode=hang:track-09;commit.embeddings=exit`. When code reaches `hit(point, key)` and
+`match` is a substring of `key` (or no match is given), the first such entry's action runs:
 
 - `segfault`: the process dies of SIGSEGV, as FFmpeg does on some hostile streams;
 - `hang`: the call never returns, as a decoder stuck in a loop;
@@ -23,12 +23,12 @@ ENV = "CATALOG_EMBED_FAILPOINTS"
 
 
 @lru_cache(maxsize=4)
-def _parse(spec: str) -> dict[str, tuple[str, str]]:
-    points = {}
+def _parse(spec: str) -> dict[str, list[tuple[str, str]]]:
+    points: dict[str, list[tuple[str, str]]] = {}
     for entry in filter(None, (e.strip() for e in spec.split(";"))):
         point, _, action = entry.partition("=")
         action, _, match = action.partition(":")
-        points[point.strip()] = (action.strip(), match)
+        points.setdefault(point.strip(), []).append((action.strip(), match))
     return points
 
 
@@ -37,9 +37,7 @@ def hit(point: str, key: str = "") -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    action, match = _parse(spec).get(point, ("", ""))
-    if not action or match not in key:
-        return
+    action = next((a for a, match in _parse(spec).get(point, []) if match in key), None)
     if action == "segfault":
         os.kill(os.getpid(), signal.SIGSEGV)
     elif action == "hang":

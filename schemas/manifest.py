@@ -157,6 +157,16 @@ def fingerprints(uris: list[str], threads: int = 16) -> list[str]:
         return list(pool.map(_fingerprint, uris))
 
 
+def catalog_fingerprints(catalog: pa.Table) -> list[str]:
+    """Fingerprints of a catalog's rows; rows the URI policy refused are never touched (`REFUSED_FINGERPRINT`)."""
+    allowed = [i for i, reason in enumerate(catalog["refused"].to_pylist()) if reason is None]
+    uris = catalog["uri"].to_pylist()
+    prints = [REFUSED_FINGERPRINT] * catalog.num_rows
+    for i, fingerprint in zip(allowed, fingerprints([uris[i] for i in allowed]), strict=True):
+        prints[i] = fingerprint
+    return prints
+
+
 def fingerprint_from_info(info: dict[str, Any]) -> str:
     """Build a fingerprint from an fsspec `info()` dict, whatever the filesystem."""
     size = info.get("size")

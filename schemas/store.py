@@ -14,10 +14,12 @@ committing a run twice adds nothing. The `runs` row is committed last and marks 
 
 from __future__ import annotations
 
+import json
 import posixpath
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -34,6 +36,7 @@ from schemas.tables import EMBEDDINGS, FAILURES, RUNS, SCHEMA_VERSION, TABLES, W
 
 SCHEMA_VERSION_KEY = "catalog_embed.schema_version"
 STAGING = "_staging"
+_RUN_META = "run.json"
 # A commit that loses a race with another writer is retried on the new version with exponential backoff.
 _COMMIT_ATTEMPTS = 6
 _COMMIT_BACKOFF_S = 0.2
@@ -136,11 +139,72 @@ class TableStore:
         return sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".parquet"))
 
     def read_staged(self, run_id: str, spec: TableSpec) -> pa.Table:
-        """Every staged row of one table of a run (empty when none)."""
+        """Every staged row of one table of a run (empty when none), one per key.
+
+        A key staged twice (a retried Beam bundle, a resumed run) keeps its row from the last part in name order.
+        """
         parts = self.staged_parts(run_id, spec)
         if not parts:
             return spec.schema.empty_table()
-        return pads.dataset(parts, format="parquet", filesystem=self.fs).to_table()
+        table = pads.dataset(parts, format="parquet", filesystem=self.fs).to_table()
+        order = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+        last = order.group_by(list(spec.key)).aggregate([("_row", "max")])["_row_max"]
+        return table.take(pc.take(last, pc.sort_indices(last))) if len(last) < table.num_rows else table
+
+    def staged_counts(self, run_id: str) -> tuple[int, int, float]:
+        """(tracks embedded, tracks failed, audio seconds) staged by a run over all its attempts."""
+        embedded = self.read_staged(run_id, EMBEDDINGS)
+        failed = self.read_staged(run_id, FAILURES)
+        return embedded.num_rows, failed.num_rows, float(pc.sum(embedded["duration_s"]).as_py() or 0.0)
+
+    def write_run_meta(self, run_id: str, meta: dict[str, Any]) -> None:
+        """Record what a run computes, so a later invocation can tell whether it may resume the run."""
+        folder = self.staging_dir(run_id)
+        self.fs.makedirs(folder, exist_ok=True)
+        with self.fs.open(posixpath.join(folder, _RUN_META), "w") as fh:
+            json.dump(meta, fh, sort_keys=True)
+
+    def staged_runs(self) -> list[str]:
+        """Run ids with a staging folder (uncommitted, or committed by a driver that died before cleaning up)."""
+        root = posixpath.join(self._root_path, STAGING)
+        if not self.fs.exists(root):
+            return []
+        return sorted(posixpath.basename(p) for p in self.fs.ls(root, detail=False))
+
+    def last_staged(self, run_id: str) -> float:
+        """Unix time of the newest file in a run's staging folder (0 when empty)."""
+        files = self.fs.find(self.staging_dir(run_id))
+        return max((self.fs.modified(p).timestamp() for p in files), default=0.0)
+
+    def resumable_run(self, meta: dict[str, Any]) -> str | None:
+        """The newest uncommitted staged run that computed the same thing (`meta`), if any."""
+        for run_id in reversed(self.staged_runs()):
+            path = posixpath.join(self.staging_dir(run_id), _RUN_META)
+            if not self.fs.exists(path) or self.is_committed(run_id):
+                continue
+            with self.fs.open(path, "r") as fh:
+                if json.load(fh) == meta:
+                    return run_id
+        return None
+
+    def staged_progress(self, run_id: str) -> tuple[set[str], int]:
+        """Tracks a run has already staged and the next attempt number, for resuming it.
+
+        A shard is complete once its embeddings part exists (`write_shard` writes it last); parts of incomplete
+        shards, left by a worker killed mid-shard, are removed so that they are redone whole.
+        """
+        complete = {posixpath.basename(p) for p in self.staged_parts(run_id, EMBEDDINGS)}
+        done: set[str] = set()
+        attempts = [-1]
+        for spec in (EMBEDDINGS, FAILURES, WINDOWS):
+            for part in self.staged_parts(run_id, spec):
+                name = posixpath.basename(part)
+                attempts.append(int(name.removeprefix("part-").split("-", 1)[0]))
+                if name not in complete:
+                    self.fs.rm(part)
+                elif spec is not WINDOWS:
+                    done.update(pq.read_table(part, columns=["track_id"], filesystem=self.fs)["track_id"].to_pylist())
+        return done, max(attempts) + 1
 
     def drop_staging(self, run_id: str) -> None:
         """Remove a run's staged parts (after its commit, or by `vacuum`)."""

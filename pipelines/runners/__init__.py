@@ -56,11 +56,18 @@ class EmbedJob:
     max_failure_ratio: float = 0.5
     storage_options: dict[str, str] | None = None
     commit: Callable[[RunStats], str] | None = None
+    attempt: int = 0
 
     def shards(self) -> list[tuple[str, tuple[WorkItem, ...]]]:
-        """Deterministic shards: the same plan always yields the same part names."""
+        """Deterministic shards: the same plan and attempt always yield the same part names.
+
+        The attempt number (how often the run was resumed) leads each name, so a resumed run never overwrites
+        the parts an earlier attempt staged.
+        """
         size = self.shard_size
-        return [(f"{i // size:06d}", self.items[i : i + size]) for i in range(0, len(self.items), size)]
+        return [
+            (f"{self.attempt:03d}-{i // size:06d}", self.items[i : i + size]) for i in range(0, len(self.items), size)
+        ]
 
     def work_items(self) -> pa.Table:
         """The work items with their shard, one row per track, for engines that read their input as a table."""
@@ -120,6 +127,7 @@ class RunStats:
         for stage, seconds in other.stage_seconds.items():
             self.add_time(stage, seconds)
         self.first_errors.extend(other.first_errors[: max(0, 5 - len(self.first_errors))])
+        self.status = other.status or self.status
 
     def check_failure_ratio(self, limit: float) -> None:
         """Abort when so many tracks fail that the run is broken as a whole (bad credentials, wrong bucket)."""
@@ -135,16 +143,17 @@ class RunStats:
 def write_shard(
     job: EmbedJob, store: TableStore, shard: str, embedded: list[TrackEmbedding], failed: list[TrackFailure]
 ) -> float:
-    """Write one shard's part files (always all of them, so a shard's presence is all-or-nothing per table).
+    """Write one shard's part files, always all of them and the embeddings part last: its presence marks the
+    shard complete when a crashed run is resumed (see `TableStore.staged_progress`).
 
     Returns:
         Seconds spent writing.
     """
     start = time.perf_counter()
-    store.write_part(job.run_id, EMBEDDINGS, shard, embedding_rows(embedded, job.rows))
     store.write_part(job.run_id, FAILURES, shard, failure_rows(failed, job.rows))
     if job.write_windows:
         store.write_part(job.run_id, WINDOWS, shard, window_rows(embedded, job.rows))
+    store.write_part(job.run_id, EMBEDDINGS, shard, embedding_rows(embedded, job.rows))
     return time.perf_counter() - start
 
 

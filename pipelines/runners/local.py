@@ -1,59 +1,25 @@
 """The local runner: the reference engine and the embedded default.
 
-Decoding runs in a pool of worker processes (pebble), so a decoder that segfaults or hangs on hostile input costs
-one `failures` row, not the run: the pool replaces the dead or timed-out worker. The encoder runs in this process,
-fed with windows batched across tracks while the pool decodes ahead.
+Decoding runs in supervised child processes (`workers.isolation.IsolatedPool`), so a decoder that segfaults, hangs
+or balloons on hostile input costs one `failures` row, not the run. The encoder runs in this process, fed with
+windows batched across tracks while the children decode ahead.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import resource
 import time
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import TimeoutError as FutureTimeout
-
-import torch
-from pebble import ProcessExpired, ProcessPool
 
 from pipelines.runners import EmbedJob, Progress, RunStats, write_shard
-from schemas.manifest import WorkItem
+from workers.isolation import IsolatedPool
 from workers.stages import DecodeStage, EmbedStage, TrackEmbedding, TrackFailure, TrackFeatures
 
 # Decoded tracks kept in flight per worker: enough to hide decode latency behind the encoder, bounded in memory.
 _AHEAD_PER_WORKER = 4
 
-_stage: DecodeStage | None = None
-
-
-def _init_worker(stage: DecodeStage) -> None:
-    global _stage  # noqa: PLW0603 (one stage per worker process, built once)
-    torch.set_num_threads(1)
-    stage.setup()
-    _stage = stage
-    _cap_memory(stage.decode.max_memory_mb)
-
-
-def _cap_memory(extra_mb: float) -> None:
-    """Limit this process's address space to what it maps now plus `extra_mb` (Linux; elsewhere a no-op)."""
-    try:
-        with open("/proc/self/status") as status:
-            mapped_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
-    except (OSError, StopIteration):
-        return
-    limit = int(mapped_kb * 1024 + extra_mb * 2**20)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-def _decode(item: WorkItem) -> tuple[TrackFeatures | TrackFailure, float]:
-    start = time.perf_counter()
-    result = _stage(item)
-    return result, time.perf_counter() - start
-
 
 class LocalRunner:
-    """Runs a job in this process plus a decode pool of `job.workers` processes."""
+    """Runs a job in this process plus `job.workers` decode processes."""
 
     def run(self, job: EmbedJob, progress: Progress | None = None) -> RunStats:
         """Decode, embed and write every shard of `job`; see the module docstring."""
@@ -64,10 +30,8 @@ class LocalRunner:
         embed.setup()
         stats.add_time("load_model", time.perf_counter() - start)
         decode = DecodeStage(job.encoder, job.decode)
-        # spawn, not fork: forking a process that already runs torch's thread pools can deadlock the children.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPool(max_workers=job.workers, initializer=_init_worker, initargs=(decode,), context=context) as pool:
-            decoded = self._decode_ahead(pool, job, stats)
+        with IsolatedPool(decode, job.workers, job.decode_timeout_s, job.decode.max_memory_mb) as pool:
+            decoded = self._decoded(pool, job, stats)
             for shard, items in job.shards():
                 results: list[TrackEmbedding | TrackFailure] = []
                 pending: list[TrackFeatures] = []
@@ -78,7 +42,7 @@ class LocalRunner:
                         results.append(result)
                         continue
                     pending.append(result)
-                    pending_windows += len(result.windows)
+                    pending_windows += result.n_windows
                     if pending_windows >= job.encoder.batch_windows:
                         results.extend(self._embed(embed, pending, stats))
                         pending, pending_windows = [], 0
@@ -90,7 +54,6 @@ class LocalRunner:
                 if progress:
                     progress(len(items), sum(e.duration_s for e in embedded))
                 stats.check_failure_ratio(job.max_failure_ratio)
-            pool.stop()
         return stats
 
     @staticmethod
@@ -101,28 +64,9 @@ class LocalRunner:
         return results
 
     @staticmethod
-    def _decode_ahead(pool: ProcessPool, job: EmbedJob, stats: RunStats) -> Iterator[TrackFeatures | TrackFailure]:
-        """Yield decode results in plan order, keeping a bounded number of tracks in flight."""
-        items = iter(job.items)
-        inflight: deque = deque()
-
-        def submit() -> None:
-            item = next(items, None)
-            if item is not None:
-                inflight.append((item, pool.schedule(_decode, (item,), timeout=job.decode_timeout_s)))
-
-        for _ in range(max(1, job.workers) * _AHEAD_PER_WORKER):
-            submit()
-        while inflight:
-            item, future = inflight.popleft()
-            submit()
-            try:
-                result, seconds = future.result()
-                stats.add_time("decode", seconds)
-            except FutureTimeout:
-                result = TrackFailure(item, "decode", "DecodeTimeout", f"decoding took over {job.decode_timeout_s:g} s")
-            except ProcessExpired as exc:
-                result = TrackFailure(item, "decode", "DecoderCrashed", f"the decoder process died: {exc}")
-            except Exception as exc:  # noqa: BLE001 (a decoder bug on one file must cost one row, not the run)
-                result = TrackFailure.from_error(item, exc, stage="decode")
+    def _decoded(pool: IsolatedPool, job: EmbedJob, stats: RunStats) -> Iterator[TrackFeatures | TrackFailure]:
+        """Decode results in plan order, with a bounded number of tracks read ahead."""
+        items = (item for _, shard in job.shards() for item in shard)
+        for result, seconds in pool.imap(items, ahead=max(1, job.workers) * _AHEAD_PER_WORKER):
+            stats.add_time("decode", seconds)
             yield result

@@ -163,3 +163,27 @@ def test_concurrent_commits_to_one_table_both_land_intact(store):
     assert table.num_rows == 3 * len(runs) + 1  # the track every run wrote exists once
     assert sorted(store.read(RUNS)["run_id"].to_pylist()) == runs
     assert DeltaTable(store.uri(EMBEDDINGS)).history()  # the log is readable after the races
+
+
+def test_a_key_staged_twice_commits_once_with_its_last_row(store):
+    ctx = RowContext("r1", "enc", ("penultimate",), "v1", "h1")
+    store.write_part("r1", EMBEDDINGS, "000-000000", embedding_rows([_embedded("t1", 1.0), _embedded("t2", 2.0)], ctx))
+    store.write_part("r1", EMBEDDINGS, "001-000000", embedding_rows([_embedded("t1", 5.0)], ctx))
+    store.commit("r1", _run_row("r1"))
+    rows = {r["track_id"]: r["embedding"][0] for r in store.read(EMBEDDINGS).to_pylist()}
+    assert rows == {"t1": 5.0, "t2": 2.0}
+
+
+def test_staged_progress_keeps_complete_shards_and_drops_torn_ones(store):
+    ctx = RowContext("r1", "enc", ("penultimate",), "v1", "h1")
+    bad = TrackFailure(WorkItem("t9", "/audio/t9.mp3", "size=0"), "decode", "AudioDecodeError", "empty")
+    store.write_part("r1", FAILURES, "000-000000", failure_rows([bad], ctx))
+    store.write_part("r1", EMBEDDINGS, "000-000000", embedding_rows([_embedded("t1", 1.0)], ctx))
+    store.write_part("r1", FAILURES, "000-000001", failure_rows([], ctx))  # its embeddings part never came
+    done, attempt = store.staged_progress("r1")
+    assert done == {"t1", "t9"}
+    assert attempt == 1
+    assert [p.rsplit("/", 1)[1] for p in store.staged_parts("r1", FAILURES)] == ["part-000-000000.parquet"]
+    store.write_run_meta("r1", {"model": "enc"})
+    assert store.resumable_run({"model": "enc"}) == "r1"
+    assert store.resumable_run({"model": "other"}) is None

@@ -1,0 +1,187 @@
+"""Run a per-track stage in supervised child processes, so hostile input costs one track, never the run.
+
+Decoders crash (FFmpeg segfaults on some truncated streams), hang, or balloon in memory on hostile files. Each
+child process handles one item at a time, so when a child dies or overruns its timeout the supervisor knows exactly
+which item it held: that item becomes a `TrackFailure`, the child is replaced, and the other items go on. General
+process pools cannot promise that attribution (a child that dies between taking a task and acknowledging it leaves
+the pool guessing), which is why this module exists.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import signal
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+
+from schemas.errors import WorkerError
+from schemas.manifest import WorkItem
+from workers.stages import TrackFailure
+
+_READY = "ready"
+
+
+@dataclass
+class _Child:
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    index: int | None = None  # position of the item it holds
+    started: float = 0.0
+    ready: bool = False  # set up and waiting for items (start-up does not count against an item's timeout)
+
+
+class IsolatedPool:
+    """A fixed number of child processes, each running `stage` on one item at a time.
+
+    Args:
+        stage: picklable callable with a `setup()` method, run once per child before its first item.
+        workers: child processes.
+        timeout_s: an item that takes longer fails with `DecodeTimeout` and its child is killed.
+        memory_mb: address space a child may add after setup; beyond it allocations fail in that child only.
+    """
+
+    def __init__(self, stage: Any, workers: int, timeout_s: float, memory_mb: float) -> None:
+        # spawn, not fork: forking a process that already runs torch's thread pools can deadlock the children.
+        self._context = multiprocessing.get_context("spawn")
+        self._stage = stage
+        self._timeout_s = timeout_s
+        self._memory_mb = memory_mb
+        self._children = [self._start() for _ in range(workers)]
+
+    def _start(self) -> _Child:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(
+            target=_child_main, args=(child, self._stage, self._memory_mb), daemon=True, name="catalog-embed-decode"
+        )
+        process.start()
+        child.close()
+        return _Child(process, parent)
+
+    def close(self) -> None:
+        """Stop every child (idle ones exit cleanly, busy ones are killed)."""
+        for child in self._children:
+            if child.ready and child.index is None and child.process.is_alive():
+                child.conn.send(None)
+            else:
+                child.process.kill()
+        for child in self._children:
+            child.process.join(timeout=5)
+            if child.process.is_alive():
+                child.process.kill()
+            child.conn.close()
+
+    def __enter__(self) -> IsolatedPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def imap(self, items: Iterable[WorkItem], ahead: int) -> Iterator[tuple[Any, float]]:
+        """Yield (result, seconds) for each item in input order, reading at most `ahead` items past the next one.
+
+        A result is what the stage returned, or a TrackFailure when the child crashed, timed out or raised.
+        """
+        source = iter(items)
+        window: dict[int, WorkItem] = {}  # read, not yet yielded
+        queue: deque[int] = deque()  # read, not yet handed to a child
+        done: dict[int, tuple[Any, float]] = {}
+        next_read = next_yield = 0
+        exhausted = False
+        while True:
+            while not exhausted and next_read - next_yield < ahead:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                    break
+                window[next_read] = item
+                queue.append(next_read)
+                next_read += 1
+            for child in self._children:
+                if child.ready and child.index is None and queue:
+                    child.index, child.started = queue.popleft(), time.monotonic()
+                    child.conn.send(window[child.index])
+            while next_yield in done:
+                yield done.pop(next_yield)
+                del window[next_yield]
+                next_yield += 1
+            if exhausted and next_yield == next_read:
+                return
+            self._collect(window, done)
+
+    def _collect(self, window: dict[int, WorkItem], done: dict[int, tuple[Any, float]]) -> None:
+        """Wait for a result, a dead child, a child ready or a timeout, and record what happened."""
+        watched = [c for c in self._children if c.index is not None or not c.ready]
+        busy = [c for c in watched if c.index is not None]
+        timeout = max(0.0, min(c.started for c in busy) + self._timeout_s - time.monotonic()) if busy else None
+        ready = wait([c.conn for c in watched] + [c.process.sentinel for c in watched], timeout)
+        now = time.monotonic()
+        for position, child in enumerate(self._children):
+            if not child.ready and (child.conn in ready or child.process.sentinel in ready):
+                try:
+                    child.ready = child.conn.recv() == _READY
+                except EOFError:
+                    child.process.join()
+                    msg = f"a decode worker died while starting ({_exit_reason(child.process.exitcode)})"
+                    raise WorkerError(msg) from None
+                continue
+            if child.index is None:
+                continue
+            if child.conn in ready:
+                try:
+                    done[child.index] = child.conn.recv()
+                    child.index = None
+                    continue
+                except EOFError:
+                    pass  # it died before answering: a crash, handled below
+            item = window[child.index]
+            if child.conn in ready or child.process.sentinel in ready:
+                child.process.join()
+                reason = f"the decoder process died ({_exit_reason(child.process.exitcode)})"
+                done[child.index] = (TrackFailure(item, "decode", "DecoderCrashed", reason), now - child.started)
+            elif now - child.started >= self._timeout_s:
+                child.process.kill()
+                child.process.join()
+                reason = f"decoding took over {self._timeout_s:g} s"
+                done[child.index] = (TrackFailure(item, "decode", "DecodeTimeout", reason), now - child.started)
+            else:
+                continue
+            child.conn.close()
+            self._children[position] = self._start()
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+def _child_main(conn: Connection, stage: Any, memory_mb: float) -> None:
+    torch.set_num_threads(1)
+    stage.setup()
+    _cap_memory(memory_mb)
+    conn.send(_READY)
+    while (item := conn.recv()) is not None:
+        start = time.perf_counter()
+        try:
+            result = stage(item)
+        except Exception as exc:  # noqa: BLE001 (a decoder bug on one file must cost one row, not the child)
+            result = TrackFailure.from_error(item, exc, stage="decode")
+        conn.send((result, time.perf_counter() - start))
+
+
+def _cap_memory(extra_mb: float) -> None:
+    """Limit this process's address space to what it maps now plus `extra_mb` (Linux; elsewhere a no-op)."""
+    try:
+        with open("/proc/self/status") as status:
+            mapped_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        return
+    limit = int(mapped_kb * 1024 + extra_mb * 2**20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
