@@ -45,14 +45,19 @@ class IsolatedPool:
         workers: child processes.
         timeout_s: an item that takes longer fails with `DecodeTimeout` and its child is killed.
         memory_mb: address space a child may add after setup; beyond it allocations fail in that child only.
+        crash_retries: times an item whose child died is tried again in a fresh child before it fails. A child
+            can die of the item (a decoder segfault: it dies again) or of something else (the OOM killer, an
+            operator's kill): one retry tells the two apart at the cost of decoding a crasher twice.
     """
 
-    def __init__(self, stage: Any, workers: int, timeout_s: float, memory_mb: float) -> None:
+    def __init__(self, stage: Any, workers: int, timeout_s: float, memory_mb: float, crash_retries: int = 1) -> None:
         # spawn, not fork: forking a process that already runs torch's thread pools can deadlock the children.
         self._context = multiprocessing.get_context("spawn")
         self._stage = stage
         self._timeout_s = timeout_s
         self._memory_mb = memory_mb
+        self._crash_retries = crash_retries
+        self._crashes: dict[int, int] = {}
         self._children = [self._start() for _ in range(workers)]
 
     def _start(self) -> _Child:
@@ -110,12 +115,13 @@ class IsolatedPool:
             while next_yield in done:
                 yield done.pop(next_yield)
                 del window[next_yield]
+                self._crashes.pop(next_yield, None)
                 next_yield += 1
             if exhausted and next_yield == next_read:
                 return
-            self._collect(window, done)
+            self._collect(window, done, queue)
 
-    def _collect(self, window: dict[int, WorkItem], done: dict[int, tuple[Any, float]]) -> None:
+    def _collect(self, window: dict[int, WorkItem], done: dict[int, tuple[Any, float]], queue: deque[int]) -> None:
         """Wait for a result, a dead child, a child ready or a timeout, and record what happened."""
         watched = [c for c in self._children if c.index is not None or not c.ready]
         busy = [c for c in watched if c.index is not None]
@@ -143,8 +149,12 @@ class IsolatedPool:
             item = window[child.index]
             if child.conn in ready or child.process.sentinel in ready:
                 child.process.join()
-                reason = f"the decoder process died ({_exit_reason(child.process.exitcode)})"
-                done[child.index] = (TrackFailure(item, "decode", "DecoderCrashed", reason), now - child.started)
+                crashes = self._crashes[child.index] = self._crashes.get(child.index, 0) + 1
+                if crashes <= self._crash_retries:
+                    queue.appendleft(child.index)
+                else:
+                    reason = f"the decoder process died ({_exit_reason(child.process.exitcode)})"
+                    done[child.index] = (TrackFailure(item, "decode", "DecoderCrashed", reason), now - child.started)
             elif now - child.started >= self._timeout_s:
                 child.process.kill()
                 child.process.join()

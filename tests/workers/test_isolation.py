@@ -1,0 +1,70 @@
+"""Supervised decode children: order, exact attribution of crashes and hangs, retry after an external kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from schemas.manifest import WorkItem
+from workers.isolation import IsolatedPool
+from workers.stages import TrackFailure
+
+
+class ScriptedStage:
+    """Behaves as each item's uri says: 'crash' segfaults, 'hang' never returns, 'slow:<dir>' records its pid
+    in <dir> and sleeps the first time, anything else echoes the uri upper-cased."""
+
+    def setup(self) -> None:
+        """Nothing to build."""
+
+    def __call__(self, item: WorkItem) -> str:
+        if item.uri == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if item.uri == "hang":
+            time.sleep(3600)
+        if item.uri.startswith("slow:"):
+            marker = Path(item.uri[5:]) / "pid"
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                time.sleep(30)
+        if item.uri == "raise":
+            raise IndexError("decoder bug")
+        return item.uri.upper()
+
+
+def _items(*uris: str) -> list[WorkItem]:
+    return [WorkItem(f"t{i}", uri, "fp") for i, uri in enumerate(uris)]
+
+
+def test_results_keep_order_and_each_fault_is_charged_to_its_own_item():
+    items = _items("a", "crash", "b", "hang", "raise", "c", "d")
+    with IsolatedPool(ScriptedStage(), workers=2, timeout_s=3.0, memory_mb=1024) as pool:
+        results = [result for result, _seconds in pool.imap(items, ahead=4)]
+    assert results[0] == "A" and results[2] == "B" and results[5:] == ["C", "D"]
+    assert isinstance(results[1], TrackFailure) and results[1].error_type == "DecoderCrashed"
+    assert "SIGSEGV" in results[1].message
+    assert results[1].item.track_id == "t1"
+    assert isinstance(results[3], TrackFailure) and results[3].error_type == "DecodeTimeout"
+    assert results[3].item.track_id == "t3"
+    assert isinstance(results[4], TrackFailure) and results[4].error_type == "IndexError"
+
+
+def test_a_child_killed_from_outside_costs_a_retry_not_a_track(tmp_path):
+    items = _items("a", f"slow:{tmp_path}", "b")
+    marker = tmp_path / "pid"
+
+    def kill_when_busy() -> None:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(int(marker.read_text()), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_busy)
+    killer.start()
+    with IsolatedPool(ScriptedStage(), workers=1, timeout_s=60.0, memory_mb=1024) as pool:
+        results = [result for result, _seconds in pool.imap(items, ahead=2)]
+    killer.join()
+    assert results == ["A", f"SLOW:{str(tmp_path).upper()}", "B"]
