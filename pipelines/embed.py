@@ -72,7 +72,10 @@ class EmbedConfig:
         checks = [
             (self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
             (self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}"),
-            (self.encoder.batch_windows >= 1, f"--batch-windows must be at least 1, got {self.encoder.batch_windows}"),
+            (
+                self.encoder.batch_windows is None or self.encoder.batch_windows >= 1,
+                f"--batch-windows must be at least 1, got {self.encoder.batch_windows}",
+            ),
             (0.0 <= self.max_failure_ratio <= 1.0, f"--max-failure-ratio must be in [0, 1], got {self.max_failure_ratio}"),
             (self.decode_timeout_s > 0, f"--decode-timeout must be positive, got {self.decode_timeout_s}"),
             (self.decode.max_duration_s > 0, f"--max-duration must be positive, got {self.decode.max_duration_s}"),
@@ -134,6 +137,8 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
     layers = config.encoder.resolved_layers(encoder)
     if config.encoder_runs_here():
         resolve_device(config.encoder.device)
+    # Runners batch by this number: size it to the device once, so the runs row records the size used.
+    config = dataclasses.replace(config, encoder=config.encoder.sized(config.encoder_runs_here()))
     encoder.prepare()
     feature_hash = encoder.front_end().config_hash()
 
@@ -308,14 +313,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--catalog", required=True, help="manifest (.csv/.parquet/.jsonl), directory or glob; any fsspec URI")
     parser.add_argument("--out", required=True, help="output root for the tables (local path, s3://, gs://)")
-    parser.add_argument("--model", default="musicnn-msd", help="encoder name (see `catalog-embed models`)")
+    parser.add_argument(
+        "--model",
+        default="musicnn-msd",
+        help="encoder name (see `catalog-embed models`), or a bring-your-own encoder's config: a path or URI *.json",
+    )
     parser.add_argument("--layer", default="", help="layer(s) to write, comma-separated; default: the encoder's")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="network precision (fp16: GPU only)"
+    )
+    parser.add_argument(
+        "--front-end-on",
+        default="auto",
+        choices=("auto", "decoder", "encoder"),
+        help="where spectrograms are made: decode workers, the encoder's device, or auto (the GPU when there is one)",
+    )
     parser.add_argument("--weights", help="weights file or folder, for encoders that need them")
     parser.add_argument("--weights-sha256", help="refuse weights whose sha256 differs")
     parser.add_argument("--runner", default="local", help=f"engine: {', '.join(RUNNERS)} (default: local)")
     parser.add_argument("--workers", type=int, default=2, help="decode worker processes (Beam: SDK workers)")
-    parser.add_argument("--batch-windows", type=int, default=64, help="windows per encoder call")
+    parser.add_argument(
+        "--batch-windows", type=int, help="windows per encoder call (default: 64 on a CPU, sized to a GPU's memory)"
+    )
     parser.add_argument("--shard-size", type=int, default=64, help="tracks per part file")
     parser.add_argument("--windows", action="store_true", help="also write per-window embeddings (windows table)")
     parser.add_argument("--max-duration", type=float, default=1800.0, help="seconds; longer tracks fail")
@@ -342,6 +362,8 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
             batch_windows=args.batch_windows,
             weights=args.weights,
             weights_sha256=args.weights_sha256,
+            precision=args.precision,
+            front_end_on=args.front_end_on,
         ),
         decode=DecodeConfig(
             max_file_mb=args.max_file_mb, max_duration_s=args.max_duration, min_duration_s=args.min_duration

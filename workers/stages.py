@@ -3,47 +3,109 @@
 `DecodeStage` (CPU: read, decode, resample, front end) turns a work item into windows or a failure.
 `EmbedStage` (the encoder's device) embeds windows batched across tracks and pools them per track.
 Both follow the stage contract: a frozen config, expensive state built once in `setup()`, no engine imports.
+
+Where the front end runs is the config's choice (`EncoderConfig.front_end_on`): next to the decoder, which ships
+windows to the encoder, or on the encoder's device (the default with a GPU), which ships the resampled waveform and
+computes the spectrogram there, batch after batch, instead of on the few CPU cores of the decode workers.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from schemas.errors import FrontEndError, TrackError
+from schemas.errors import ConfigError, FrontEndError, TrackError
 from schemas.manifest import WorkItem
 from schemas import failpoints
 from workers.audio import DecodeConfig, load_audio
 from workers.encoders import Encoder, FrontEnd, get_encoder
+from workers.encoders.base import parse_device, resolve_precision
+
+FRONT_END_PLACEMENTS = ("auto", "decoder", "encoder")
+CPU_BATCH_WINDOWS = 64
+# Used when the GPU is not visible from where the run is configured (Dataflow workers, a Ray cluster).
+REMOTE_CUDA_BATCH_WINDOWS = 256
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
     """Which encoder, which outputs, where and how it runs.
 
+    The precision is deliberately not part of an embedding's key (model version and feature hash): like the
+    device or the batch size it changes how a network is computed, not which network (bf16 stays within cosine
+    0.999 of fp32, see tests/workers/test_precision.py), so switching it does not re-embed the catalog. Each row's
+    run_id leads to its `runs` row, whose config records the precision it was computed in.
+
     Attributes:
-        model: registry name (see `catalog-embed models`).
+        model: registry name (see `catalog-embed models`), or the path or URI of a bring-your-own encoder's JSON
+            config (any name ending in `.json`, see `workers.encoders.custom`).
         layers: layers to write; the first fills the `embedding` column, others `embedding_<layer>`. Empty means
             the encoder's default layer.
         device: 'cpu', 'cuda' or 'cuda:N'; asking for CUDA without a GPU is an error.
-        batch_windows: windows per encoder call, assembled across tracks.
-        weights: weights file or folder for encoders that do not fetch their own.
+        batch_windows: windows per encoder call, assembled across tracks; None sizes it to the device (see
+            `windows_per_batch`).
+        weights: weights file or folder for encoders that do not fetch their own (a BYO encoder: its model or
+            weights file, instead of the one its config names).
         weights_sha256: pin the weights; a mismatch is an error.
+        precision: "fp32", "bf16" or "fp16" (GPU only): the network's compute precision under torch.autocast.
+        front_end_on: "decoder" (the decode workers' CPUs), "encoder" (the encoder's device) or "auto" (the
+            encoder's when it is a GPU).
     """
 
     model: str = "musicnn-msd"
     layers: tuple[str, ...] = ()
     device: str = "cpu"
-    batch_windows: int = 64
+    batch_windows: int | None = None
     weights: str | None = None
     weights_sha256: str | None = None
+    precision: str = "fp32"
+    front_end_on: str = "auto"
 
     def build(self) -> Encoder:
-        """Construct the encoder (no weights loaded)."""
+        """Construct the encoder (no weights loaded), after checking the options that need no encoder.
+
+        Raises:
+            ConfigError: unknown front end placement.
+            EncoderError: unknown model, malformed device, unknown precision, or fp16 on a CPU.
+        """
+        if self.front_end_on not in FRONT_END_PLACEMENTS:
+            msg = f"--front-end-on {self.front_end_on!r} is unknown; choose one of: {', '.join(FRONT_END_PLACEMENTS)}"
+            raise ConfigError(msg)
+        resolve_precision(self.precision, self.device)
         options = {k: v for k, v in (("weights", self.weights), ("weights_sha256", self.weights_sha256)) if v}
         return get_encoder(self.model, **options)
+
+    @property
+    def front_end_on_encoder(self) -> bool:
+        """Whether the front end runs on the encoder's device rather than next to the decoder."""
+        if self.front_end_on == "auto":
+            return parse_device(self.device).type == "cuda"
+        return self.front_end_on == "encoder"
+
+    def windows_per_batch(self, device_is_here: bool = True) -> int:
+        """`batch_windows`, or a size for the device when it is None.
+
+        The CPU gets `CPU_BATCH_WINDOWS`. A GPU gets `cuda_batch_windows` of its free memory when it is visible
+        here (`device_is_here`), else `REMOTE_CUDA_BATCH_WINDOWS`.
+        """
+        if self.batch_windows is not None:
+            return self.batch_windows
+        device = parse_device(self.device)
+        if device.type == "cpu":
+            return CPU_BATCH_WINDOWS
+        if not device_is_here:
+            return REMOTE_CUDA_BATCH_WINDOWS
+        free_bytes, _total = torch.cuda.mem_get_info(device)
+        return cuda_batch_windows(free_bytes)
+
+    def sized(self, device_is_here: bool = True) -> EncoderConfig:
+        """This config with `batch_windows` fixed by `windows_per_batch` (what runners batch by and runs record)."""
+        return dataclasses.replace(self, batch_windows=self.windows_per_batch(device_is_here))
 
     def resolved_layers(self, encoder: Encoder) -> tuple[str, ...]:
         """The layers to write, validated against the encoder (raises EncoderError naming valid ones)."""
@@ -53,14 +115,42 @@ class EncoderConfig:
         return layers
 
 
+def cuda_batch_windows(free_bytes: int) -> int:
+    """Windows per batch on a GPU with `free_bytes` free: 8 per free GiB as a power of two, within [32, 512].
+
+    8 per GiB leaves room for the activations: the largest intermediate of the encoders here is musicnn's widest
+    timbral convolution, 204 x 187 x 59 float32 values (9 MB) per window, so such a batch stays near a tenth of
+    the free memory; the cap keeps a large GPU from one huge batch per shard.
+    """
+    per_gib = free_bytes / 2**30 * 8
+    return int(min(512, max(32, 2 ** math.floor(math.log2(max(per_gib, 1.0))))))
+
+
 @dataclass
 class TrackFeatures:
-    """A decoded track's encoder input."""
+    """A decoded track's encoder input: its windows, or its waveform when the encoder's device makes them.
+
+    Attributes:
+        windows: (n_windows, *window_shape) from the front end; None when `waveform` is set instead.
+        starts: start time (s) of each window; also gives the number of windows before they exist.
+        waveform: (samples,) float32 at the front end's sample rate, for a front end on the encoder's device.
+    """
 
     item: WorkItem
-    windows: torch.Tensor  # (n_windows, *window_shape)
+    windows: torch.Tensor | None
     starts: list[float]
     duration_s: float
+    waveform: torch.Tensor | None = None
+
+    @property
+    def n_windows(self) -> int:
+        """Windows this track contributes to a batch."""
+        return len(self.starts)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor carried to the encoder."""
+        return (self.windows if self.windows is not None else self.waveform).nbytes
 
 
 @dataclass
@@ -97,7 +187,7 @@ class TrackEmbedding:
 
 @dataclass
 class DecodeStage:
-    """Read, decode and window one track on the CPU."""
+    """Read, decode and window one track on the CPU (only decode when the front end runs on the encoder)."""
 
     encoder: EncoderConfig
     decode: DecodeConfig = DecodeConfig()
@@ -117,10 +207,13 @@ class DecodeStage:
             audio = load_audio(item.uri, front_end.sample_rate, self.decode)
         except TrackError as exc:
             return TrackFailure.from_error(item, exc)
+        waveform = torch.from_numpy(audio.samples)
+        starts = front_end.window_starts(len(audio.samples))
+        if self.encoder.front_end_on_encoder:
+            return TrackFeatures(item=item, windows=None, starts=starts, duration_s=audio.duration_s, waveform=waveform)
         try:
             with torch.inference_mode():
-                windows = front_end(torch.from_numpy(audio.samples))
-            starts = front_end.window_starts(len(audio.samples))
+                windows = front_end(waveform)
         except (RuntimeError, ValueError) as exc:
             return TrackFailure.from_error(item, FrontEndError(f"front end failed: {exc}"))
         return TrackFeatures(item=item, windows=windows, starts=starts, duration_s=audio.duration_s)
@@ -128,19 +221,28 @@ class DecodeStage:
 
 @dataclass
 class EmbedStage:
-    """Embed windows batched across tracks and mean-pool them per track."""
+    """Embed windows batched across tracks and mean-pool them per track.
+
+    Tracks that arrive as waveforms (`EncoderConfig.front_end_on_encoder`) go through the front end on the
+    encoder's device first, in float32; only the network runs in the configured precision.
+    """
 
     encoder: EncoderConfig
     keep_timeline: bool = False
     _model: Encoder | None = field(default=None, init=False, repr=False)
+    _front_end: FrontEnd | None = field(default=None, init=False, repr=False)
     _layers: tuple[str, ...] = field(default=(), init=False, repr=False)
+    _batch_windows: int = field(default=0, init=False, repr=False)
 
     def setup(self) -> None:
-        """Load the encoder once per worker on the configured device."""
+        """Load the encoder once per worker on the configured device, with its front end there if configured."""
         if self._model is None:
             model = self.encoder.build()
             self._layers = self.encoder.resolved_layers(model)
-            model.load(self.encoder.device)
+            model.load(self.encoder.device, self.encoder.precision)
+            if self.encoder.front_end_on_encoder:
+                self._front_end = model.front_end().to(model.device).eval()
+            self._batch_windows = self.encoder.windows_per_batch()
             self._model = model
 
     @property
@@ -149,22 +251,45 @@ class EmbedStage:
         self.setup()
         return self._model
 
+    def _windows(self, track: TrackFeatures) -> torch.Tensor:
+        """A track's windows: as decoded, or made from its waveform on the encoder's device."""
+        if track.windows is not None:
+            return track.windows
+        with torch.inference_mode():
+            return self._front_end(track.waveform.to(self._model.device, non_blocking=True))
+
+    def _batches(self, tracks: list[TrackFeatures], counts: list[int]) -> Iterator[torch.Tensor]:
+        """Batches of `batch_windows` windows across `tracks`, appending each track's window count to `counts`.
+
+        Windows are made one track at a time, so at most a batch plus one track's windows are held at once
+        (which matters on a GPU, where the front end may run: a shard of long tracks is many windows).
+        """
+        size = self._batch_windows
+        pending: torch.Tensor | None = None
+        for track in tracks:
+            windows = self._windows(track)
+            counts.append(len(windows))
+            pending = windows if pending is None else torch.cat([pending, windows])
+            while len(pending) >= size:
+                yield pending[:size]
+                pending = pending[size:]
+        if pending is not None and len(pending):
+            yield pending
+
     def __call__(self, tracks: list[TrackFeatures]) -> list[TrackEmbedding]:
         """Embed every window of `tracks` in batches of `batch_windows`, then pool per track."""
         if not tracks:
             return []
         model = self.model
-        windows = torch.cat([t.windows for t in tracks])
+        counts: list[int] = []
         outputs: dict[str, list[torch.Tensor]] = {layer: [] for layer in self._layers}
-        for start in range(0, len(windows), self.encoder.batch_windows):
-            batch = model.embed(windows[start : start + self.encoder.batch_windows], self._layers)
-            for layer, values in batch.items():
-                outputs[layer].append(values.float().cpu())
+        for batch in self._batches(tracks, counts):
+            for layer, values in model.embed(batch, self._layers).items():
+                outputs[layer].append(values.cpu())
         per_layer = {layer: torch.cat(chunks).numpy() for layer, chunks in outputs.items()}
         results = []
         offset = 0
-        for track in tracks:
-            n = len(track.windows)
+        for track, n in zip(tracks, counts, strict=True):
             pooled = {layer: values[offset : offset + n].mean(axis=0) for layer, values in per_layer.items()}
             timeline = per_layer[self._layers[0]][offset : offset + n] if self.keep_timeline else None
             results.append(

@@ -219,7 +219,7 @@ class TrackModelHandler(ModelHandler[tuple[str, TrackFeatures], tuple[str, Track
 
     def get_num_bytes(self, batch: Sequence[tuple[str, TrackFeatures]]) -> int:
         """Bytes of window data in a batch (the default pickles the whole batch to measure it)."""
-        return sum(features.windows.nbytes for _, features in batch)
+        return sum(features.nbytes for _, features in batch)
 
     def get_metrics_namespace(self) -> str:
         """Beam's inference metrics go next to ours."""
@@ -367,7 +367,7 @@ def _inference_dead_letter(
 
 
 def _n_windows(element: tuple[str, TrackFeatures]) -> int:
-    return len(element[1].windows)
+    return element[1].n_windows
 
 
 def _work_item(row: dict[str, str]) -> WorkItem:

@@ -2,6 +2,9 @@
 
 A new encoder is a module in this package with an `Encoder` subclass, plus one line in `_REGISTRY`. Modules are
 imported lazily so listing models stays cheap and an encoder's optional dependencies are only needed when used.
+
+Users bring their own encoder without touching the registry: a name ending in `.json` is the path or URI of an
+encoder config (TorchScript, ONNX or a Python factory; see `workers.encoders.custom`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from typing import Any
 from schemas.errors import EncoderError
 from workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
 
-__all__ = ["Encoder", "FrontEnd", "LayerSpec", "Licence", "encoder_names", "get_encoder"]
+__all__ = ["CONFIG_SUFFIX", "Encoder", "FrontEnd", "LayerSpec", "Licence", "encoder_names", "get_encoder"]
+
+CONFIG_SUFFIX = ".json"
+"""Model names ending so are bring-your-own encoder configs, not registry names."""
 
 # name -> "module:Class[:variant]"; the variant is passed to the class as its first argument.
 _REGISTRY: dict[str, str] = {
@@ -30,15 +36,21 @@ def encoder_names() -> list[str]:
 
 
 def get_encoder(name: str, **options: Any) -> Encoder:
-    """Construct the encoder registered as `name` (no weights are touched).
+    """Construct the encoder registered as `name`, or described by the JSON config `name` (no weights touched).
 
     Raises:
-        EncoderError: `name` is not registered; the message lists the valid names.
+        EncoderError: `name` is neither registered (the message lists the valid names) nor a valid config.
     """
+    if name.endswith(CONFIG_SUFFIX):
+        custom = importlib.import_module("workers.encoders.custom")
+        return custom.load_custom_encoder(name, **options)
     try:
         target = _REGISTRY[name]
     except KeyError:
-        msg = f"unknown model {name!r}; choose one of: {', '.join(_REGISTRY)} (see `catalog-embed models`)"
+        msg = (
+            f"unknown model {name!r}; choose one of: {', '.join(_REGISTRY)} (see `catalog-embed models`), "
+            f"or pass an encoder config ending in {CONFIG_SUFFIX}"
+        )
         raise EncoderError(msg) from None
     module_name, class_name, *variant = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)

@@ -3,7 +3,8 @@
 An encoder is shaped like Beam's ModelHandler: cheap to construct (no weights touched), `prepare()` resolves
 its weights on the driver (fetching and converting them once, then from cache), `load(device)` builds the
 network once per worker on an explicit device, and `embed(windows, layers)` runs under
-`torch.inference_mode()` on a batch of windows that may come from many tracks.
+`torch.inference_mode()` on a batch of windows that may come from many tracks, in float32 or, when `load` was
+given a precision of "bf16" or "fp16", under `torch.autocast` (the one place mixed precision is applied).
 
 The front end (waveform -> windows) is a separate `torch.nn.Module` so a runner can place it on the CPU next to
 the decoder or on the accelerator next to the network.
@@ -20,6 +21,9 @@ from typing import Any, ClassVar
 import torch
 
 from schemas.errors import EncoderError
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Precision names and the autocast dtype each runs the network in (None: plain float32)."""
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,16 @@ class Encoder(ABC):
 
     Attributes:
         device: where `load` placed the network; None before `load`.
+        precision: the precision `load` was given ("fp32", "bf16" or "fp16").
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
     licence: ClassVar[Licence]
+    mixed_precision: ClassVar[bool] = True
+    """Whether `torch.autocast` reaches the network; False for runtimes outside PyTorch (ONNX Runtime)."""
     device: torch.device | None = field(default=None, init=False)
+    precision: str = field(default="fp32", init=False)
 
     @property
     @abstractmethod
@@ -128,17 +136,27 @@ class Encoder(ABC):
         msg = f"encoder {self.name!r} has no layer {name!r}; choose one of: {valid}"
         raise EncoderError(msg)
 
-    def load(self, device: str | torch.device = "cpu") -> None:
+    def load(self, device: str | torch.device = "cpu", precision: str = "fp32") -> None:
         """Prepare the weights and build the network once on an explicit device.
+
+        Args:
+            device: 'cpu', 'cuda' or 'cuda:N'.
+            precision: "fp32", or "bf16" / "fp16" to run the network under `torch.autocast` (see `PRECISIONS`).
 
         Raises:
             EncoderError: the device is unavailable (asking for CUDA without one is an error, never a silent
-                fallback to the CPU).
+                fallback to the CPU), or the precision is unknown, fp16 on a CPU, or not fp32 for an encoder
+                outside PyTorch.
         """
         device = resolve_device(device)
+        resolve_precision(precision, device)
+        if precision != "fp32" and not self.mixed_precision:
+            msg = f"encoder {self.name!r} does not run under PyTorch autocast: use --precision fp32"
+            raise EncoderError(msg)
         self.prepare()
         self._build(device)
         self.device = device
+        self.precision = precision
 
     def embed(self, windows: torch.Tensor, layers: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """Embed a batch of windows (from one or many tracks).
@@ -156,17 +174,32 @@ class Encoder(ABC):
         layers = layers or (self.default_layer,)
         for name in layers:
             self.layer(name)
-        with torch.inference_mode():
-            return self._forward(windows.to(self.device, non_blocking=True), layers)
+        dtype = PRECISIONS[self.precision]
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            outputs = self._forward(windows.to(self.device, non_blocking=True), layers)
+        return {name: value.float() for name, value in outputs.items()}
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """Parse a device string, failing when the device is not present."""
+def parse_device(device: str | torch.device) -> torch.device:
+    """Parse a device string without checking that the device is present.
+
+    Raises:
+        EncoderError: not a device string, or a device type other than CPU and CUDA.
+    """
     try:
         device = torch.device(device)
     except RuntimeError as exc:
         msg = f"unknown device {str(device)!r}: use 'cpu', 'cuda' or 'cuda:N'"
         raise EncoderError(msg) from exc
+    if device.type not in ("cpu", "cuda"):
+        msg = f"device type {device.type!r} is not supported: use 'cpu' or 'cuda'"
+        raise EncoderError(msg)
+    return device
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Parse a device string, failing when the device is not present."""
+    device = parse_device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             msg = "device 'cuda' was requested but no CUDA GPU is available here: use --device cpu"
@@ -174,7 +207,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             msg = f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
             raise EncoderError(msg)
-    elif device.type != "cpu":
-        msg = f"device type {device.type!r} is not supported: use 'cpu' or 'cuda'"
-        raise EncoderError(msg)
     return device
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype | None:
+    """The autocast dtype of `precision` on `device` (None for fp32); the device need not be present.
+
+    Raises:
+        EncoderError: unknown precision, or fp16 on a CPU: there bfloat16 is the reduced precision PyTorch's
+            autocast is built for, and it keeps float32's range where float16 overflows past 65504.
+    """
+    if precision not in PRECISIONS:
+        msg = f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}"
+        raise EncoderError(msg)
+    if precision == "fp16" and parse_device(device).type == "cpu":
+        msg = "precision fp16 needs a GPU: on the CPU use --precision bf16 (or fp32), or run with --device cuda"
+        raise EncoderError(msg)
+    return PRECISIONS[precision]

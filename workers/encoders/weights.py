@@ -14,7 +14,11 @@ import os
 import sys
 import tempfile
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
+
+import fsspec
+import torch
 
 from schemas.errors import WeightsError
 
@@ -29,9 +33,9 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a local file, streamed."""
+    """Hex sha256 of a file (local path or any fsspec URI), streamed."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with fsspec.open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -44,6 +48,21 @@ def verify_sha256(path: str | os.PathLike[str], expected: str | None) -> str:
         msg = f"{path} has sha256 {actual}, expected {expected}: the file is corrupt or not the pinned weights"
         raise WeightsError(msg)
     return actual
+
+
+def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """Hex sha256 of a state dict: every entry's name, dtype, shape and bytes, in name order.
+
+    Two files holding the same tensors (a .pt and a .safetensors, say) give the same digest: it identifies the
+    weights, not their container.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        # Bytes through uint8, since numpy has no bfloat16; reshape first, as a 0-d tensor has no byte view.
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def offline() -> bool:

@@ -1,0 +1,213 @@
+"""Encoder throughput: windows per second of each encoder, fp32 and bf16, at two batch sizes, on one device.
+
+    python bench/encoders_bench.py [--device cpu|cuda] [--threads 2] [--repeat 5] [--batches 32,64]
+                                   [--precisions fp32,bf16] [--models musicnn-msd,...]
+
+For each encoder, precision and batch size: load the encoder on the device in that precision, cut one window from
+seeded noise with its front end and repeat it to the batch size, make one warm-up call, then time `repeat` calls
+of `Encoder.embed` (synchronised on CUDA) and report the batch over the median call time. Calls that take longer
+than 10 s are repeated 3 times instead, so the slowest encoder on a CPU finishes in minutes. Each encoder's front end
+is timed too (fp32, on the same device): windows per second made from 60 s of noise.
+
+mule-sfnfnet-f0 runs with stand-in weights (seeded random initialisation, skip gains drawn from [0.1, 0.5] so every
+block computes): the released weights are not shipped, and the speed of the arithmetic does not depend on the
+values.
+
+The CPU may be shared with other work: every row records the 1-minute load average when it was measured. On CUDA,
+rows add the mean GPU utilisation sampled during the timed calls (NVML, when pynvml is installed) and the peak
+memory. Prints a table and writes bench/results/encoders.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from workers.encoders import Encoder, get_encoder
+from workers.encoders.base import resolve_device
+from workers.encoders.keras_import import CONVERTED_CONFIG, CONVERTED_WEIGHTS, ENCODER
+from workers.encoders.sfnfnet import SfNfNetF0
+
+RESULTS = Path(__file__).parent / "results" / "encoders.json"
+MODELS = ("musicnn-msd", "musicnn-mtt", "mule-sfnfnet-f0", "mfcc-stats", "chroma-stats")
+LONG_CALL_S = 10.0
+LONG_CALL_REPEAT = 3
+FRONT_END_AUDIO_S = 60.0
+
+
+def standin_mule_weights(directory: Path) -> str:
+    """Write seeded random SF-NFNet-F0 weights as a converted weights directory; returns its path."""
+    torch.manual_seed(0)
+    net = SfNfNetF0()
+    with torch.no_grad():
+        for name, parameter in net.named_parameters():
+            if name.endswith("skip_gain"):
+                parameter.uniform_(0.1, 0.5)
+    safetensors.torch.save_file(net.state_dict(), str(directory / CONVERTED_WEIGHTS))
+    (directory / CONVERTED_CONFIG).write_text(json.dumps({"encoder": ENCODER, "weights_sha256": "0" * 64}))
+    return str(directory)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def _gpu_utilisation(device: torch.device, samples: list[int]) -> Iterator[None]:
+    """Sample NVML utilisation (percent) every 50 ms while the block runs; nothing without CUDA or pynvml."""
+    if device.type != "cuda":
+        yield
+        return
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            try:
+                samples.append(torch.cuda.utilization(device))
+            except (ModuleNotFoundError, RuntimeError):
+                return
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def time_calls(encoder: Encoder, windows: torch.Tensor, repeat: int) -> tuple[float, int, list[int]]:
+    """Median seconds per `embed` call (after one warm-up call), the repeats made, and utilisation samples."""
+    device = encoder.device
+    start = time.perf_counter()
+    encoder.embed(windows)
+    _sync(device)
+    if time.perf_counter() - start > LONG_CALL_S:
+        repeat = min(repeat, LONG_CALL_REPEAT)
+    times: list[float] = []
+    samples: list[int] = []
+    with _gpu_utilisation(device, samples):
+        for _ in range(repeat):
+            start = time.perf_counter()
+            encoder.embed(windows)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), repeat, samples
+
+
+def front_end_rate(encoder: Encoder, device: torch.device, repeat: int) -> float:
+    """Windows per second the encoder's front end makes from noise on `device` (median of `repeat`)."""
+    front_end = encoder.front_end().to(device).eval()
+    waveform = torch.randn(int(FRONT_END_AUDIO_S * front_end.sample_rate), generator=torch.Generator().manual_seed(0))
+    waveform = (waveform * 0.1).to(device)
+    times = []
+    with torch.inference_mode():
+        n_windows = len(front_end(waveform))
+        for _ in range(repeat):
+            _sync(device)
+            start = time.perf_counter()
+            front_end(waveform)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return n_windows / statistics.median(times)
+
+
+def bench_model(name: str, args: argparse.Namespace, device: torch.device, mule_weights: str) -> list[dict]:
+    """Every (precision, batch) row of one encoder."""
+    options = {"weights": mule_weights} if name == "mule-sfnfnet-f0" else {}
+    rows = []
+    front_end_wps = None
+    for precision in args.precisions:
+        encoder = get_encoder(name, **options)
+        encoder.load(device, precision)
+        if front_end_wps is None:
+            front_end_wps = front_end_rate(encoder, device, args.repeat)
+        front_end = encoder.front_end()
+        noise = torch.randn(front_end.window_samples, generator=torch.Generator().manual_seed(0)) * 0.1
+        with torch.inference_mode():
+            window = front_end(noise)[:1]
+        for batch in args.batches:
+            windows = window.expand(batch, *window.shape[1:]).contiguous().to(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds, repeats, samples = time_calls(encoder, windows, args.repeat)
+            rows.append(
+                {
+                    "model": name,
+                    "precision": precision,
+                    "batch": batch,
+                    "windows_per_s": batch / seconds,
+                    "seconds_per_call": seconds,
+                    "repeats": repeats,
+                    "front_end_windows_per_s": front_end_wps,
+                    "load_avg_1m": os.getloadavg()[0],
+                    "gpu_util_pct": statistics.mean(samples) if samples else None,
+                    "gpu_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+        del encoder  # before the next precision builds its own copy of the network
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[32, 64])
+    parser.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32", "bf16"])
+    parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="encoders-bench-") as scratch:
+        mule_weights = standin_mule_weights(Path(scratch)) if "mule-sfnfnet-f0" in args.models else ""
+        for name in args.models:
+            rows.extend(bench_model(name, args, device, mule_weights))
+    machine = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_avg_1_5_15m": os.getloadavg(),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    table = Table(title=f"encoders on {device} ({machine['device']}, {args.threads} torch threads)")
+    columns = ["model", "precision", "batch", "windows/s", "s/call", "front end windows/s", "load avg 1m"]
+    if device.type == "cuda":
+        columns += ["GPU util %", "GPU peak MiB"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("model", "precision") else "right")
+    for row in rows:
+        cells = [
+            row["model"], row["precision"], str(row["batch"]), f"{row['windows_per_s']:.1f}",
+            f"{row['seconds_per_call']:.3f}", f"{row['front_end_windows_per_s']:.0f}", f"{row['load_avg_1m']:.2f}",
+        ]  # fmt: skip
+        if device.type == "cuda":
+            util = row["gpu_util_pct"]
+            cells += ["n/a" if util is None else f"{util:.0f}", f"{row['gpu_peak_mib']:.0f}"]
+        table.add_row(*cells)
+    Console(width=140).print(table)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Mixed precision and the GPU path, checked on the CPU: bf16 stays close to fp32, fp16 is refused there, the
+front end computed on the encoder's device gives the embeddings it gives in the decode workers, and batches are
+sized to the device."""
+
+from __future__ import annotations
+
+import json
+import wave
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import safetensors.torch
+import torch
+
+from schemas.errors import EncoderError
+from schemas.manifest import WorkItem
+from tests.reference import MUSICNN_REFERENCE
+from workers.encoders import get_encoder
+from workers.encoders.keras_import import CONVERTED_CONFIG, CONVERTED_WEIGHTS, ENCODER
+from workers.encoders.sfnfnet import SfNfNetF0
+from workers.stages import DecodeStage, EmbedStage, EncoderConfig, TrackFeatures, cuda_batch_windows
+
+MIN_COSINE = 0.999
+SIGNALS = ("chord_16k_mono", "chord_44k1_stereo")
+
+
+def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1).min())
+
+
+def loaded(name: str, precision: str, **options: str):
+    encoder = get_encoder(name, **options)
+    encoder.load("cpu", precision)
+    return encoder
+
+
+def test_musicnn_bf16_stays_within_cosine_0999_of_fp32() -> None:
+    """On the reference patches (the `batch` arrays the original musicnn was fed), every layer we write."""
+    fp32, bf16 = loaded("musicnn-msd", "fp32"), loaded("musicnn-msd", "bf16")
+    layers = ("penultimate", "pool", "taggram")
+    for signal in SIGNALS:
+        patches = torch.from_numpy(np.load(MUSICNN_REFERENCE / f"{signal}__MSD_musicnn.npz")["batch"])
+        reference, reduced = fp32.embed(patches, layers), bf16.embed(patches, layers)
+        for layer in layers:
+            assert reduced[layer].dtype == torch.float32
+            assert min_cosine(reference[layer], reduced[layer]) >= MIN_COSINE, (signal, layer)
+
+
+@pytest.fixture(scope="module")
+def standin_mule(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """SF-NFNet-F0 with seeded random weights (skip gains non-zero, so every block contributes), as a converted
+    weights directory. The released weights are not available here; the precision of the arithmetic is what is
+    under test."""
+    root = tmp_path_factory.mktemp("mule_standin")
+    torch.manual_seed(0)
+    net = SfNfNetF0()
+    with torch.no_grad():
+        for name, parameter in net.named_parameters():
+            if name.endswith("skip_gain"):
+                parameter.uniform_(0.1, 0.5)
+    safetensors.torch.save_file(net.state_dict(), str(root / CONVERTED_WEIGHTS))
+    (root / CONVERTED_CONFIG).write_text(json.dumps({"encoder": ENCODER, "weights_sha256": "0" * 64}))
+    return str(root)
+
+
+@pytest.mark.slow
+def test_mule_bf16_stays_within_cosine_0999_of_fp32(standin_mule: str) -> None:
+    with wave.open(str(MUSICNN_REFERENCE / "chord_16k_mono.wav")) as wav:
+        samples = np.frombuffer(wav.readframes(wav.getnframes()), "<i2").astype(np.float32) / 32768.0
+    fp32 = loaded("mule-sfnfnet-f0", "fp32", weights=standin_mule)
+    bf16 = loaded("mule-sfnfnet-f0", "bf16", weights=standin_mule)
+    slices = fp32.front_end()(torch.from_numpy(samples[: 16000 * 3]))  # one slice keeps this test short
+    layers = ("embedding", "slow_stage2")
+    reference, reduced = fp32.embed(slices, layers), bf16.embed(slices, layers)
+    for layer in layers:
+        assert min_cosine(reference[layer], reduced[layer]) >= MIN_COSINE, layer
+
+
+def test_fp16_is_refused_on_the_cpu() -> None:
+    with pytest.raises(EncoderError, match="fp16 needs a GPU: on the CPU use --precision bf16"):
+        EncoderConfig(precision="fp16").build()
+    with pytest.raises(EncoderError, match="fp16 needs a GPU"):
+        get_encoder("mfcc-stats").load("cpu", "fp16")
+    with pytest.raises(EncoderError, match="unknown precision 'fp8'"):
+        EncoderConfig(precision="fp8").build()
+    # On a GPU fp16 is a valid choice; the config is checked without needing one here.
+    assert EncoderConfig(device="cuda", precision="fp16").build().name == "musicnn-msd"
+
+
+@pytest.fixture(scope="module")
+def decoded_items(small_catalog, small_labels) -> list[WorkItem]:
+    good = {label["track_id"] for label in small_labels if label["broken"] is None}
+    rows = [row for row in pq.read_table(small_catalog.manifest_path).to_pylist() if row["track_id"] in good]
+    return [WorkItem(track_id=row["track_id"], uri=row["uri"], fingerprint="") for row in rows[:3]]
+
+
+@pytest.mark.parametrize("model", ["musicnn-msd", "mfcc-stats"])
+def test_front_end_on_the_encoder_gives_the_decode_workers_embeddings(model: str, decoded_items) -> None:
+    """The GPU path (waveforms to the encoder, spectrograms made there) forced on the CPU: same rows."""
+    results = {}
+    for placement in ("decoder", "encoder"):
+        # Batches of two windows span tracks (tests/workers/test_custom_encoders.py splits tracks across batches).
+        config = EncoderConfig(model=model, front_end_on=placement, batch_windows=2)
+        decode = DecodeStage(config)
+        tracks = [decode(item) for item in decoded_items]
+        assert all(isinstance(t, TrackFeatures) for t in tracks)
+        if placement == "encoder":
+            assert all(t.windows is None and t.waveform is not None for t in tracks)
+        results[placement] = (tracks, EmbedStage(config, keep_timeline=True)(tracks))
+    (on_decoder, worker_rows), (on_encoder, device_rows) = results["decoder"], results["encoder"]
+    for decoded, shipped, worker, device in zip(on_decoder, on_encoder, worker_rows, device_rows, strict=True):
+        assert decoded.n_windows == shipped.n_windows == worker.n_windows == device.n_windows == len(decoded.windows)
+        assert worker.pooled.keys() == device.pooled.keys()
+        for layer, vector in worker.pooled.items():
+            np.testing.assert_allclose(device.pooled[layer], vector, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(device.timeline, worker.timeline, rtol=1e-5, atol=1e-6)
+
+
+def test_front_end_placement_and_batch_size_follow_the_device() -> None:
+    assert not EncoderConfig(device="cpu").front_end_on_encoder
+    assert EncoderConfig(device="cuda:0").front_end_on_encoder
+    assert not EncoderConfig(device="cuda", front_end_on="decoder").front_end_on_encoder
+    assert EncoderConfig(device="cpu").windows_per_batch() == 64
+    assert EncoderConfig(device="cpu", batch_windows=7).sized().batch_windows == 7
+    assert EncoderConfig(device="cuda").windows_per_batch(device_is_here=False) == 256
+    gib = 2**30
+    assert [cuda_batch_windows(n * gib) for n in (0, 3, 15, 16, 40, 79, 140)] == [32, 32, 64, 128, 256, 512, 512]
