@@ -1,0 +1,176 @@
+"""Reliability report: a large catalog with hostile files, a decode worker and then the driver killed mid-run.
+
+1. Renders a demo catalog (default 1,000 tracks) whose broken rows cover every broken kind (truncated, empty, not
+   audio, corrupt header, missing), and marks further good tracks whose decoder will segfault or hang (injected at
+   the decoder, as `schemas.failpoints` documents): 50 hostile rows by default.
+2. Starts `catalog-embed embed` in a process of its own; once a third of the shards are staged it kill -9s one
+   decode worker, once two thirds are staged it kill -9s the driver.
+3. Runs the same command again, which resumes the interrupted run, and checks the tables.
+
+Prints a table (job failures, rows, duplicates, lost tracks, the time a hang costs) and writes
+bench/results/reliability.json.
+
+    python bench/reliability_bench.py [--tracks 1000] [--hostile 50] [--duration 4] [--timeout 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.query import connect
+from schemas.failpoints import ENV as FAILPOINTS
+from schemas.store import TableStore
+from schemas.tables import EMBEDDINGS
+from schemas.manifest import WorkItem
+from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
+from workers.isolation import IsolatedPool
+from workers.stages import DecodeStage, EncoderConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "reliability.json"
+
+
+def _embed(catalog: str, out: str, timeout: float, shard_size: int, failpoints: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **{FAILPOINTS: failpoints})
+    command = [
+        sys.executable, "-m", "pipelines.cli", "embed", "--catalog", catalog, "--out", out,
+        "--decode-timeout", str(timeout), "--shard-size", str(shard_size), "--workers", "2",
+    ]
+    return subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid` (the decode workers of a local run), from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def _wait_for_shards(out: str, count: int, proc: subprocess.Popen, limit_s: float = 1800) -> None:
+    store = TableStore(out)
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        runs = store.staged_runs() if Path(out, "_staging").exists() else []
+        if runs and len(store.staged_parts(runs[-1], EMBEDDINGS)) >= count:
+            return
+        time.sleep(0.2)
+    msg = f"the run staged fewer than {count} shards (exit {proc.poll()})"
+    raise RuntimeError(msg)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracks", type=int, default=1000)
+    parser.add_argument("--hostile", type=int, default=50)
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--shard-size", type=int, default=25)
+    args = parser.parse_args()
+    console = Console()
+    work = Path(tempfile.mkdtemp(prefix="reliability-"))
+    n_injected = min(args.hostile // 5, args.tracks)  # crashers and hangers, half each
+    n_broken = args.hostile - n_injected
+    console.print(f"rendering {args.tracks} tracks ({n_broken} broken files) in {work} ...")
+    started = time.perf_counter()
+    catalog = render_demo_catalog(
+        work / "catalog",
+        DemoCatalogConfig(n_tracks=args.tracks, duration_s=args.duration, n_broken=n_broken, seed=11),
+        workers=2,
+    )
+    render_s = time.perf_counter() - started
+    labels = pq.read_table(catalog.labels_path).to_pylist()
+    good = sorted(la["track_id"] for la in labels if la["broken"] is None)
+    crashers, hangers = good[: n_injected // 2], good[n_injected // 2 : n_injected]
+    expected_bad = sorted({la["track_id"] for la in labels if la["broken"]} | set(crashers) | set(hangers))
+    expected_good = sorted(set(good) - set(crashers) - set(hangers))
+    failpoints = ";".join([f"decode=segfault:{t}." for t in crashers] + [f"decode=hang:{t}." for t in hangers])
+    out = str(work / "tables")
+    manifest = str(catalog.manifest_path)
+    n_shards = -(-args.tracks // args.shard_size)
+
+    console.print("run 1: killing a decode worker, then the driver ...")
+    first = _embed(manifest, out, args.timeout, args.shard_size, failpoints)
+    _wait_for_shards(out, n_shards // 3, first)
+    workers = _children(first.pid)
+    os.kill(workers[0], signal.SIGKILL)
+    _wait_for_shards(out, 2 * n_shards // 3, first)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    console.print("run 2: resuming ...")
+    started = time.perf_counter()
+    second = _embed(manifest, out, args.timeout, args.shard_size, failpoints)
+    log = second.communicate()[0]
+    resume_s = time.perf_counter() - started
+    resumed = "resuming run" in log
+
+    con = connect(out)
+    embedded = [r[0] for r in con.execute("SELECT track_id FROM embeddings WHERE NOT deleted").fetchall()]
+    failed = dict(con.execute("SELECT track_id, error_type FROM failures").fetchall())
+    n_failed_rows = con.execute("SELECT count(*) FROM failures").fetchone()[0]
+    runs = con.execute("SELECT status, n_embedded, n_failed FROM runs").fetchall()
+    timeouts = [t for t in hangers if failed.get(t) == "DecodeTimeout"]
+    report = {
+        "tracks": args.tracks,
+        "hostile": len(expected_bad),
+        "job_failures": int(second.returncode != 0) + sum(status != "succeeded" for status, *_ in runs),
+        "embeddings_rows": len(embedded),
+        "expected_good": len(expected_good),
+        "failures_rows": n_failed_rows,
+        "expected_bad": len(expected_bad),
+        "duplicates": (len(embedded) - len(set(embedded))) + (n_failed_rows - len(failed)),
+        "lost": len(set(expected_good) - set(embedded)) + len(set(expected_bad) - set(failed)),
+        "good_tracks_failed": len(set(expected_good) & set(failed)),
+        "hangs_timed_out": f"{len(timeouts)}/{len(hangers)}",
+        "crashes_recorded": sum(failed.get(t) == "DecoderCrashed" for t in crashers),
+        "resumed": resumed,
+        "render_s": round(render_s, 1),
+        "resume_run_s": round(resume_s, 1),
+    }
+    report["hang_cost_s"] = round(_hang_cost(catalog.root, hangers[0], args.timeout), 2) if hangers else 0.0
+    table = Table(title="reliability: kill a decode worker, kill -9 the driver, resume")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    targets = {
+        "job_failures": 0, "embeddings_rows": report["expected_good"], "failures_rows": report["expected_bad"],
+        "duplicates": 0, "lost": 0, "good_tracks_failed": 0, "hang_cost_s": f"<= {args.timeout:g}",
+    }
+    for key, value in report.items():
+        table.add_row(key, str(value), str(targets.get(key, "")))
+    console.print(table)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {RESULTS}")
+
+
+def _hang_cost(root: Path, track_id: str, timeout: float) -> float:
+    """Seconds a hanging file holds a decode child before it is killed and its track fails."""
+    os.environ[FAILPOINTS] = f"decode=hang:{track_id}."
+    uri = next(str(p) for p in (root / "audio").iterdir() if p.name.startswith(f"{track_id}."))
+    with IsolatedPool(DecodeStage(EncoderConfig()), 1, timeout, 4096) as pool:
+        [(_failure, seconds)] = list(pool.imap([WorkItem(track_id, uri, "bench")], ahead=1))
+    return seconds
+
+
+if __name__ == "__main__":
+    main()
