@@ -21,16 +21,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipelines.plan import Plan, plan_run
-from pipelines.runners import RUNNERS, EmbedJob, RunStats, get_runner
+from pipelines.runners import RUNNERS, EmbedJob, RunStats, get_runner, write_shard
 from pipelines.runners.options import BeamOptions, RayOptions, add_engine_arguments, engine_options_from_args
 from schemas.errors import ConfigError, RunAbortedError
-from schemas.manifest import fingerprints, read_catalog
+from schemas.manifest import UriPolicy, catalog_fingerprints, read_catalog
 from schemas.store import TableStore
 from schemas.tables import EMBEDDINGS, RUNS
 from workers.audio import DecodeConfig
-from workers.encoders.base import resolve_device
+from workers.encoders.base import Licence, resolve_device
 from workers.rows import RowContext
-from workers.stages import EncoderConfig
+from workers.stages import EncoderConfig, TrackFailure
+
+
+_KEYS = pa.schema([pa.field("model", pa.string()), pa.field("track_id", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,12 @@ class EmbedConfig:
         decode_timeout_s: a track whose decode takes longer fails (the worker is replaced).
         max_failure_ratio: abort the run when more than this fraction of tracks fail.
         retry_failed: retry tracks that failed before even if their file is unchanged.
-        run_id: explicit run id (to resume a run); generated when None.
+        run_id: explicit run id; when None, an interrupted run that computed the same thing is resumed, else a
+            new id is made.
+        prune: delete the rows of tracks gone from the catalog instead of marking them `deleted`.
+        policy: which URIs the manifest may point at.
+        storage_options: deltalake storage options for --out (an S3 endpoint, locking); credentials come from
+            the environment's default chain, never from here.
         beam: options of `--runner beam` and `--runner dataflow`.
         ray: options of `--runner ray`.
     """
@@ -64,6 +72,9 @@ class EmbedConfig:
     max_failure_ratio: float = 0.5
     retry_failed: bool = False
     run_id: str | None = None
+    prune: bool = False
+    policy: UriPolicy = field(default_factory=UriPolicy)
+    storage_options: dict[str, str] | None = None
     beam: BeamOptions = field(default_factory=BeamOptions)
     ray: RayOptions = field(default_factory=RayOptions)
 
@@ -121,8 +132,62 @@ class RunSummary:
         return self.stats.audio_seconds / self.wall_seconds if self.wall_seconds else 0.0
 
 
+@dataclass(frozen=True)
+class PreparedRun:
+    """A validated config, its encoder's identity and the plan: everything decided before any audio is read."""
+
+    config: EmbedConfig
+    model: str
+    model_version: str
+    licence: Licence
+    layers: tuple[str, ...]
+    feature_hash: str
+    plan: Plan
+    store: TableStore
+
+    def meta(self) -> dict[str, object]:
+        """What the run computes: an interrupted run with the same meta can be resumed."""
+        return {
+            "model": self.model,
+            "model_version": self.model_version,
+            "feature_hash": self.feature_hash,
+            "layers": list(self.layers),
+            "windows": self.config.write_windows,
+        }
+
+
+def prepare_run(config: EmbedConfig) -> PreparedRun:
+    """Validate the configuration, resolve the encoder, read the catalog and plan against the tables.
+
+    Raises:
+        ConfigError, EncoderError, ManifestError, TableError: nothing has been read or written but the catalog
+            and the tables' keys.
+    """
+    config.validate()
+    encoder = config.encoder.build()
+    layers = config.encoder.resolved_layers(encoder)
+    if config.encoder_runs_here():
+        resolve_device(config.encoder.device)
+    # Runners batch by this number: size it to the device once, so the runs row records the size used.
+    config = dataclasses.replace(config, encoder=config.encoder.sized(config.encoder_runs_here()))
+    encoder.prepare()
+    feature_hash = encoder.front_end().config_hash()
+    catalog = read_catalog(config.catalog, config.policy)
+    prints = catalog_fingerprints(catalog)
+    store = TableStore(config.out, config.storage_options)
+    store.ensure_tables()
+    embedded_state, failed_state = store.model_state(encoder.name)
+    plan = plan_run(
+        catalog, prints, embedded_state, failed_state, encoder.version, feature_hash, retry_failed=config.retry_failed
+    )
+    return PreparedRun(config, encoder.name, encoder.version, encoder.licence, layers, feature_hash, plan, store)
+
+
 def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary:
     """Run one embed job end to end; see the module docstring.
+
+    An interrupted run (killed driver, lost machine) that computed the same thing is resumed: the tracks it
+    already staged are not embedded again, and its parts are committed with the new ones.
 
     Raises:
         ConfigError, EncoderError, ManifestError, TableError: before any work.
@@ -133,58 +198,62 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
     clock = time.perf_counter()
     config.validate()
     runner = get_runner(config.runner, **config.runner_options())
-    encoder = config.encoder.build()
-    layers = config.encoder.resolved_layers(encoder)
-    if config.encoder_runs_here():
-        resolve_device(config.encoder.device)
-    # Runners batch by this number: size it to the device once, so the runs row records the size used.
-    config = dataclasses.replace(config, encoder=config.encoder.sized(config.encoder_runs_here()))
-    encoder.prepare()
-    feature_hash = encoder.front_end().config_hash()
-
-    catalog = read_catalog(config.catalog)
-    prints = fingerprints(catalog["uri"].to_pylist())
-    store = TableStore(config.out)
-    store.ensure_tables()
-    embedded_state, failed_state = store.model_state(encoder.name)
-    plan = plan_run(
-        catalog, prints, embedded_state, failed_state, encoder.version, feature_hash, retry_failed=config.retry_failed
+    prepared = prepare_run(config)
+    config, plan, store = prepared.config, prepared.plan, prepared.store
+    run_id = config.run_id or store.resumable_run(prepared.meta())
+    attempt, items = 0, plan.items
+    if run_id is not None:
+        staged, attempt = store.staged_progress(run_id)
+        items = tuple(item for item in plan.items if item.track_id not in staged)
+        if attempt:
+            console.print(f"resuming run {run_id}: {len(plan.items) - len(items)} planned tracks are already staged")
+    else:
+        run_id = f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+    store.write_run_meta(run_id, prepared.meta())
+    console.print(
+        f"[bold]run {run_id}[/]: {prepared.model} {prepared.model_version} layers {','.join(prepared.layers)}; "
+        f"{plan.describe()}"
     )
-    run_id = config.run_id or f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
-    console.print(f"[bold]run {run_id}[/]: {encoder.name} {encoder.version} layers {','.join(layers)}; {plan.describe()}")
     commit = RunCommit(
         config=config,
         run_id=run_id,
-        model=encoder.name,
-        model_version=encoder.version,
-        licence_code=encoder.licence.code,
-        licence_weights=encoder.licence.weights,
-        feature_hash=feature_hash,
+        model=prepared.model,
+        model_version=prepared.model_version,
+        licence_code=prepared.licence.code,
+        licence_weights=prepared.licence.weights,
+        feature_hash=prepared.feature_hash,
         n_catalog=plan.n_catalog,
-        n_planned=len(plan.items),
+        n_planned=len(plan.items) + len(plan.refused),
         n_skipped=plan.n_skipped,
+        gone=plan.gone,
         started=started,
     )
     job = EmbedJob(
         run_id=run_id,
         out=config.out,
-        items=plan.items,
+        items=items,
         encoder=config.encoder,
         decode=config.decode,
-        rows=RowContext(run_id, encoder.name, layers, encoder.version, feature_hash),
+        rows=RowContext(run_id, prepared.model, prepared.layers, prepared.model_version, prepared.feature_hash),
         workers=config.workers,
         shard_size=config.shard_size,
         write_windows=config.write_windows,
         decode_timeout_s=config.decode_timeout_s,
         max_failure_ratio=config.max_failure_ratio,
+        storage_options=config.storage_options,
         commit=commit.finish,
+        attempt=attempt,
     )
     stats = RunStats()
-    if plan.items:
+    if plan.refused:
+        refused = [TrackFailure(item, "plan", "UriRefused", reason) for item, reason in plan.refused]
+        stats.add_time("write", write_shard(job, store, f"{attempt:03d}-refused", [], refused))
+        stats.record([], refused)
+    if items:
         try:
             with _progress_bar(console) as bar:
-                task = bar.add_task("embedding", total=len(plan.items))
-                stats = runner.run(job, lambda n, _audio: bar.advance(task, n))
+                task = bar.add_task("embedding", total=len(items))
+                stats.merge(runner.run(job, lambda n, _audio: bar.advance(task, n)))
         except RunAbortedError:
             commit.abort()
             raise
@@ -216,6 +285,7 @@ class RunCommit:
     n_catalog: int
     n_planned: int
     n_skipped: int
+    gone: tuple[str, ...]
     started: datetime
 
     def succeed(self, stats: RunStats) -> None:
@@ -224,7 +294,7 @@ class RunCommit:
 
     def abort(self) -> None:
         """Drop the run's parts and commit an `aborted` runs row."""
-        TableStore(self.config.out).drop_staging(self.run_id)
+        TableStore(self.config.out, self.config.storage_options).drop_staging(self.run_id)
         self._commit(RunStats(), "aborted")
 
     def finish(self, stats: RunStats) -> str:
@@ -238,6 +308,9 @@ class RunCommit:
         return "succeeded"
 
     def _commit(self, stats: RunStats, status: str) -> None:
+        store = TableStore(self.config.out, self.config.storage_options)
+        # Counted from the staged parts, so a resumed run reports the tracks of all its attempts.
+        n_embedded, n_failed, audio_seconds = store.staged_counts(self.run_id)
         compute = sum(s for k, s in stats.stage_seconds.items() if k in ("decode", "encode"))
         finished = datetime.now(UTC)
         row = pa.table(
@@ -257,17 +330,18 @@ class RunCommit:
                 "n_catalog": [self.n_catalog],
                 "n_planned": [self.n_planned],
                 "n_skipped": [self.n_skipped],
-                "n_embedded": [stats.n_embedded],
-                "n_failed": [stats.n_failed],
-                "n_deleted": [0],
-                "audio_seconds": [stats.audio_seconds],
+                "n_embedded": [n_embedded],
+                "n_failed": [n_failed],
+                "n_deleted": [len(self.gone) if status == "succeeded" else 0],
+                "audio_seconds": [audio_seconds],
                 "wall_seconds": [(finished - self.started).total_seconds()],
-                "compute_s_per_audio_hour": [compute / (stats.audio_seconds / 3600) if stats.audio_seconds else None],
+                "compute_s_per_audio_hour": [compute / (audio_seconds / 3600) if audio_seconds else None],
                 "stage_seconds_json": [json.dumps(stats.stage_seconds, sort_keys=True)],
             },
             schema=RUNS.schema,
         )
-        TableStore(self.config.out).commit(self.run_id, row)
+        gone = pa.table({"model": [self.model] * len(self.gone), "track_id": list(self.gone)}, schema=_KEYS)
+        store.commit(self.run_id, row, gone=gone if status == "succeeded" else None, prune=self.config.prune)
 
 
 def _progress_bar(console: Console) -> Progress:
@@ -305,12 +379,24 @@ def print_summary(summary: RunSummary, console: Console) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `embed` subcommand."""
-    parser = subparsers.add_parser(
+    """Add the `embed` and `plan` subcommands (they take the same options)."""
+    embed = subparsers.add_parser(
         "embed",
         help="embed a catalog into Delta tables",
         description="Embed every new or changed track of a catalog and commit the rows to Delta tables under --out.",
     )
+    _add_run_arguments(embed)
+    embed.set_defaults(handler=_handle)
+    plan = subparsers.add_parser(
+        "plan",
+        help="print what `embed` would do, without doing it",
+        description="Plan a run like `embed` (same options) and print it: nothing is embedded or committed.",
+    )
+    _add_run_arguments(plan)
+    plan.set_defaults(handler=_handle_plan)
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", required=True, help="manifest (.csv/.parquet/.jsonl), directory or glob; any fsspec URI")
     parser.add_argument("--out", required=True, help="output root for the tables (local path, s3://, gs://)")
     parser.add_argument(
@@ -344,9 +430,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--decode-timeout", type=float, default=300.0, help="seconds per track before it fails")
     parser.add_argument("--max-failure-ratio", type=float, default=0.5, help="abort when more tracks fail")
     parser.add_argument("--retry-failed", action="store_true", help="retry tracks that failed before")
-    parser.add_argument("--run-id", help="explicit run id (resume a crashed run)")
+    parser.add_argument("--run-id", help="explicit run id (default: resume an interrupted run, else a new id)")
+    parser.add_argument("--prune", action="store_true", help="delete rows of tracks gone from the catalog")
+    parser.add_argument(
+        "--allow-prefix", action="append", default=[], metavar="URI",
+        help="also allow manifest URIs under this prefix (default: only under the catalog's folder); repeatable",
+    )
+    parser.add_argument("--allow-http", action="store_true", help="allow http(s) URIs in the manifest")
+    parser.add_argument(
+        "--storage-option", action="append", default=[], metavar="KEY=VALUE",
+        help="deltalake storage option for --out, e.g. AWS_ENDPOINT_URL=http://127.0.0.1:9000; repeatable",
+    )
     add_engine_arguments(parser)
-    parser.set_defaults(handler=_handle)
 
 
 def config_from_args(args: argparse.Namespace) -> EmbedConfig:
@@ -376,11 +471,42 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
         max_failure_ratio=args.max_failure_ratio,
         retry_failed=args.retry_failed,
         run_id=args.run_id,
+        prune=args.prune,
+        policy=UriPolicy(allow_prefixes=tuple(args.allow_prefix), allow_http=args.allow_http),
+        storage_options=_key_values(args.storage_option) or None,
         beam=beam,
         ray=ray,
     )
 
 
+def _key_values(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            msg = f"--storage-option {pair!r} is not KEY=VALUE"
+            raise ConfigError(msg)
+        options[key] = value
+    return options
+
+
 def _handle(args: argparse.Namespace) -> int:
     run_embed(config_from_args(args))
+    return 0
+
+
+def _handle_plan(args: argparse.Namespace) -> int:
+    prepared = prepare_run(config_from_args(args))
+    plan = prepared.plan
+    console = Console()
+    console.print(f"{prepared.model} {prepared.model_version}: {plan.describe()}")
+    for item in plan.items[:20]:
+        console.print(f"  embed  {item.track_id}  {item.uri}")
+    for item, reason in plan.refused[:20]:
+        console.print(f"  refuse {item.track_id}: {reason}")
+    for track_id in plan.gone[:20]:
+        console.print(f"  {'prune' if prepared.config.prune else 'delete'} {track_id}")
+    shown = min(len(plan.items), 20) + min(len(plan.refused), 20) + min(len(plan.gone), 20)
+    if shown < len(plan.items) + len(plan.refused) + len(plan.gone):
+        console.print("  ... (the first 20 of each kind are shown)")
     return 0
