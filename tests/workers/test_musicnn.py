@@ -1,4 +1,4 @@
-"""The musicnn port against the original's outputs (`/work/shared/reference/musicnn`), layer by layer.
+"""The musicnn port against the original's outputs (`shared/reference/musicnn` beside the checkout), layer by layer.
 
 Reference files were made by musicnn 0.1.0 on TensorFlow. Tolerances are the reference notes': relative ones are
 `max |ours - reference| / max |reference|` over the whole array; the taggram (probabilities in [0, 1]) is
@@ -8,7 +8,6 @@ and converted on first use, offline afterwards.
 
 from __future__ import annotations
 
-import os
 import re
 import wave
 from pathlib import Path
@@ -18,16 +17,15 @@ import pytest
 import torch
 
 from schemas.errors import EncoderError, FrontEndError
+from tests.reference import MUSICNN_REFERENCE
 from workers.encoders import get_encoder
 from workers.encoders.musicnn import MSD_TAGS, MTT_TAGS, Musicnn, MusicnnFrontEnd
 from workers.encoders.weights import cache_dir
 
-REFERENCE = Path(os.environ.get("MUSICNN_REFERENCE", "/work/shared/reference/musicnn"))
+REFERENCE = MUSICNN_REFERENCE
 LAYER_TOLERANCE = 2.5e-5
 TAGGRAM_TOLERANCE = 1e-5
 RAW_AUDIO_TOLERANCE = 1e-4
-
-pytestmark = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"musicnn reference outputs not found at {REFERENCE}")
 
 
 def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:

