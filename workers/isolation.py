@@ -112,11 +112,14 @@ class IsolatedPool:
                 if child.ready and child.index is None and queue:
                     child.index, child.started = queue.popleft(), time.monotonic()
                     child.conn.send(window[child.index])
-            while next_yield in done:
-                yield done.pop(next_yield)
-                del window[next_yield]
-                self._crashes.pop(next_yield, None)
-                next_yield += 1
+            if next_yield in done:
+                # Yield what is ready, then read and hand out more before waiting again.
+                while next_yield in done:
+                    yield done.pop(next_yield)
+                    del window[next_yield]
+                    self._crashes.pop(next_yield, None)
+                    next_yield += 1
+                continue
             if exhausted and next_yield == next_read:
                 return
             self._collect(window, done, queue)

@@ -68,3 +68,17 @@ def test_a_child_killed_from_outside_costs_a_retry_not_a_track(tmp_path):
         results = [result for result, _seconds in pool.imap(items, ahead=2)]
     killer.join()
     assert results == ["A", f"SLOW:{str(tmp_path).upper()}", "B"]
+
+
+def test_a_read_ahead_smaller_than_the_pool_never_stalls():
+    """Regression: after yielding, the pool must hand out more items before it waits on its children."""
+    results: list[object] = []
+
+    def consume() -> None:
+        with IsolatedPool(ScriptedStage(), workers=2, timeout_s=30.0, memory_mb=1024) as pool:
+            results.extend(result for result, _seconds in pool.imap(_items("a", "b", "c", "d"), ahead=1))
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert results == ["A", "B", "C", "D"]
