@@ -128,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=1728)
     parser.add_argument("--labels", type=int, default=50)
-    parser.add_argument("--max-epochs", type=int, default=100, help="schedule length of the single trials")
+    parser.add_argument(
+        "--max-epochs",
+        type=int,
+        default=100,
+        help="max epochs of the single trials (the default 30000-step budget usually ends them first)",
+    )
     parser.add_argument("--grid-trials", type=int, default=8, help="grid points sampled for the search timing")
     parser.add_argument("--grid-rows", type=int, default=20_000, help="rows the grid search trains on")
     parser.add_argument("--grid-max-epochs", type=int, default=10)

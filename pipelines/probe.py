@@ -70,8 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="standardise inputs with training statistics",
     )
-    p.add_argument("--max-epochs", type=int, help="epochs the warm-up + cosine schedule spans")
-    p.add_argument("--max-steps", type=int, help="steps the schedule spans (overrides --max-epochs)")
+    p.add_argument("--max-epochs", type=int, help="epochs the warm-up + cosine schedule spans at most (default 100)")
+    p.add_argument("--max-steps", type=int, help="steps the schedule spans at most (default 30000)")
     p.add_argument("--warmup", type=float, help="warm-up fraction of the schedule")
     p.add_argument("--patience", type=int, help="early stopping: epochs without improvement")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default: 0)")

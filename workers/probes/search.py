@@ -5,8 +5,8 @@ Presets:
         dropout 0.5 on the input and hidden layer; no hidden layer, or one of 512 units.
     mule-mtt, mule-key, mule-emo: the probe configurations released with McCallum et al.'s MULE model
         (Musicset_ULarge) for MagnaTagATune, GiantSteps key and Emomusic: hidden width, dropout, L2, peak learning
-        rate, 1000 warm-up steps then cosine decay over the rest of 30000 (MTT) or 10000 steps. Those releases do
-        not give the batch size, so these presets use 64.
+        rate, 1000 warm-up steps then cosine decay over the rest of 30000 (MTT) or 10000 steps, whatever the
+        number of epochs. Those releases do not give the batch size, so these presets use 64.
 
 The grid (216 trials) is Castellon et al.'s: standardisation on/off, linear or one 512-unit layer, batch 64/256,
 learning rate 1e-5/1e-4/1e-3, dropout 0.25/0.5/0.75, L2 0/1e-4/1e-3. The best trial on the validation metric wins.
@@ -33,13 +33,20 @@ PRESETS: dict[str, ProbeConfig] = {
     "linear": ProbeConfig(),
     "mlp": ProbeConfig(hidden=(512,)),
     "mule-mtt": ProbeConfig(
-        hidden=(512,), dropout=0.5, dropout_input=False, l2=1e-6, lr=5e-5, max_steps=30000, warmup=1000 / 30000
+        hidden=(512,),
+        dropout=0.5,
+        dropout_input=False,
+        l2=1e-6,
+        lr=5e-5,
+        max_epochs=10**6,
+        max_steps=30000,
+        warmup=1000 / 30000,
     ),
     "mule-key": ProbeConfig(
-        hidden=(512,), dropout=0.9, dropout_input=False, l2=1e-4, lr=1e-4, max_steps=10000, warmup=0.1
+        hidden=(512,), dropout=0.9, dropout_input=False, l2=1e-4, lr=1e-4, max_epochs=10**6, max_steps=10000, warmup=0.1
     ),
     "mule-emo": ProbeConfig(
-        hidden=(1024,), dropout=0.5, dropout_input=False, l2=0.0, lr=1e-4, max_steps=10000, warmup=0.1
+        hidden=(1024,), dropout=0.5, dropout_input=False, l2=0.0, lr=1e-4, max_epochs=10**6, max_steps=10000, warmup=0.1
     ),
 }
 
