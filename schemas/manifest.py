@@ -177,9 +177,21 @@ def fingerprint_from_info(info: dict[str, Any]) -> str:
     return f"size={size}"
 
 
+def _fresh(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of `uri`, minus what the filesystem cached about the path.
+
+    fsspec shares one filesystem per process, and s3fs answers `info` and `open` from listings it cached earlier:
+    a long-lived process (a scheduler, a notebook, a driver that runs nightly) would fingerprint an object as it
+    was when first listed, and fail to read a manifest overwritten since.
+    """
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
 def _fingerprint(uri: str) -> str:
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = _fresh(uri)
         return fingerprint_from_info(fs.info(path))
     except (OSError, ValueError):
         return MISSING_FINGERPRINT
@@ -187,7 +199,8 @@ def _fingerprint(uri: str) -> str:
 
 def _read_manifest(uri: str, fmt: str) -> pa.Table:
     try:
-        with fsspec.open(uri, "rb") as fh:
+        fs, path = _fresh(uri)
+        with fs.open(path, "rb") as fh:
             if fmt == "parquet":
                 table = pq.read_table(fh)
             elif fmt == "csv":

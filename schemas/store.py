@@ -40,6 +40,8 @@ _RUN_META = "run.json"
 # A commit that loses a race with another writer is retried on the new version with exponential backoff.
 _COMMIT_ATTEMPTS = 6
 _COMMIT_BACKOFF_S = 0.2
+# The names deltalake (object_store) accepts for an S3 endpoint; s3fs calls it `endpoint_url`.
+_S3_ENDPOINT_KEYS = ("aws_endpoint_url", "aws_endpoint", "endpoint_url", "endpoint")
 
 
 def app_id(run_id: str) -> str:
@@ -58,7 +60,11 @@ class TableStore:
     def __init__(self, root: str, storage_options: dict[str, str] | None = None) -> None:
         self.root = root.rstrip("/")
         self.storage_options = storage_options or None
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+        # No listings cache: workers in other processes (Ray, Beam, a second run) add parts after this process
+        # listed a folder, and a commit that trusted a cached listing would silently leave their rows out.
+        self.fs, self._root_path = fsspec.core.url_to_fs(
+            self.root, use_listings_cache=False, **_fsspec_options(self.root, self.storage_options)
+        )
 
     def uri(self, spec: TableSpec) -> str:
         """The URI of one table."""
@@ -301,6 +307,18 @@ class TableStore:
         )
         failed = self.read(FAILURES, ["track_id", "source_fingerprint", "stage"], pc.field("model") == model)
         return embedded, failed
+
+
+def _fsspec_options(root: str, storage_options: dict[str, str] | None) -> dict[str, str]:
+    """fsspec arguments that reach the store deltalake reaches with `storage_options`.
+
+    Parts are staged through fsspec and committed through deltalake, so both must talk to the same endpoint: an S3
+    endpoint given only as a storage option (MinIO, a local emulator) would otherwise send the parts to AWS.
+    """
+    if not storage_options or not root.startswith(("s3://", "s3a://")):
+        return {}
+    endpoint = next((v for k, v in storage_options.items() if k.lower() in _S3_ENDPOINT_KEYS), None)
+    return {"endpoint_url": endpoint} if endpoint else {}
 
 
 def _versioned(schema: pa.Schema) -> pa.Schema:
