@@ -1,7 +1,7 @@
 """`catalog-embed query`: SQL over the output tables with DuckDB, no server and no extension download.
 
-Each table is registered as a view over its current Delta snapshot (`DeltaTable.to_pyarrow_dataset()`), so rows
-replaced by later runs are never seen twice, as they would be by a bare `read_parquet` glob over the folder.
+Each table is registered as a view over its current Delta snapshot (`TableStore.scan`), so rows replaced by later
+runs are never seen twice, as they would be by a bare `read_parquet` glob over the folder.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def connect(out: str, storage_options: dict[str, str] | None = None) -> duckdb.D
     store = TableStore(out, storage_options)
     con = duckdb.connect()
     for name, spec in TABLES.items():
-        con.register(name, store.table(spec).to_pyarrow_dataset())
+        con.register(name, store.scan(spec))
     return con
 
 

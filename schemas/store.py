@@ -279,6 +279,19 @@ class TableStore:
 
     # -- reads -----------------------------------------------------------------------------------------------
 
+    def scan(self, spec: TableSpec, partition: dict[str, str] | None = None) -> pads.Dataset:
+        """A table's current snapshot as an Arrow dataset, for readers that push filters into the scan (DuckDB).
+
+        Its strings are typed `string_view`: merges (DataFusion) write strings as views and appends write plain
+        strings, and pyarrow compares a pushed-down literal with one kind only; declared as views, plain-string
+        files are cast on read and every filter works. `partition` prunes files by partition value.
+        """
+        table = self.table(spec)
+        schema = pa.schema(table.schema())
+        views = pa.schema([f.with_type(pa.string_view()) if f.type == pa.string() else f for f in schema])
+        pruning = [(key, "=", value) for key, value in (partition or {}).items()] or None
+        return table.to_pyarrow_dataset(file_pruning_predicate=pruning, schema=views)
+
     def read(
         self,
         spec: TableSpec,
@@ -286,14 +299,13 @@ class TableStore:
         filter_: pc.Expression | None = None,
         partition: dict[str, str] | None = None,
     ) -> pa.Table:
-        """Read (part of) a table as Arrow.
+        """Read (part of) a table as Arrow, strings as plain `string`.
 
-        `partition` prunes files by partition value. `filter_` is applied after the scan, not pushed into it: files
-        written by merges store strings as `string_view`, which pyarrow's scan-time comparison kernels reject
-        when fragments of both kinds are mixed.
+        `filter_` applies after the scan, to plain strings, so callers write ordinary literals (see `scan`).
         """
-        pruning = [(key, "=", value) for key, value in (partition or {}).items()] or None
-        table = self.table(spec).to_pyarrow_dataset(file_pruning_predicate=pruning).to_table()
+        table = self.scan(spec, partition).to_table()
+        plain = [f.with_type(pa.string()) if f.type == pa.string_view() else f for f in table.schema]
+        table = table.cast(pa.schema(plain))
         if filter_ is not None:
             table = table.filter(filter_)
         return table.select(columns) if columns is not None else table

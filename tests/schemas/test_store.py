@@ -187,3 +187,17 @@ def test_staged_progress_keeps_complete_shards_and_drops_torn_ones(store):
     store.write_run_meta("r1", {"model": "enc"})
     assert store.resumable_run({"model": "enc"}) == "r1"
     assert store.resumable_run({"model": "other"}) is None
+
+
+def test_filters_work_on_tables_written_by_both_merges_and_appends(store):
+    _stage(store, "r1", [_embedded("t1", 1.0), _embedded("t2", 2.0)], [])
+    store.commit("r1", _run_row("r1"))
+    _stage(store, "r2", [_embedded("t1", 3.0)], [])
+    store.commit("r2", _run_row("r2"))
+    assert store.read(EMBEDDINGS, ["track_id"], pa.compute.field("track_id") == "t1")["track_id"].to_pylist() == ["t1"]
+    assert store.read(RUNS, ["run_id"], pa.compute.field("run_id") == "r2").num_rows == 1
+    con = duckdb.connect()
+    con.register("embeddings", store.scan(EMBEDDINGS))
+    con.register("runs", store.scan(RUNS))
+    assert con.execute("SELECT embedding[1] FROM embeddings WHERE track_id = 't1'").fetchall() == [(3.0,)]
+    assert con.execute("SELECT count(*) FROM runs WHERE run_id = 'r1'").fetchall() == [(1,)]
