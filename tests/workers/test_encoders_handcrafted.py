@@ -69,3 +69,16 @@ def test_chroma_stats_separates_keys():
     # The mean chroma (the first 12 dims) peaks on the triad's three pitch classes.
     for key in range(24):
         assert set(reference[key, :12].topk(3).indices.tolist()) == set(_triad(key))
+
+
+def test_statistics_do_not_depend_on_the_other_windows_in_the_batch():
+    for name in ("mfcc-stats", "chroma-stats"):
+        encoder = get_encoder(name)
+        encoder.load("cpu")
+        n = encoder.front_end().window_samples
+        rng = np.random.default_rng(0)
+        quiet = torch.from_numpy(rng.standard_normal(n).astype(np.float32) * 1e-3)
+        loud = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+        alone = encoder.embed(quiet[None])["stats"]
+        together = encoder.embed(torch.stack([quiet, loud]))["stats"][:1]
+        torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-4)

@@ -150,7 +150,10 @@ class _FeatureStats(Encoder):
         if windows.dim() != 2 or windows.shape[1] != expected:
             msg = f"{self.name} expects (n, {expected}) waveform windows, got {tuple(windows.shape)}"
             raise EncoderError(msg)
-        return {LAYER: window_statistics(self._features(windows.to(torch.float32)))}
+        # One channel per window: torchaudio's dB conversion floors each item at 80 dB below its own peak, and
+        # without the channel axis the whole batch is one item, so a window's features would depend on its batchmates.
+        features = self._features(windows.to(torch.float32).unsqueeze(1)).squeeze(1)
+        return {LAYER: window_statistics(features)}
 
 
 @dataclass
@@ -173,6 +176,7 @@ class MfccStats(_FeatureStats):
             "n_mels": self.n_mels,
             "sample_rate": self.sample_rate,
             "deltas": "torchaudio.compute_deltas(win_length=5)",
+            "db_floor": "80 dB below each window's peak",
         }
 
     def feature_module(self) -> torch.nn.Module:
@@ -208,6 +212,7 @@ class ChromaStats(_FeatureStats):
             "sample_rate": self.sample_rate,
             "norm": "max per frame",
             "deltas": "torchaudio.compute_deltas(win_length=5)",
+            "db_floor": "80 dB below each window's peak",
         }
 
     def feature_module(self) -> torch.nn.Module:
