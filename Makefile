@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DEMO   ?= demo
 TRACKS ?= 240
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo probe-demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps tinysoundfont==0.3.7
 	touch $@
 
-demo: setup
+$(DEMO)/catalog/manifest.parquet: | setup
 	$(BIN)/catalog-embed demo-catalog $(DEMO)/catalog --tracks $(TRACKS)
+
+demo: setup $(DEMO)/catalog/manifest.parquet
 	$(BIN)/catalog-embed embed --catalog $(DEMO)/catalog/manifest.parquet --out $(DEMO)/tables
 	$(BIN)/catalog-embed query --out $(DEMO)/tables \
 	  "SELECT l.instrument_family, count(*) AS tracks, round(avg(e.n_windows), 1) AS windows, \
@@ -26,6 +28,13 @@ demo: setup
 	   FROM embeddings e JOIN '$(DEMO)/catalog/labels.parquet' l USING (track_id) \
 	   GROUP BY 1 ORDER BY 1"
 	$(BIN)/catalog-embed query --out $(DEMO)/tables "SELECT track_id, error_type, message FROM failures ORDER BY 1"
+
+# The README's probe results: embed the demo catalog with every model, then probe each on its three tasks.
+probe-demo: demo
+	for model in musicnn-mtt mfcc-stats chroma-stats; do \
+	  $(BIN)/catalog-embed embed --catalog $(DEMO)/catalog/manifest.parquet --out $(DEMO)/tables --model $$model || exit 1; \
+	done
+	$(BIN)/python bench/probe_demo.py --tables $(DEMO)/tables --labels $(DEMO)/catalog/labels.parquet --out $(DEMO)/probes
 
 test: setup
 	$(BIN)/python -m pytest -n 2 -q
