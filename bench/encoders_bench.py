@@ -3,11 +3,12 @@
     python bench/encoders_bench.py [--device cpu|cuda] [--threads 2] [--repeat 5] [--batches 32,64]
                                    [--precisions fp32,bf16] [--models musicnn-msd,...]
 
-For each encoder, precision and batch size: load the encoder on the device in that precision, cut one window from
-seeded noise with its front end and repeat it to the batch size, make one warm-up call, then time `repeat` calls
-of `Encoder.embed` (synchronised on CUDA) and report the batch over the median call time. Calls that take longer
-than 10 s are repeated 3 times instead, so the slowest encoder on a CPU finishes in minutes. Each encoder's front end
-is timed too (fp32, on the same device): windows per second made from 60 s of noise.
+For each encoder: load it on the device once per precision, cut one window from seeded noise with its front end and
+repeat it to each batch size; after a warm-up call per precision, time `repeat` calls of `Encoder.embed` per
+precision (synchronised on CUDA), the precisions taking turns call by call so a shared machine's load weighs on
+each alike, and report the batch over the median call time. Calls that take longer than 10 s are repeated 3 times
+instead, so the slowest encoder on a CPU finishes in minutes. Each encoder's front end is timed too (fp32, on the
+same device): windows per second made from 60 s of noise.
 
 mule-sfnfnet-f0 runs with stand-in weights (seeded random initialisation, skip gains drawn from [0.1, 0.5] so every
 block computes): the released weights are not shipped, and the speed of the arithmetic does not depend on the
@@ -15,7 +16,7 @@ values.
 
 The CPU may be shared with other work: every row records the 1-minute load average when it was measured. On CUDA,
 rows add the mean GPU utilisation sampled during the timed calls (NVML, when pynvml is installed) and the peak
-memory. Prints a table and writes bench/results/encoders.json.
+memory of a call. Prints a table and writes bench/results/encoders.json.
 """
 
 from __future__ import annotations
@@ -91,23 +92,34 @@ def _gpu_utilisation(device: torch.device, samples: list[int]) -> Iterator[None]
         thread.join()
 
 
-def time_calls(encoder: Encoder, windows: torch.Tensor, repeat: int) -> tuple[float, int, list[int]]:
-    """Median seconds per `embed` call (after one warm-up call), the repeats made, and utilisation samples."""
-    device = encoder.device
-    start = time.perf_counter()
-    encoder.embed(windows)
-    _sync(device)
-    if time.perf_counter() - start > LONG_CALL_S:
-        repeat = min(repeat, LONG_CALL_REPEAT)
-    times: list[float] = []
-    samples: list[int] = []
-    with _gpu_utilisation(device, samples):
-        for _ in range(repeat):
-            start = time.perf_counter()
-            encoder.embed(windows)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), repeat, samples
+def time_interleaved(encoders: dict[str, Encoder], windows: torch.Tensor, repeat: int) -> dict[str, dict]:
+    """Per precision: call times, NVML utilisation samples and peak memory of `embed` on `windows`.
+
+    After one warm-up call each, the precisions take turns call by call, so that the load of a shared machine
+    weighs on each alike. Calls longer than `LONG_CALL_S` are repeated `LONG_CALL_REPEAT` times at most.
+    """
+    device = next(iter(encoders.values())).device
+    slow = False
+    for encoder in encoders.values():
+        start = time.perf_counter()
+        encoder.embed(windows)
+        _sync(device)
+        slow |= time.perf_counter() - start > LONG_CALL_S
+    repeat = min(repeat, LONG_CALL_REPEAT) if slow else repeat
+    measured = {precision: {"times": [], "util": [], "peak_mib": None} for precision in encoders}
+    for _ in range(repeat):
+        for precision, encoder in encoders.items():
+            entry = measured[precision]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with _gpu_utilisation(device, entry["util"]):
+                start = time.perf_counter()
+                encoder.embed(windows)
+                _sync(device)
+                entry["times"].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                entry["peak_mib"] = max(entry["peak_mib"] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
+    return measured
 
 
 def front_end_rate(encoder: Encoder, device: torch.device, repeat: int) -> float:
@@ -130,22 +142,21 @@ def front_end_rate(encoder: Encoder, device: torch.device, repeat: int) -> float
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, mule_weights: str) -> list[dict]:
     """Every (precision, batch) row of one encoder."""
     options = {"weights": mule_weights} if name == "mule-sfnfnet-f0" else {}
-    rows = []
-    front_end_wps = None
+    encoders = {}
     for precision in args.precisions:
-        encoder = get_encoder(name, **options)
-        encoder.load(device, precision)
-        if front_end_wps is None:
-            front_end_wps = front_end_rate(encoder, device, args.repeat)
-        front_end = encoder.front_end()
-        noise = torch.randn(front_end.window_samples, generator=torch.Generator().manual_seed(0)) * 0.1
-        with torch.inference_mode():
-            window = front_end(noise)[:1]
-        for batch in args.batches:
-            windows = window.expand(batch, *window.shape[1:]).contiguous().to(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            seconds, repeats, samples = time_calls(encoder, windows, args.repeat)
+        encoders[precision] = get_encoder(name, **options)
+        encoders[precision].load(device, precision)
+    any_encoder = next(iter(encoders.values()))
+    front_end_wps = front_end_rate(any_encoder, device, args.repeat)
+    front_end = any_encoder.front_end()
+    noise = torch.randn(front_end.window_samples, generator=torch.Generator().manual_seed(0)) * 0.1
+    with torch.inference_mode():
+        window = front_end(noise)[:1]
+    rows = []
+    for batch in args.batches:
+        windows = window.expand(batch, *window.shape[1:]).contiguous().to(device)
+        for precision, measured in time_interleaved(encoders, windows, args.repeat).items():
+            seconds = statistics.median(measured["times"])
             rows.append(
                 {
                     "model": name,
@@ -153,15 +164,14 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, mule_
                     "batch": batch,
                     "windows_per_s": batch / seconds,
                     "seconds_per_call": seconds,
-                    "repeats": repeats,
+                    "repeats": len(measured["times"]),
                     "front_end_windows_per_s": front_end_wps,
                     "load_avg_1m": os.getloadavg()[0],
-                    "gpu_util_pct": statistics.mean(samples) if samples else None,
-                    "gpu_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+                    "gpu_util_pct": statistics.mean(measured["util"]) if measured["util"] else None,
+                    "gpu_peak_mib": measured["peak_mib"],
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-        del encoder  # before the next precision builds its own copy of the network
     return rows
 
 
