@@ -212,7 +212,6 @@ class ChromaStats(_FeatureStats):
             "sample_rate": self.sample_rate,
             "norm": "max per frame",
             "deltas": "torchaudio.compute_deltas(win_length=5)",
-            "db_floor": "80 dB below each window's peak",
         }
 
     def feature_module(self) -> torch.nn.Module:
