@@ -10,7 +10,11 @@ Rounds interleave the runners, so that a machine whose load drifts (other jobs, 
 each figure is the median over rounds and every overhead compares runs of the same round. Every run writes a fresh
 output root. Prints a table and writes bench/results/runners.json.
 
-    python bench/runners_bench.py [--tracks 48] [--duration 30] [--rounds 2]
+Ray gives each worker as many intra-op threads as CPUs it reserved (one), while the local runner and Beam let
+torch use every core. On a busy machine that alone changes the encoder's speed severalfold, so compare engines
+with the same thread count: `OMP_NUM_THREADS=1` pins it for every process of every runner (it is recorded).
+
+    OMP_NUM_THREADS=1 python bench/runners_bench.py [--tracks 48] [--duration 30] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -115,6 +119,7 @@ def main() -> None:
                 "rounds": args.rounds,
                 "shard_size": args.shard_size,
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                 "runners": rows,
                 "ray_speedup_1_to_2_workers": ray_scaling,
             },

@@ -73,7 +73,8 @@ class RayRunner:
             if self.address:
                 ray.init(address=self.address)
             else:
-                ray.init(num_cpus=job.workers + self.options.embed_actors, include_dashboard=False)
+                # "local": a new instance even when `ray start` left a cluster on this machine for ray.init to join.
+                ray.init(address="local", num_cpus=job.workers + self.options.embed_actors, include_dashboard=False)
         try:
             stats = self._run(job)
         finally:
