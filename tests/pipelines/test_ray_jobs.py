@@ -87,13 +87,25 @@ def _connect(url: str, token: str, head: subprocess.Popen) -> JobSubmissionClien
             time.sleep(1)
 
 
+def _submit(client: JobSubmissionClient, entrypoint: str) -> str:
+    """Submit, waiting for the head's job agent: the dashboard answers before the agent has registered with it."""
+    deadline = time.monotonic() + _HEAD_START_S
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def test_the_embed_command_runs_as_a_ray_job(ray_head, small_catalog, small_labels, tmp_path):
     out = tmp_path / "tables"
     command = [
         str(Path(sys.executable).parent / "catalog-embed"), "embed", "--runner", "ray", "--address", "auto",
         "--catalog", str(small_catalog.manifest_path), "--out", str(out), "--workers", "2", "--shard-size", "8",
     ]
-    job_id = ray_head.submit_job(entrypoint=shlex.join(command))
+    job_id = _submit(ray_head, shlex.join(command))
     deadline = time.monotonic() + _JOB_S
     while (status := ray_head.get_job_status(job_id)) not in _TERMINAL:
         assert time.monotonic() < deadline, f"job still {status} after {_JOB_S} s"
