@@ -3,6 +3,9 @@
     shards | map(decode: DecodeStage, CPU tasks) | map(EmbedStage actor pool, GPUs with CUDA)
            | write_datasink(PartSink: write_shard per shard; stats gathered on the driver)
 
+Each decode task runs DecodeStage in a supervised child process (`workers.isolation.IsolatedPool`, as the local
+runner does): a decoder that crashes, hangs past `--decode-timeout` or balloons costs one `failures` row.
+
 A row is a shard, from the first operator to the sink: each shard's part files are then the product of exactly one
 write, under their deterministic name, without a shuffle. Shards stream: the encoder actors embed one shard
 (batching windows across its tracks) while CPU tasks decode the next ones. A shard's decoded windows travel as one
@@ -35,13 +38,16 @@ from ray.data.datasource.datasink import WriteResult
 from pipelines.runners import EmbedJob, Progress, RunStats, split_results, write_shard
 from pipelines.runners.options import RayOptions
 from schemas.errors import ConfigError
-from workers.stages import DecodeStage, EmbedStage, TrackFeatures
+from workers.audio import DecodeConfig
+from workers.isolation import IsolatedPool
+from workers.stages import DecodeStage, EmbedStage, EncoderConfig, TrackFeatures
 
 # Seconds to wait for a cluster's head to accept a connection before calling --address unreachable.
 _CONNECT_TIMEOUT_S = 3.0
 # Attempts after the first for a decode task whose worker died: enough for a preempted node, not a crash loop.
 _DECODE_TASK_RETRIES = 2
 _LOG = logging.getLogger(__name__)
+_DECODE_POOLS: dict[tuple[EncoderConfig, DecodeConfig, float], IsolatedPool] = {}
 
 
 class RayRunner:
@@ -98,12 +104,13 @@ class RayRunner:
             ray.data.from_items(shards, override_num_blocks=len(shards))
             .map(
                 _decode_shard,
-                fn_kwargs={"stage": DecodeStage(job.encoder, job.decode)},
+                fn_kwargs={"stage": DecodeStage(job.encoder, job.decode), "timeout_s": job.decode_timeout_s},
                 compute=ray.data.TaskPoolStrategy(size=job.workers),
                 num_cpus=1,
-                # Ray Data retries a task whose worker died forever; a decoder that crashes its process on a file
-                # would crash it again. (Differing from the actors' options also keeps Ray from fusing the decode
-                # tasks into the encoder actors, which would serialise decoding behind encoding.)
+                # Ray Data retries a task whose worker died forever; decoders run in child processes, so a worker
+                # dies of something else (a lost node) and a few retries suffice. (Differing from the actors'
+                # options also keeps Ray from fusing the decode tasks into the encoder actors, which would
+                # serialise decoding behind encoding.)
                 max_retries=_DECODE_TASK_RETRIES,
             )
             .map(
@@ -118,11 +125,24 @@ class RayRunner:
         return sink.stats
 
 
-def _decode_shard(row: dict[str, Any], stage: DecodeStage) -> dict[str, Any]:
-    """Decode a shard's tracks in one CPU task (each task unpickles its stage and builds the front end once)."""
-    start = time.perf_counter()
-    results = [stage(item) for item in _unpack(row["items"])]
-    return {"shard": row["shard"], "results": _pack(results), "decode_s": time.perf_counter() - start}
+def _decode_shard(row: dict[str, Any], stage: DecodeStage, timeout_s: float) -> dict[str, Any]:
+    """Decode a shard's tracks in one CPU task, each in a supervised child process: a decoder that crashes, hangs
+    or balloons on a file costs that track a `failures` row, as on the local runner, not the task."""
+    results, seconds = [], 0.0
+    for result, took in _decode_pool(stage, timeout_s).imap(_unpack(row["items"]), ahead=1):
+        results.append(result)
+        seconds += took
+    return {"shard": row["shard"], "results": _pack(results), "decode_s": seconds}
+
+
+def _decode_pool(stage: DecodeStage, timeout_s: float) -> IsolatedPool:
+    """This Ray worker's decode child for `stage`, started on its first shard and kept for the next ones (Ray
+    reuses its workers), so a child's start-up (importing torch and FFmpeg) is paid once per worker, not per shard.
+    The child exits with the worker: its pipe to the worker closes."""
+    key = (stage.encoder, stage.decode, timeout_s)
+    if key not in _DECODE_POOLS:
+        _DECODE_POOLS[key] = IsolatedPool(stage, 1, timeout_s, stage.decode.max_memory_mb)
+    return _DECODE_POOLS[key]
 
 
 class _EmbedShard:
