@@ -7,8 +7,11 @@ windows batched across tracks while the children decode ahead.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
+
+import torch
 
 from pipelines.runners import EmbedJob, Progress, RunStats, write_shard
 from workers.isolation import IsolatedPool
@@ -25,6 +28,10 @@ class LocalRunner:
         """Decode, embed and write every shard of `job`; see the module docstring."""
         stats = RunStats()
         store = job.store()
+        # Leave the decode workers their cores: torch's intra-op threads spin-wait on each other, and one of them
+        # descheduled by a decoder stalls the rest (on 2 cores, 2 encoder threads beside busy decoders ran the
+        # encoder 2 to 4 times slower than 1 thread; see bench/embed_bench.py).
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))
         embed = EmbedStage(job.encoder, keep_timeline=job.write_windows)
         start = time.perf_counter()
         embed.setup()
