@@ -11,11 +11,9 @@ from __future__ import annotations
 import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 
 import boto3
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import s3fs
 from rich.console import Console
@@ -26,6 +24,7 @@ from schemas.manifest import UriPolicy, WorkItem, catalog_fingerprints, read_cat
 from schemas.store import TableStore
 from schemas.tables import EMBEDDINGS, RUNS
 from tests.objectstore.conftest import BUCKET
+from tests.schemas.test_store import _run_row
 from workers.rows import RowContext, embedding_rows
 from workers.stages import EncoderConfig, TrackEmbedding
 
@@ -129,16 +128,6 @@ def test_two_runs_started_together_on_the_same_tables_leave_each_track_once(s3_c
     runs = _rows(out, s3_catalog.endpoint, "SELECT run_id, status FROM runs ORDER BY run_id")
     assert runs == [("racer-0", "succeeded"), ("racer-1", "succeeded")]
     assert TableStore(out, _storage_options(s3_catalog.endpoint)).staged_runs() == []
-
-
-def _run_row(run_id: str) -> pa.Table:
-    now = datetime.now(UTC)
-    values = {
-        f.name: now if pa.types.is_timestamp(f.type) else 0 if pa.types.is_integer(f.type)
-        else 0.0 if pa.types.is_floating(f.type) else "x"
-        for f in RUNS.schema
-    }
-    return pa.Table.from_pylist([values | {"run_id": run_id}], schema=RUNS.schema)
 
 
 def _stage(store: TableStore, run_id: str, tracks: list[str], value: float) -> None:
