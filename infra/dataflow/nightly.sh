@@ -15,17 +15,18 @@ BODY="$(mktemp)"
 trap 'rm -f "${BODY}"' EXIT
 envsubst '${PROJECT} ${REGION} ${BUCKET} ${TAG}' < infra/dataflow/launch-body.json > "${BODY}"
 
-ACTION=create
+# `create` takes --headers, `update` --update-headers; the rest is the same.
 if gcloud scheduler jobs describe catalog-embed-nightly --project "${PROJECT}" --location "${REGION}" >/dev/null 2>&1; then
-  ACTION=update
+  ACTION=(update http catalog-embed-nightly --update-headers "Content-Type=application/json")
+else
+  ACTION=(create http catalog-embed-nightly --headers "Content-Type=application/json")
 fi
-gcloud scheduler jobs "${ACTION}" http catalog-embed-nightly \
+gcloud scheduler jobs "${ACTION[@]}" \
   --project "${PROJECT}" \
   --location "${REGION}" \
   --schedule "0 2 * * *" \
   --time-zone "Etc/UTC" \
   --uri "https://dataflow.googleapis.com/v1b3/projects/${PROJECT}/locations/${REGION}/flexTemplates:launch" \
   --http-method POST \
-  --headers "Content-Type=application/json" \
   --oauth-service-account-email "${SCHEDULER_SA}" \
   --message-body-from-file "${BODY}"
