@@ -54,6 +54,12 @@ def ray_head() -> Iterator[JobSubmissionClient]:
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
             f"--port={_free_port()}", "--node-ip-address=127.0.0.1", "--num-cpus=3",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            # Free ports for the per-node agents too: a `ray.init` instance started by another test at the same
+            # time (xdist) holds the default ones, and the head's job agent then never comes up.
+            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
+            f"--object-manager-port={_free_port()}",
             f"--temp-dir={temp_dir}", "--disable-usage-stats",
         ],
         env=env,
