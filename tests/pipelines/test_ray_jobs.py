@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def ray_head() -> Iterator[JobSubmissionClient]:
         except subprocess.TimeoutExpired:
             head.kill()
             head.wait()
+        # The session's logs and sockets: nothing uses them once the head is down.
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _connect(url: str, token: str, head: subprocess.Popen) -> JobSubmissionClient:
