@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from schemas.errors import EncoderError
+from schemas.errors import EncoderError, FrontEndError
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Precision names and the autocast dtype each runs the network in (None: plain float32)."""
@@ -72,6 +72,20 @@ class FrontEnd(torch.nn.Module, ABC):
     @abstractmethod
     def config(self) -> dict[str, Any]:
         """Every parameter that changes the windows, JSON-serialisable."""
+
+    def padded(self, waveform: torch.Tensor) -> torch.Tensor:
+        """`waveform` as float32, zero-padded at the end to at least one window (short audio yields one window).
+
+        Raises:
+            FrontEndError: the waveform is not one-dimensional or is empty.
+        """
+        if waveform.dim() != 1 or waveform.numel() == 0:
+            msg = f"{type(self).__name__} needs a non-empty mono (samples,) waveform, got shape {tuple(waveform.shape)}"
+            raise FrontEndError(msg)
+        waveform = waveform.to(torch.float32)
+        if waveform.numel() < self.window_samples:
+            waveform = torch.nn.functional.pad(waveform, (0, self.window_samples - waveform.numel()))
+        return waveform
 
     def config_hash(self) -> str:
         """Short stable hash of `config()`: part of an embedding's key."""

@@ -54,9 +54,8 @@ import safetensors.torch
 import torch
 import torchaudio
 from safetensors import SafetensorError
-from torch.nn import functional as F
 
-from schemas.errors import EncoderError, FrontEndError, WeightsError
+from schemas.errors import EncoderError, WeightsError
 from workers.encoders import encoder_names
 from workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
 from workers.encoders.handcrafted import WaveformWindows
@@ -229,13 +228,8 @@ class LogMelFrontEnd(FrontEnd):
         Raises:
             FrontEndError: the waveform is not one-dimensional or is empty.
         """
-        if waveform.dim() != 1 or waveform.numel() == 0:
-            msg = f"log-mel front end needs a non-empty mono (samples,) waveform, got shape {tuple(waveform.shape)}"
-            raise FrontEndError(msg)
         s = self.settings
-        x = waveform.to(torch.float32)
-        if x.numel() < self.window_samples:
-            x = F.pad(x, (0, self.window_samples - x.numel()))
+        x = self.padded(waveform)
         power = self.mel(x)  # (n_mels, frames)
         if s.log == "log10_1p_10000":
             logmel = torch.log10(power * 10000.0 + 1.0)

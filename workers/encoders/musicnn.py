@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from schemas.errors import EncoderError, FrontEndError, WeightsError
+from schemas.errors import EncoderError, WeightsError
 from workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
 from workers.encoders.tf_checkpoint import read_checkpoint
 from workers.encoders.weights import cache_dir, fetch_pypi_wheel, state_dict_sha256
@@ -141,13 +141,7 @@ class MusicnnFrontEnd(FrontEnd):
         Raises:
             FrontEndError: the waveform is not one-dimensional or is empty.
         """
-        if waveform.dim() != 1 or waveform.numel() == 0:
-            msg = f"musicnn front end needs a non-empty mono (samples,) waveform, got shape {tuple(waveform.shape)}"
-            raise FrontEndError(msg)
-        waveform = waveform.to(torch.float32)
-        if waveform.numel() < self.window_samples:
-            waveform = F.pad(waveform, (0, self.window_samples - waveform.numel()))
-        spectrogram = self.spectrogram(waveform)
+        spectrogram = self.spectrogram(self.padded(waveform))
         n_windows = spectrogram.shape[0] // PATCH_FRAMES
         return spectrogram[: n_windows * PATCH_FRAMES].reshape(n_windows, PATCH_FRAMES, N_MELS)
 
