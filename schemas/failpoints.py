@@ -1,12 +1,16 @@
 """Fault injection for the fault-tolerance suite: make a named point crash, hang or exit on demand.
 
 `CATALOG_EMBED_FAILPOINTS` holds `point=action:match` entries separated by `;`, e.g.
-`decode=segfault:track-07;decode=hang:track-09;commit.embeddings=exit`. When code reaches `hit(point, key)` and
-`match` is a substring of `key` (or no match is given), the first such entry's action runs:
+`decode=segfault:track-07;decode=hang:track-09;commit.embeddings=exit;write_shard=raise*1:000-000002`. When code
+reaches `hit(point, key)` and `match` is a substring of `key` (or no match is given), the first such entry's action
+runs:
 
 - `segfault`: the process dies of SIGSEGV, as FFmpeg does on some hostile streams;
 - `hang`: the call never returns, as a decoder stuck in a loop;
-- `exit`: the process ends at once with status 137, as under `kill -9` (no cleanup, no flush).
+- `exit`: the process ends at once with status 137, as under `kill -9` (no cleanup, no flush);
+- `raise`: `FailpointError` is raised, as a transient fault an engine retries (a preempted worker's lost bundle).
+
+An action suffixed `*N` runs on the first N matching hits in a process only, so that a retry can succeed.
 
 Unset (the default) it costs one dictionary lookup. Real decoders only crash on real hostile input that cannot be
 shipped as a fixture, so the suite injects the crash at the exact place a decoder would.
@@ -16,19 +20,27 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from functools import lru_cache
 
 ENV = "CATALOG_EMBED_FAILPOINTS"
+_hits: dict[tuple[str, str, str], int] = {}  # (point, action, match) -> matching hits so far in this process
+_hits_lock = threading.Lock()  # engines such as Beam's DirectRunner run bundles on threads
+
+
+class FailpointError(RuntimeError):
+    """The fault a `raise` failpoint injects."""
 
 
 @lru_cache(maxsize=4)
-def _parse(spec: str) -> dict[str, list[tuple[str, str]]]:
-    points: dict[str, list[tuple[str, str]]] = {}
+def _parse(spec: str) -> dict[str, list[tuple[str, int | None, str]]]:
+    points: dict[str, list[tuple[str, int | None, str]]] = {}
     for entry in filter(None, (e.strip() for e in spec.split(";"))):
         point, _, action = entry.partition("=")
         action, _, match = action.partition(":")
-        points.setdefault(point.strip(), []).append((action.strip(), match))
+        action, _, times = action.strip().partition("*")
+        points.setdefault(point.strip(), []).append((action, int(times) if times else None, match))
     return points
 
 
@@ -37,8 +49,18 @@ def hit(point: str, key: str = "") -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    action = next((a for a, match in _parse(spec).get(point, []) if match in key), None)
-    if action == "segfault":
+    action = None
+    for name, times, match in _parse(spec).get(point, []):
+        if match in key:
+            with _hits_lock:
+                seen = _hits[point, name, match] = _hits.get((point, name, match), 0) + 1
+            if times is None or seen <= times:
+                action = name
+            break
+    if action == "raise":
+        msg = f"failpoint {point} at {key!r}"
+        raise FailpointError(msg)
+    elif action == "segfault":
         os.kill(os.getpid(), signal.SIGSEGV)
     elif action == "hang":
         while True:

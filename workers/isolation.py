@@ -10,8 +10,10 @@ the pool guessing), which is why this module exists.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -26,6 +28,7 @@ from schemas.manifest import WorkItem
 from workers.stages import TrackFailure
 
 _READY = "ready"
+_PARENT_POLL_S = 1.0
 
 
 @dataclass
@@ -176,6 +179,7 @@ def _exit_reason(code: int | None) -> str:
 
 
 def _child_main(conn: Connection, stage: Any, memory_mb: float) -> None:
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
     torch.set_num_threads(1)
     stage.setup()
     _cap_memory(memory_mb)
@@ -187,6 +191,16 @@ def _child_main(conn: Connection, stage: Any, memory_mb: float) -> None:
         except Exception as exc:  # noqa: BLE001 (a decoder bug on one file must cost one row, not the child)
             result = TrackFailure.from_error(item, exc, stage="decode")
         conn.send((result, time.perf_counter() - start))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this child once its supervisor is gone. A supervisor killed with -9 (a lost Ray worker, a killed
+    driver) cannot stop its children, and one stuck in a hanging decoder would otherwise live on; orphans are
+    re-parented, so a changed parent pid is the sign. (PR_SET_PDEATHSIG would fire when the *thread* that started
+    the child ends, which need not be the supervisor's end.)"""
+    while os.getppid() == parent:
+        time.sleep(_PARENT_POLL_S)
+    os._exit(1)
 
 
 def _cap_memory(extra_mb: float) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
+from schemas import failpoints
 from schemas.errors import ConfigError, RunAbortedError
 from schemas.manifest import WorkItem
 from schemas.store import TableStore
@@ -133,11 +134,16 @@ class RunStats:
         """Abort when so many tracks fail that the run is broken as a whole (bad credentials, wrong bucket)."""
         done = self.n_embedded + self.n_failed
         if done >= _MIN_TRACKS_FOR_ABORT and self.n_failed / done > limit:
-            msg = (
-                f"{self.n_failed} of {done} tracks failed, above --max-failure-ratio {limit:g}: the run is broken "
-                f"as a whole and was aborted; nothing was committed. First errors: {'; '.join(self.first_errors)}"
-            )
-            raise RunAbortedError(msg)
+            raise self.aborted_error(limit)
+
+    def aborted_error(self, limit: float) -> RunAbortedError:
+        """The error of a run aborted for failing more than `limit` of its tracks."""
+        msg = (
+            f"{self.n_failed} of {self.n_embedded + self.n_failed} tracks failed, above --max-failure-ratio "
+            f"{limit:g}: the run is broken as a whole and was aborted; nothing was committed. "
+            f"First errors: {'; '.join(self.first_errors) or 'none recorded'}"
+        )
+        return RunAbortedError(msg)
 
 
 def write_shard(
@@ -153,6 +159,7 @@ def write_shard(
     store.write_part(job.run_id, FAILURES, shard, failure_rows(failed, job.rows))
     if job.write_windows:
         store.write_part(job.run_id, WINDOWS, shard, window_rows(embedded, job.rows))
+    failpoints.hit("write_shard", shard)  # a worker lost mid-shard: some parts written, not the last
     store.write_part(job.run_id, EMBEDDINGS, shard, embedding_rows(embedded, job.rows))
     return time.perf_counter() - start
 

@@ -13,9 +13,11 @@ on. No track fails a bundle.
 
 The commit is the graph's last step because a Dataflow Flex Template launcher only builds the graph and exits:
 nothing after `run()` would ever commit. Where the driver does wait (DirectRunner, Prism, Dataflow launched
-from this CLI), the run's counts come back as Beam metrics in the namespace `catalog-embed`: counters
-`tracks_embedded`, `tracks_failed`, `audio_milliseconds` (Beam counters are integers) and distributions
-`decode_ms`, `encode_ms`, `write_ms`.
+from this CLI), it reports the counts of the `runs` row the job committed, and stage times from Beam metrics in
+the namespace `catalog-embed`: distributions `decode_ms`, `encode_ms`, `write_ms`, next to counters
+`tracks_embedded`, `tracks_failed` and `audio_milliseconds` for monitoring. Counts are not taken from metrics: a
+runner that repeats a failed bundle may count that bundle's increments twice (Beam's bundle-based DirectRunner
+does), while the committed row counts each staged track once.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ from apache_beam.transforms.window import GlobalWindows
 
 from pipelines.runners import EmbedJob, Progress, RunStats, split_results, write_shard
 from pipelines.runners.options import BeamOptions
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, TableError
 from schemas.manifest import WorkItem
 from schemas.store import STAGING
-from schemas.tables import FAILURES
+from schemas.tables import FAILURES, RUNS
 from workers.stages import DecodeStage, EmbedStage, TrackEmbedding, TrackFailure, TrackFeatures
 
 METRICS_NAMESPACE = "catalog-embed"
@@ -89,6 +91,7 @@ class BeamRunner:
 
         Raises:
             RunAbortedError: too many tracks failed (the pipeline committed an `aborted` runs row).
+            TableError: the pipeline finished without committing the run.
         """
         if job.commit is None:
             msg = "the Beam runner commits from its pipeline and needs EmbedJob.commit (run it through run_embed)"
@@ -103,12 +106,19 @@ class BeamRunner:
             _LOG.warning("run %s launched: the Dataflow job commits it from its last step", job.run_id)
             return RunStats(status="launched")
         result.wait_until_finish()
-        stats = _stats_from_metrics(result)
+        stats = _stage_times(result)
+        committed = _committed_run(job)
+        if committed["status"] == "aborted":
+            # The aborted run's parts are gone; the metrics are all that is left to say how bad it was.
+            counters = _counters(result)
+            stats.n_embedded, stats.n_failed = counters.get("tracks_embedded", 0), counters.get("tracks_failed", 0)
+            raise stats.aborted_error(job.max_failure_ratio)
+        stats.n_embedded, stats.n_failed = committed["n_embedded"], committed["n_failed"]
+        stats.audio_seconds = committed["audio_seconds"]
         if stats.n_failed:
             stats.first_errors = _first_errors(job)
         if progress:
             progress(len(job.items), stats.audio_seconds)
-        stats.check_failure_ratio(job.max_failure_ratio)
         return stats
 
 
@@ -384,16 +394,25 @@ def _stage_work_items(job: EmbedJob) -> str:
     return f"{store.root}/{STAGING}/{job.run_id}/work-items.parquet"
 
 
-def _stats_from_metrics(result: beam.runners.runner.PipelineResult) -> RunStats:
-    """The run's counts and stage times, from the committed metrics of a finished pipeline."""
+def _committed_run(job: EmbedJob) -> dict[str, Any]:
+    """The `runs` row the pipeline committed for `job`."""
+    columns = ["status", "n_embedded", "n_failed", "audio_seconds"]
+    rows = job.store().read(RUNS, columns, pc.field("run_id") == job.run_id)
+    if not rows.num_rows:
+        msg = f"the Beam job finished but committed no runs row for run {job.run_id}"
+        raise TableError(msg)
+    return rows.to_pylist()[0]
+
+
+def _counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
     metrics = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
-    counters = {m.key.metric.name: m.committed for m in metrics["counters"]}
-    stats = RunStats(
-        n_embedded=counters.get("tracks_embedded", 0),
-        n_failed=counters.get("tracks_failed", 0),
-        audio_seconds=counters.get("audio_milliseconds", 0) / 1000,
-        status="succeeded",
-    )
+    return {m.key.metric.name: m.committed for m in metrics["counters"]}
+
+
+def _stage_times(result: beam.runners.runner.PipelineResult) -> RunStats:
+    """Stage times from the metrics of a finished pipeline, in stats of a committed run."""
+    metrics = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    stats = RunStats(status="succeeded")
     for metric in metrics["distributions"]:
         name = metric.key.metric.name
         if name in ("decode_ms", "encode_ms", "write_ms") and metric.committed is not None:

@@ -1,9 +1,12 @@
-"""Supervised decode children: order, exact attribution of crashes and hangs, retry after an external kill."""
+"""Supervised decode children: order, exact attribution of crashes and hangs, retry after an external kill, no
+orphans when the supervisor itself is killed."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +18,8 @@ from workers.stages import TrackFailure
 
 class ScriptedStage:
     """Behaves as each item's uri says: 'crash' segfaults, 'hang' never returns, 'slow:<dir>' records its pid
-    in <dir> and sleeps the first time, anything else echoes the uri upper-cased."""
+    in <dir> and sleeps the first time, 'stuck:<dir>' records its pid and never returns, anything else echoes the
+    uri upper-cased."""
 
     def setup(self) -> None:
         """Nothing to build."""
@@ -24,6 +28,9 @@ class ScriptedStage:
         if item.uri == "crash":
             os.kill(os.getpid(), signal.SIGSEGV)
         if item.uri == "hang":
+            time.sleep(3600)
+        if item.uri.startswith("stuck:"):
+            (Path(item.uri[6:]) / "pid").write_text(str(os.getpid()))
             time.sleep(3600)
         if item.uri.startswith("slow:"):
             marker = Path(item.uri[5:]) / "pid"
@@ -82,3 +89,35 @@ def test_a_read_ahead_smaller_than_the_pool_never_stalls():
     thread.start()
     thread.join(timeout=120)
     assert results == ["A", "B", "C", "D"]
+
+
+def test_a_child_stuck_in_a_decoder_ends_when_its_supervisor_is_killed(tmp_path):
+    """kill -9 of the supervisor (a lost Ray worker, a killed driver) must not leave a hung decoder behind."""
+    script = (
+        "from tests.workers.test_isolation import ScriptedStage, _items\n"
+        "from workers.isolation import IsolatedPool\n"
+        "pool = IsolatedPool(ScriptedStage(), workers=1, timeout_s=3600.0, memory_mb=1024)\n"
+        f"list(pool.imap(_items('stuck:{tmp_path}'), ahead=1))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    supervisor = subprocess.Popen([sys.executable, "-c", script], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
+    marker = tmp_path / "pid"
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(marker.read_text())
+    supervisor.kill()
+    supervisor.wait()
+    deadline = time.monotonic() + 30  # the child polls its parent every second
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
