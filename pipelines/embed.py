@@ -92,6 +92,10 @@ class EmbedConfig:
             (self.decode.max_duration_s > 0, f"--max-duration must be positive, got {self.decode.max_duration_s}"),
             (self.decode.min_duration_s >= 0, f"--min-duration must be >= 0, got {self.decode.min_duration_s}"),
             (self.decode.max_file_mb > 0, f"--max-file-mb must be positive, got {self.decode.max_file_mb}"),
+            (
+                self.decode.max_memory_mb >= 64,
+                f"--decode-memory-mb must be at least 64 (decoding needs working memory), got {self.decode.max_memory_mb}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -428,6 +432,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-duration", type=float, default=1.0, help="seconds; shorter tracks fail")
     parser.add_argument("--max-file-mb", type=float, default=512.0, help="larger files fail without being read")
     parser.add_argument("--decode-timeout", type=float, default=300.0, help="seconds per track before it fails")
+    parser.add_argument(
+        "--decode-memory-mb", type=float, default=DecodeConfig.max_memory_mb,
+        help="memory a decode process may add while decoding one track; beyond it that track fails",
+    )
     parser.add_argument("--max-failure-ratio", type=float, default=0.5, help="abort when more tracks fail")
     parser.add_argument("--retry-failed", action="store_true", help="retry tracks that failed before")
     parser.add_argument("--run-id", help="explicit run id (default: resume an interrupted run, else a new id)")
@@ -461,7 +469,10 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
             front_end_on=args.front_end_on,
         ),
         decode=DecodeConfig(
-            max_file_mb=args.max_file_mb, max_duration_s=args.max_duration, min_duration_s=args.min_duration
+            max_file_mb=args.max_file_mb,
+            max_duration_s=args.max_duration,
+            min_duration_s=args.min_duration,
+            max_memory_mb=args.decode_memory_mb,
         ),
         runner=args.runner,
         workers=args.workers,

@@ -47,7 +47,8 @@ class IsolatedPool:
         stage: picklable callable with a `setup()` method, run once per child before its first item.
         workers: child processes.
         timeout_s: an item that takes longer fails with `DecodeTimeout` and its child is killed.
-        memory_mb: address space a child may add after setup; beyond it allocations fail in that child only.
+        memory_mb: address space a child may add after setup; beyond it allocations fail in that child only, and
+            the item fails with `DecodeOutOfMemory`.
         crash_retries: times an item whose child died is tried again in a fresh child before it fails. A child
             can die of the item (a decoder segfault: it dies again) or of something else (the OOM killer, an
             operator's kill): one retry tells the two apart at the cost of decoding a crasher twice.
@@ -188,6 +189,9 @@ def _child_main(conn: Connection, stage: Any, memory_mb: float) -> None:
         start = time.perf_counter()
         try:
             result = stage(item)
+        except MemoryError:
+            reason = f"decoding needed more memory than the {memory_mb:g} MB allowed (--decode-memory-mb)"
+            result = TrackFailure(item, "decode", "DecodeOutOfMemory", reason)
         except Exception as exc:  # noqa: BLE001 (a decoder bug on one file must cost one row, not the child)
             result = TrackFailure.from_error(item, exc, stage="decode")
         conn.send((result, time.perf_counter() - start))

@@ -1,15 +1,17 @@
 """The Beam runner: the embed job as an Apache Beam pipeline, on Beam's local runners or on Dataflow.
 
     work items (Parquet) | Reshuffle
-      | Decode        DecodeStage in a subprocess with a timeout (CPU)
+      | Decode        DecodeStage in a supervised child process with a timeout and a memory cap (CPU)
       | RunInference  TrackModelHandler: EmbedStage, one model per worker process, batches across tracks
       | GroupByKey(shard) | WriteShard (write_shard: deterministic part names)
       | CombineGlobally(RunStats) | Commit (once, through `EmbedJob.commit`)
 
 The work items are staged as one Parquet file under the run's staging folder rather than inlined into the graph,
-which Dataflow caps at a few megabytes. A decoder that raises, crashes its process or hangs goes to Beam's
-dead-letter output (`with_exception_handling`) and becomes a `failures` row; so does a batch the encoder fails
-on. No track fails a bundle.
+which Dataflow caps at a few megabytes. Each worker process decodes in a child of its own
+(`workers.isolation.IsolatedPool`, as the other runners do): a decoder that raises, crashes, hangs past
+`--decode-timeout` or balloons costs one `failures` row, and the child ends with its worker even under kill -9. A
+batch the encoder fails on goes to Beam's dead-letter output (`with_exception_handling`) and becomes `failures`
+rows. No track fails a bundle.
 
 The commit is the graph's last step because a Dataflow Flex Template launcher only builds the graph and exits:
 nothing after `run()` would ever commit. Where the driver does wait (DirectRunner, Prism, Dataflow launched
@@ -27,13 +29,11 @@ import posixpath
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import apache_beam as beam
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import ModelHandler, RunInference
@@ -47,6 +47,7 @@ from schemas.errors import ConfigError, TableError
 from schemas.manifest import WorkItem
 from schemas.store import STAGING
 from schemas.tables import FAILURES, RUNS
+from workers.isolation import IsolatedPool
 from workers.stages import DecodeStage, EmbedStage, TrackEmbedding, TrackFailure, TrackFeatures
 
 METRICS_NAMESPACE = "catalog-embed"
@@ -160,23 +161,19 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedJob, items_uri: str) -> be
         The single-element PCollection of the status the run was committed with.
     """
     lean = job.without_items()
-    decoded, decode_dead = (
+    decoded = (
         pipeline
         | "WorkItems" >> beam.io.ReadFromParquet(items_uri)
         | "Reshuffle" >> beam.Reshuffle()
-        | "Decode" >> beam.ParDo(_DecodeFn(lean)).with_exception_handling(
-            use_subprocess=True, timeout=job.decode_timeout_s
-        )
+        | "Decode" >> beam.ParDo(_DecodeFn(lean)).with_outputs(_FAILED, _STATS, main="features")
     )
-    routed = decoded | "Route" >> beam.ParDo(_RouteFn()).with_outputs(_FAILED, _STATS, main="features")
-    inferred, inference_dead = routed.features | "Embed" >> RunInference(
+    inferred, inference_dead = decoded.features | "Embed" >> RunInference(
         TrackModelHandler(lean), metrics_namespace=METRICS_NAMESPACE
     ).with_exception_handling()
     pooled = inferred | "Pooled" >> beam.ParDo(_PooledFn()).with_outputs(_STATS, main="embedded")
     results = (
         pooled.embedded,
-        routed[_FAILED],
-        decode_dead | "DecodeDeadLetters" >> beam.Map(_decode_dead_letter),
+        decoded[_FAILED],
         inference_dead.failed_inferences | "EmbedDeadLetters" >> beam.FlatMap(_inference_dead_letter),
     ) | "Results" >> beam.Flatten()
     written = (
@@ -185,7 +182,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedJob, items_uri: str) -> be
         | "WriteShard" >> beam.ParDo(_WriteShardFn(lean))
     )
     return (
-        (routed[_STATS], pooled[_STATS], written)
+        (decoded[_STATS], pooled[_STATS], written)
         | "AllStats" >> beam.Flatten()
         | "RunStats" >> beam.CombineGlobally(_MergeStats())
         | "Commit" >> beam.Map(_commit, lean)
@@ -236,23 +233,6 @@ class TrackModelHandler(ModelHandler[tuple[str, TrackFeatures], tuple[str, Track
         return METRICS_NAMESPACE
 
 
-class _DecodeFn(beam.DoFn):
-    """Decode one work item; runs in Beam's exception-handling subprocess, so it must not touch metrics."""
-
-    def __init__(self, job: EmbedJob) -> None:
-        self._stage = DecodeStage(job.encoder, job.decode)
-
-    def setup(self) -> None:
-        # One thread per decoder: Beam forks this process, and a forked OpenMP pool left at >1 thread can hang.
-        torch.set_num_threads(1)
-        self._stage.setup()
-
-    def process(self, row: dict[str, str]) -> Iterator[tuple[str, TrackFeatures | TrackFailure, float]]:
-        start = time.perf_counter()
-        result = self._stage(_work_item(row))
-        yield row["shard"], result, time.perf_counter() - start
-
-
 class _BundleStatsFn(beam.DoFn):
     """A DoFn that sums stage time over a bundle and emits it once, to the `stats` output."""
 
@@ -270,18 +250,29 @@ class _BundleStatsFn(beam.DoFn):
         Metrics.distribution(METRICS_NAMESPACE, f"{self.stage}_ms").update(int(seconds * 1000))
 
 
-class _RouteFn(_BundleStatsFn):
-    """Decoded tracks to the main output, tracks that failed to decode to `failed`; records decode time."""
+class _DecodeFn(_BundleStatsFn):
+    """Decode work items in this worker's supervised child process: decoded tracks to the main output, tracks
+    that failed to decode to `failed`; records decode time."""
 
     stage = "decode"
 
-    def process(self, element: tuple[str, TrackFeatures | TrackFailure, float]) -> Iterator[Any]:
-        shard, result, seconds = element
+    def __init__(self, job: EmbedJob) -> None:
+        self._stage = DecodeStage(job.encoder, job.decode)
+        self._timeout_s = job.decode_timeout_s
+
+    def setup(self) -> None:
+        self._pool = IsolatedPool(self._stage, 1, self._timeout_s, self._stage.decode.max_memory_mb)
+
+    def process(self, row: dict[str, str]) -> Iterator[Any]:
+        [(result, seconds)] = self._pool.imap([_work_item(row)], ahead=1)
         self._timed(seconds)
         if isinstance(result, TrackFailure):
-            yield beam.pvalue.TaggedOutput(_FAILED, (shard, result))
+            yield beam.pvalue.TaggedOutput(_FAILED, (row["shard"], result))
         else:
-            yield shard, result
+            yield row["shard"], result
+
+    def teardown(self) -> None:
+        self._pool.close()
 
 
 class _PooledFn(_BundleStatsFn):
@@ -352,19 +343,6 @@ def _commit(stats: RunStats, job: EmbedJob) -> str:
         _LOG.error("run %s %s: %d of %d tracks failed", job.run_id, status, stats.n_failed,
                    stats.n_failed + stats.n_embedded)
     return status
-
-
-def _decode_dead_letter(bad: tuple[dict[str, str], tuple[type, str, list[str]]]) -> tuple[str, TrackFailure]:
-    """A work item whose decoder raised, crashed its process or ran past the timeout."""
-    row, (error_type, error_repr, _traceback) = bad
-    item = _work_item(row)
-    if issubclass(error_type, TimeoutError):
-        failure = TrackFailure(item, "decode", "DecodeTimeout", "decoding ran past --decode-timeout")
-    elif issubclass(error_type, BrokenProcessPool):
-        failure = TrackFailure(item, "decode", "DecoderCrashed", f"the decoder process died: {error_repr}")
-    else:
-        failure = TrackFailure(item, "decode", error_type.__name__, error_repr)
-    return row["shard"], failure
 
 
 def _inference_dead_letter(

@@ -1,10 +1,14 @@
 """On Beam and on Ray a decoder that crashes its process or hangs costs one `failures` row, as on the local runner;
-the bundle, the task and the run go on. Beam routes it through its dead-letter output (the decode runs in Beam's
-exception-handling subprocess), Ray through the supervised child each decode task runs the decoder in. The crash
-and the hang are injected where a decoder would fail (`schemas.failpoints`), inside those processes."""
+the bundle, the task and the run go on: both decode in the supervised child process each Beam worker or Ray decode
+task keeps (`workers.isolation`). The crash and the hang are injected where a decoder would fail
+(`schemas.failpoints`), inside those processes."""
 
 from __future__ import annotations
 
+import shutil
+
+import av
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -12,6 +16,7 @@ from pipelines.embed import EmbedConfig, run_embed
 from schemas import failpoints
 from schemas.store import TableStore
 from schemas.tables import EMBEDDINGS, FAILURES
+from workers.audio import DecodeConfig
 
 pytestmark = pytest.mark.slow
 
@@ -33,3 +38,39 @@ def test_a_decoder_crash_or_hang_is_one_failure_row(runner, action, error_type, 
     assert (failures[victim]["stage"], failures[victim]["error_type"]) == ("decode", error_type)
     assert len(failures) == len(small_labels) - len(good) + 1
     assert (summary.status, summary.stats.n_failed) == ("succeeded", len(failures))
+
+
+def _decompression_bomb(path, minutes: int = 25, rate: int = 48_000) -> None:
+    """A FLAC of silence: 200 KB on disk, under --max-file-mb and --max-duration, 290 MB once decoded."""
+    with av.open(str(path), mode="w", format="flac") as container:
+        stream = container.add_stream("flac", rate=rate)
+        stream.codec_context.layout = "mono"
+        block = np.zeros((1, rate * 10), dtype=np.int16)
+        for i in range(minutes * 6):
+            frame = av.AudioFrame.from_ndarray(block, format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, i * block.shape[1]
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("runner", ["local", "beam", "ray"])
+def test_a_decompression_bomb_fails_its_track_under_the_memory_cap(runner, small_catalog, small_labels, tmp_path):
+    good = next(label["track_id"] for label in small_labels if label["broken"] is None)
+    source = next(p for p in (small_catalog.root / "audio").iterdir() if p.stem == good)
+    (tmp_path / "audio").mkdir()
+    shutil.copy(source, tmp_path / "audio" / source.name)
+    _decompression_bomb(tmp_path / "audio" / "bomb.flac")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"track_id,uri\n{good},audio/{source.name}\nbomb,audio/bomb.flac\n")
+    config = EmbedConfig(catalog=str(manifest), out=str(tmp_path / "out"), runner=runner, workers=1,
+                         decode=DecodeConfig(max_memory_mb=64))
+    summary = run_embed(config, Console(quiet=True))
+
+    store = TableStore(config.out)
+    assert store.read(EMBEDDINGS, ["track_id"])["track_id"].to_pylist() == [good]
+    failures = store.read(FAILURES, ["track_id", "stage", "error_type", "message"]).to_pylist()
+    assert [(f["track_id"], f["stage"], f["error_type"]) for f in failures] == [("bomb", "decode", "DecodeOutOfMemory")]
+    assert "--decode-memory-mb" in failures[0]["message"]
+    assert (summary.status, summary.stats.n_failed) == ("succeeded", 1)

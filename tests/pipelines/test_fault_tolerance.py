@@ -7,11 +7,7 @@ process the same way at an exact point); segfaults and hangs are injected where 
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,34 +23,16 @@ from pipelines.vacuum import vacuum
 from schemas.failpoints import ENV as FAILPOINTS
 from schemas.manifest import UriPolicy
 from schemas.store import TableStore
-from schemas.tables import EMBEDDINGS
+from tests.faults import (
+    embed_process,
+    expected_tracks,
+    kill_session,
+    staged_embedding_parts,
+    table_tracks,
+    wait_for,
+)
 
 QUIET = Console(quiet=True)
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _counts(out: str) -> tuple[list[str], list[str]]:
-    con = connect(out)
-    embedded = [r[0] for r in con.execute("SELECT track_id FROM embeddings WHERE NOT deleted ORDER BY 1").fetchall()]
-    failed = [r[0] for r in con.execute("SELECT track_id FROM failures ORDER BY 1").fetchall()]
-    return embedded, failed
-
-
-def _expected(labels: list[dict]) -> tuple[list[str], list[str]]:
-    good = sorted(la["track_id"] for la in labels if la["broken"] is None)
-    bad = sorted(la["track_id"] for la in labels if la["broken"] is not None)
-    return good, bad
-
-
-def _embed_process(catalog: str, out: str, *extra: str, failpoints: str = "") -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop(FAILPOINTS, None)
-    if failpoints:
-        env[FAILPOINTS] = failpoints
-    command = [sys.executable, "-m", "pipelines.cli", "embed", "--catalog", catalog, "--out", out, *extra]
-    return subprocess.Popen(
-        command, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
 
 
 def _copy_catalog(small_catalog, tmp_path: Path, keep=None) -> Path:
@@ -74,13 +52,13 @@ def test_tracks_gone_from_the_manifest_are_marked_deleted_or_pruned(small_catalo
     manifest = _copy_catalog(small_catalog, tmp_path)
     out = str(tmp_path / "out")
     run_embed(EmbedConfig(catalog=str(manifest), out=out), QUIET)
-    good, bad = _expected(small_labels)
+    good, bad = expected_tracks(small_labels)
     gone = {good[0], bad[0]}
     table = pq.read_table(manifest)
     pq.write_table(table.filter(pa.array([t not in gone for t in table["track_id"].to_pylist()])), manifest)
     summary = run_embed(EmbedConfig(catalog=str(manifest), out=out, prune=prune), QUIET)
     assert summary.plan.items == () and summary.plan.gone == tuple(sorted(gone))
-    embedded, failed = _counts(out)
+    embedded, failed = table_tracks(out)
     assert embedded == good[1:] and failed == bad[1:]
     deleted = connect(out).execute("SELECT track_id FROM embeddings WHERE deleted").fetchall()
     assert deleted == ([] if prune else [(good[0],)])
@@ -89,7 +67,7 @@ def test_tracks_gone_from_the_manifest_are_marked_deleted_or_pruned(small_catalo
     pq.write_table(table, manifest)
     back = run_embed(EmbedConfig(catalog=str(manifest), out=out), QUIET)
     assert sorted(i.track_id for i in back.plan.items) == sorted(gone)
-    assert _counts(out) == (good, bad)
+    assert table_tracks(out) == (good, bad)
 
 
 def test_the_uri_policy_refuses_rows_not_runs(small_catalog, tmp_path):
@@ -106,7 +84,7 @@ def test_the_uri_policy_refuses_rows_not_runs(small_catalog, tmp_path):
     )
     out = str(tmp_path / "out")
     summary = run_embed(EmbedConfig(catalog=str(manifest), out=out), QUIET)
-    assert _counts(out) == (["ok"], ["climb", "outside", "web"])
+    assert table_tracks(out) == (["ok"], ["climb", "outside", "web"])
     reasons = dict(connect(out).execute("SELECT track_id, message FROM failures").fetchall())
     assert "'..' segment" in reasons["climb"]
     assert "--allow-prefix" in reasons["outside"]
@@ -117,11 +95,11 @@ def test_the_uri_policy_refuses_rows_not_runs(small_catalog, tmp_path):
     policy = UriPolicy(allow_prefixes=(str(Path(good).parent),))
     again = run_embed(EmbedConfig(catalog=str(manifest), out=out, policy=policy, retry_failed=True), QUIET)
     assert [i.track_id for i in again.plan.items] == ["outside"]
-    assert _counts(out) == (["ok", "outside"], ["climb", "web"])
+    assert table_tracks(out) == (["ok", "outside"], ["climb", "web"])
 
 
 def test_a_segfaulting_and_a_hanging_decoder_each_cost_one_row(small_catalog, small_labels, tmp_path, monkeypatch):
-    good, bad = _expected(small_labels)
+    good, bad = expected_tracks(small_labels)
     crash, hang = good[2], good[5]
     monkeypatch.setenv(FAILPOINTS, f"decode=segfault:{crash};decode=hang:{hang}")
     out = str(tmp_path / "out")
@@ -130,7 +108,7 @@ def test_a_segfaulting_and_a_hanging_decoder_each_cost_one_row(small_catalog, sm
         EmbedConfig(catalog=str(small_catalog.manifest_path), out=out, decode_timeout_s=5.0, workers=2), QUIET
     )
     assert time.perf_counter() - started < 120  # the hang cost its timeout, not the run
-    embedded, failed = _counts(out)
+    embedded, failed = table_tracks(out)
     assert embedded == sorted(set(good) - {crash, hang})
     assert failed == sorted(bad + [crash, hang])
     types = dict(connect(out).execute("SELECT track_id, error_type FROM failures").fetchall())
@@ -139,32 +117,22 @@ def test_a_segfaulting_and_a_hanging_decoder_each_cost_one_row(small_catalog, sm
 
 
 def test_kill_9_mid_run_then_rerun_resumes_without_redoing_staged_shards(small_catalog, small_labels, tmp_path):
-    good, bad = _expected(small_labels)
+    good, bad = expected_tracks(small_labels)
     out = str(tmp_path / "out")
     catalog = str(small_catalog.manifest_path)
     order = pq.read_table(small_catalog.manifest_path)["track_id"].to_pylist()
     stall = order[12]  # decode stalls here, after earlier shards of 2 tracks are staged
-    proc = _embed_process(catalog, out, "--shard-size", "2", "--workers", "1", failpoints=f"decode=hang:{stall}")
-    store = TableStore(out)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        runs = store.staged_runs() if Path(out, "_staging").exists() else []
-        if runs and len(store.staged_parts(runs[0], EMBEDDINGS)) >= 4:
-            break
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"no shards were staged: {proc.communicate()[0][-2000:]}")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert _counts(out) == ([], [])  # nothing committed: staged parts are invisible
-    rerun = _embed_process(catalog, out, "--shard-size", "2", "--workers", "1")
+    proc = embed_process(catalog, out, "--shard-size", "2", "--workers", "1", failpoints=f"decode=hang:{stall}")
+    wait_for(lambda: staged_embedding_parts(out) >= 4, proc, "four shards were staged")
+    kill_session(proc)
+    assert table_tracks(out) == ([], [])  # nothing committed: staged parts are invisible
+    rerun = embed_process(catalog, out, "--shard-size", "2", "--workers", "1")
     log = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, log
     assert "resuming run" in log and "planned tracks are already staged" in log
     staged_before = int(log.split("resuming run ", 1)[1].split(": ", 1)[1].split(" ", 1)[0])
     assert staged_before >= 8
-    assert _counts(out) == (good, bad)
+    assert table_tracks(out) == (good, bad)
     con = connect(out)
     assert con.execute("SELECT count(*), max(n_embedded) FROM runs").fetchone() == (1, len(good))
 
@@ -172,26 +140,26 @@ def test_kill_9_mid_run_then_rerun_resumes_without_redoing_staged_shards(small_c
 def test_kill_mid_commit_then_rerun_finishes_the_commit(small_catalog, small_labels, tmp_path):
     out = str(tmp_path / "out")
     catalog = str(small_catalog.manifest_path)
-    proc = _embed_process(catalog, out, "--windows", failpoints="commit.embeddings=exit")
+    proc = embed_process(catalog, out, "--windows", failpoints="commit.embeddings=exit")
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 137, log
-    embedded, failed = _counts(out)
-    assert embedded == [] and failed == _expected(small_labels)[1]  # died between two commit steps
+    embedded, failed = table_tracks(out)
+    assert embedded == [] and failed == expected_tracks(small_labels)[1]  # died between two commit steps
     assert main(["embed", "--catalog", catalog, "--out", out, "--windows"]) == 0
-    assert _counts(out) == _expected(small_labels)
+    assert table_tracks(out) == expected_tracks(small_labels)
     con = connect(out)
-    assert con.execute("SELECT count(*) FROM windows").fetchone() == (len(_expected(small_labels)[0]),)
+    assert con.execute("SELECT count(*) FROM windows").fetchone() == (len(expected_tracks(small_labels)[0]),)
     assert con.execute("SELECT count(*) FROM runs").fetchone() == (1,)
 
 
 def test_two_runs_started_together_on_one_table_leave_it_intact(small_catalog, small_labels, tmp_path):
     out = str(tmp_path / "out")
     catalog = str(small_catalog.manifest_path)
-    procs = [_embed_process(catalog, out, "--workers", "1", "--run-id", f"racer-{i}") for i in range(2)]
+    procs = [embed_process(catalog, out, "--workers", "1", "--run-id", f"racer-{i}") for i in range(2)]
     logs = [p.communicate(timeout=400)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
-    assert _counts(out) == _expected(small_labels)
-    assert connect(out).execute("SELECT count(*) FROM embeddings").fetchone() == (len(_expected(small_labels)[0]),)
+    assert table_tracks(out) == expected_tracks(small_labels)
+    assert connect(out).execute("SELECT count(*) FROM embeddings").fetchone() == (len(expected_tracks(small_labels)[0]),)
 
 
 def test_unchanged_rerun_writes_nothing_and_vacuum_clears_abandoned_staging(small_catalog, tmp_path):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from schemas.manifest import WorkItem
+from tests.faults import alive
 from workers.isolation import IsolatedPool
 from workers.stages import TrackFailure
 
@@ -109,15 +110,7 @@ def test_a_child_stuck_in_a_decoder_ends_when_its_supervisor_is_killed(tmp_path)
     supervisor.kill()
     supervisor.wait()
     deadline = time.monotonic() + 30  # the child polls its parent every second
-    while _alive(child) and time.monotonic() < deadline:
+    while alive(child) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _alive(child)
+    assert not alive(child)
 
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"

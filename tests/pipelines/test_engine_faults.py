@@ -1,0 +1,136 @@
+"""Faults on the distributed runners: a Beam bundle repeated after a failure, a Ray worker killed mid-run, and the
+driver of a Beam or a Ray run killed mid-run and then mid-commit.
+
+Each scenario ends with every good track exactly once in `embeddings` and every bad one exactly once in
+`failures`. Kills are real `kill -9`s of processes found by their titles, or the failpoint `exit`, which ends the
+process the same way at an exact point (see `schemas.failpoints`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from rich.console import Console
+
+from pipelines.embed import EmbedConfig, run_embed
+from pipelines.query import connect
+from pipelines.runners.beam import BeamRunner
+from schemas.failpoints import ENV as FAILPOINTS
+from schemas.store import STAGING
+from schemas.tables import EMBEDDINGS, FAILURES
+from tests.faults import (
+    alive,
+    embed_process,
+    expected_tracks,
+    finish,
+    kill_session,
+    session_processes,
+    staged_embedding_parts,
+    table_tracks,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+QUIET = Console(quiet=True)
+SHARD_SIZE = 2
+
+
+def _shard_of(track_id: str, manifest: Path) -> str:
+    """The part name of the shard holding `track_id` in a first attempt (every track planned, manifest order)."""
+    order = pq.read_table(manifest)["track_id"].to_pylist()
+    return f"000-{order.index(track_id) // SHARD_SIZE:06d}"
+
+
+def test_beam_repeats_a_failed_bundle_and_every_track_lands_once(small_catalog, small_labels, tmp_path, monkeypatch,
+                                                                  caplog):
+    """Beam retries a failed bundle (Dataflow up to four times in batch); the failed attempt's side effects stay.
+    Beam's bundle-based DirectRunner retries as Dataflow does (the default FnApi one fails the job at once). Here
+    the first attempt at writing a shard holding a bad track dies after its `failures` part and before its
+    `embeddings` part; the retry writes them again under the same names."""
+    good, bad = expected_tracks(small_labels)
+    shard = _shard_of(bad[0], small_catalog.manifest_path)
+    monkeypatch.setattr(BeamRunner, "pipeline_options", lambda self, job: PipelineOptions(runner="BundleBasedDirectRunner"))
+    monkeypatch.setenv(FAILPOINTS, f"write_shard=raise*1:{shard}")
+    out = str(tmp_path / "out")
+    config = EmbedConfig(catalog=str(small_catalog.manifest_path), out=out, runner="beam", shard_size=SHARD_SIZE)
+    with caplog.at_level(logging.ERROR, logger="apache_beam.runners.direct.executor"):
+        summary = run_embed(config, QUIET)
+    assert any("failpoint write_shard" in r.getMessage() for r in caplog.records), "the bundle was not retried"
+    assert table_tracks(out) == (good, bad)
+    assert (summary.stats.n_embedded, summary.stats.n_failed) == (len(good), len(bad))
+    assert connect(out).execute("SELECT n_embedded, n_failed FROM runs").fetchall() == [(len(good), len(bad))]
+
+
+@pytest.mark.parametrize("runner", ["beam", "ray"])
+def test_driver_killed_mid_run_then_mid_commit_then_the_rerun_finishes(small_catalog, small_labels, tmp_path, runner):
+    """Run 1 is killed (its whole session: Ray's head and workers, Beam's decode processes) while writing a shard:
+    that shard's `failures` part is staged, its `embeddings` part is not. Run 2 resumes, embeds that shard again
+    and dies between committing `failures` and `embeddings`. Run 3 finishes the commit."""
+    good, bad = expected_tracks(small_labels)
+    manifest = small_catalog.manifest_path
+    shard = _shard_of(bad[0], manifest)
+    out = str(tmp_path / "out")
+    args = (str(manifest), out, "--runner", runner, "--shard-size", str(SHARD_SIZE), "--workers", "1")
+
+    first = embed_process(*args, failpoints=f"write_shard=hang:{shard}")
+
+    def mid_shard() -> bool:
+        staging = Path(out, STAGING)
+        return any(staging.glob(f"*/{FAILURES.name}/*-{shard}.parquet")) and not any(
+            staging.glob(f"*/{EMBEDDINGS.name}/*-{shard}.parquet")
+        )
+
+    wait_for(mid_shard, first, f"shard {shard} was half written")
+    staged_before_kill = staged_embedding_parts(out)
+    kill_session(first)
+    assert table_tracks(out) == ([], [])  # nothing committed: staged parts are invisible
+
+    second = embed_process(*args, failpoints="commit.embeddings=exit")
+    log = finish(second)
+    assert second.returncode == 137, log
+    resumed = int(log.split("resuming run ", 1)[1].split(": ", 1)[1].split(" ", 1)[0])
+    assert resumed == staged_before_kill * SHARD_SIZE  # the staged shards were not embedded again
+    assert table_tracks(out) == ([], bad)  # died mid-commit: failures are in, once, embeddings are not
+
+    third = embed_process(*args)
+    log = finish(third)
+    assert third.returncode == 0, log
+    assert table_tracks(out) == (good, bad)
+    con = connect(out)
+    assert con.execute("SELECT count(*), max(n_embedded), max(n_failed) FROM runs").fetchone() == (1, len(good), len(bad))
+
+
+def test_a_killed_ray_worker_costs_no_track(small_catalog, small_labels, tmp_path):
+    """While a decode task is stuck on a hanging file in one of the first shards, and after other shards were
+    staged, kill -9 the Ray workers running decode tasks (their decode children go with them) and the encoder
+    actor. Ray runs the tasks again in new workers and restarts the actor; the hang costs its track one
+    `DecodeTimeout` row, and nothing else is lost or written twice."""
+    good, bad = expected_tracks(small_labels)
+    manifest = small_catalog.manifest_path
+    order = pq.read_table(manifest)["track_id"].to_pylist()
+    stuck = next(track for track in order if track in good)
+    out = str(tmp_path / "out")
+    proc = embed_process(
+        str(manifest), out, "--runner", "ray", "--shard-size", str(SHARD_SIZE), "--workers", "2",
+        "--decode-timeout", "20", failpoints=f"decode=hang:{stuck}",
+    )
+    wait_for(lambda: staged_embedding_parts(out) >= 3, proc, "three shards were staged")
+    processes = session_processes(proc)
+    decoders = [pid for pid, p in processes.items() if p.command.startswith("ray::Map(_decode_shard)")]
+    encoders = [pid for pid, p in processes.items() if p.command.startswith("ray::MapWorker(Map(_EmbedShard))")]
+    orphans = [pid for pid, p in processes.items() if p.ppid in decoders]  # the stuck decode child among them
+    assert decoders and encoders and orphans, processes
+    for pid in decoders + encoders:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not any(alive(pid) for pid in orphans), proc, "the killed workers' decode children ended")
+    log = finish(proc)
+    assert proc.returncode == 0, log
+    assert table_tracks(out) == (sorted(set(good) - {stuck}), sorted(bad + [stuck]))
+    reasons = dict(connect(out).execute("SELECT track_id, error_type FROM failures").fetchall())
+    assert reasons[stuck] == "DecodeTimeout"
