@@ -52,16 +52,18 @@ def test_beam_repeats_a_failed_bundle_and_every_track_lands_once(small_catalog, 
     """Beam retries a failed bundle (Dataflow up to four times in batch); the failed attempt's side effects stay.
     Beam's bundle-based DirectRunner retries as Dataflow does (the default FnApi one fails the job at once). Here
     the first attempt at writing a shard holding a bad track dies after its `failures` part and before its
-    `embeddings` part; the retry writes them again under the same names."""
+    `embeddings` part, and the first attempt at the commit dies after committing `failures`; the retries write the
+    parts again under the same names and skip the commit steps already in the tables."""
     good, bad = expected_tracks(small_labels)
     shard = _shard_of(bad[0], small_catalog.manifest_path)
     monkeypatch.setattr(BeamRunner, "pipeline_options", lambda self, job: PipelineOptions(runner="BundleBasedDirectRunner"))
-    monkeypatch.setenv(FAILPOINTS, f"write_shard=raise*1:{shard}")
+    monkeypatch.setenv(FAILPOINTS, f"write_shard=raise*1:{shard};commit.embeddings=raise*1")
     out = str(tmp_path / "out")
     config = EmbedConfig(catalog=str(small_catalog.manifest_path), out=out, runner="beam", shard_size=SHARD_SIZE)
     with caplog.at_level(logging.ERROR, logger="apache_beam.runners.direct.executor"):
         summary = run_embed(config, QUIET)
-    assert any("failpoint write_shard" in r.getMessage() for r in caplog.records), "the bundle was not retried"
+    retried = " ".join(r.getMessage() for r in caplog.records)
+    assert "failpoint write_shard" in retried and "failpoint commit.embeddings" in retried, "no bundle was retried"
     assert table_tracks(out) == (good, bad)
     assert (summary.stats.n_embedded, summary.stats.n_failed) == (len(good), len(bad))
     assert connect(out).execute("SELECT n_embedded, n_failed FROM runs").fetchall() == [(len(good), len(bad))]
