@@ -6,6 +6,7 @@ task keeps (`workers.isolation`). The crash and the hang are injected where a de
 from __future__ import annotations
 
 import shutil
+import wave
 
 import av
 import numpy as np
@@ -55,22 +56,36 @@ def _decompression_bomb(path, minutes: int = 25, rate: int = 48_000) -> None:
             container.mux(packet)
 
 
+def _big_wav(path, seconds: float = 8.0, rate: int = 48_000) -> None:
+    """Noise as 16-bit stereo WAV: 1.5 MB on disk."""
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(2)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        noise = np.random.default_rng(0).integers(-8000, 8000, size=(int(seconds * rate), 2), dtype=np.int16)
+        out.writeframes(noise.tobytes())
+
+
 @pytest.mark.parametrize("runner", ["local", "beam", "ray"])
-def test_a_decompression_bomb_fails_its_track_under_the_memory_cap(runner, small_catalog, small_labels, tmp_path):
+def test_huge_files_fail_their_tracks_under_the_size_and_memory_caps(runner, small_catalog, small_labels, tmp_path):
+    """A file over --max-file-mb is refused unread; a decompression bomb runs its decoder out of --decode-memory-mb.
+    Each costs one `failures` row that says which option to raise; the good track lands."""
     good = next(label["track_id"] for label in small_labels if label["broken"] is None)
     source = next(p for p in (small_catalog.root / "audio").iterdir() if p.stem == good)
     (tmp_path / "audio").mkdir()
     shutil.copy(source, tmp_path / "audio" / source.name)
     _decompression_bomb(tmp_path / "audio" / "bomb.flac")
+    _big_wav(tmp_path / "audio" / "big.wav")
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text(f"track_id,uri\n{good},audio/{source.name}\nbomb,audio/bomb.flac\n")
+    manifest.write_text(f"track_id,uri\n{good},audio/{source.name}\nbomb,audio/bomb.flac\nbig,audio/big.wav\n")
     config = EmbedConfig(catalog=str(manifest), out=str(tmp_path / "out"), runner=runner, workers=1,
-                         decode=DecodeConfig(max_memory_mb=64))
+                         decode=DecodeConfig(max_memory_mb=64, max_file_mb=1.0))
     summary = run_embed(config, Console(quiet=True))
 
     store = TableStore(config.out)
     assert store.read(EMBEDDINGS, ["track_id"])["track_id"].to_pylist() == [good]
-    failures = store.read(FAILURES, ["track_id", "stage", "error_type", "message"]).to_pylist()
-    assert [(f["track_id"], f["stage"], f["error_type"]) for f in failures] == [("bomb", "decode", "DecodeOutOfMemory")]
-    assert "--decode-memory-mb" in failures[0]["message"]
-    assert (summary.status, summary.stats.n_failed) == ("succeeded", 1)
+    failures = {f["track_id"]: f for f in store.read(FAILURES, ["track_id", "stage", "error_type", "message"]).to_pylist()}
+    assert sorted(failures) == ["big", "bomb"]
+    assert (failures["bomb"]["error_type"], failures["big"]["error_type"]) == ("DecodeOutOfMemory", "SourceReadError")
+    assert "--decode-memory-mb" in failures["bomb"]["message"] and "--max-file-mb" in failures["big"]["message"]
+    assert (summary.status, summary.stats.n_failed) == ("succeeded", 2)
