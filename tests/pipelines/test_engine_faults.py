@@ -109,30 +109,40 @@ def test_driver_killed_mid_run_then_mid_commit_then_the_rerun_finishes(small_cat
 
 
 def test_a_killed_ray_worker_costs_no_track(small_catalog, small_labels, tmp_path):
-    """While a decode task is stuck on a hanging file in one of the first shards, and after other shards were
-    staged, kill -9 the Ray workers running decode tasks (their decode children go with them) and the encoder
-    actor. Ray runs the tasks again in new workers and restarts the actor; the hang costs its track one
-    `DecodeTimeout` row, and nothing else is lost or written twice."""
+    """Once shards are being staged, kill -9 the Ray workers running decode tasks (their decode children go with
+    them) and the encoder actor. Ray runs the tasks again in new workers and restarts the actor. A file near the end
+    of the catalog hangs its decoder, so the run is still going whenever the kill lands; the hang costs its track
+    one `DecodeTimeout` row, and nothing else is lost or written twice."""
     good, bad = expected_tracks(small_labels)
     manifest = small_catalog.manifest_path
     order = pq.read_table(manifest)["track_id"].to_pylist()
-    stuck = next(track for track in order if track in good)
+    stuck = next(track for track in reversed(order) if track in good)
     out = str(tmp_path / "out")
     proc = embed_process(
         str(manifest), out, "--runner", "ray", "--shard-size", str(SHARD_SIZE), "--workers", "2",
         "--decode-timeout", "20", failpoints=f"decode=hang:{stuck}",
     )
-    wait_for(lambda: staged_embedding_parts(out) >= 3, proc, "three shards were staged")
-    processes = session_processes(proc)
-    decoders = [pid for pid, p in processes.items() if p.command.startswith("ray::Map(_decode_shard)")]
-    encoders = [pid for pid, p in processes.items() if p.command.startswith("ray::MapWorker(Map(_EmbedShard))")]
-    orphans = [pid for pid, p in processes.items() if p.ppid in decoders]  # the stuck decode child among them
-    assert decoders and encoders and orphans, processes
-    for pid in decoders + encoders:
+    targets: dict[str, list[int]] = {}
+
+    def workers_busy() -> bool:
+        """Shards are staged, and a decode task (with its decode child) and the encoder actor are up."""
+        if staged_embedding_parts(out) < 2:
+            return False
+        processes = session_processes(proc)
+        decoders = [pid for pid, p in processes.items() if p.command.startswith("ray::Map(_decode_shard)")]
+        targets["decoders"] = decoders
+        targets["encoders"] = [pid for pid, p in processes.items() if p.command.startswith("ray::MapWorker(Map(")]
+        targets["children"] = [pid for pid, p in processes.items() if p.ppid in decoders and "spawn_main" in p.command]
+        return all(targets.values())
+
+    wait_for(workers_busy, proc, "shards were staged while a decode task and the encoder actor ran")
+    for pid in targets["decoders"] + targets["encoders"]:
         os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not any(alive(pid) for pid in orphans), proc, "the killed workers' decode children ended")
+    children = targets["children"]
+    wait_for(lambda: not any(alive(pid) for pid in children), proc, "the killed workers' decode children ended")
     log = finish(proc)
     assert proc.returncode == 0, log
+    assert "A worker died or was killed while executing a task" in log  # Ray saw the kill and ran the task again
     assert table_tracks(out) == (sorted(set(good) - {stuck}), sorted(bad + [stuck]))
     reasons = dict(connect(out).execute("SELECT track_id, error_type FROM failures").fetchall())
     assert reasons[stuck] == "DecodeTimeout"
