@@ -1,4 +1,4 @@
-"""Fault injection for the fault-tolerance suite: make a named point crash, hang or exit on demand.
+"""Fault injection for the fault-tolerance suite: make a named point crash, hang, exit or raise on demand.
 
 `CATALOG_EMBED_FAILPOINTS` holds `point=action:match` entries separated by `;`, e.g.
 `decode=segfault:track-07;decode=hang:track-09;commit.embeddings=exit;write_shard=raise*1:000-000002`. When code

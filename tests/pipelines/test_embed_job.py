@@ -18,7 +18,7 @@ from pipelines.query import connect
 from schemas.errors import ConfigError, EncoderError, RunAbortedError
 from schemas.store import TableStore
 from schemas.tables import EMBEDDINGS, FAILURES, RUNS, WINDOWS
-from workers.audio import load_audio
+from workers.audio import DecodeConfig, load_audio
 from workers.encoders import get_encoder
 from workers.stages import EncoderConfig
 
@@ -142,6 +142,7 @@ def test_a_run_broken_as_a_whole_aborts_and_commits_no_rows(tmp_path):
         ({"encoder": EncoderConfig(device="cuda")}, EncoderError, "--device cpu"),
         ({"workers": 0}, ConfigError, "--workers"),
         ({"max_failure_ratio": 2.0}, ConfigError, "--max-failure-ratio"),
+        ({"decode": DecodeConfig(max_memory_mb=16)}, ConfigError, "--decode-memory-mb"),
         ({"runner": "spark"}, ConfigError, "'spark' is unknown"),
     ],
 )
