@@ -133,6 +133,13 @@ class Encoder(ABC):
     def version(self) -> str:
         """Version derived from the weights' sha256; valid after `prepare()`."""
 
+    def _prepared(self, version: str | None) -> str:
+        """`version` once `prepare()` has set it; before that, an error naming the missing call."""
+        if version is None:
+            msg = f"encoder {self.name!r}: call prepare() before asking for its version"
+            raise EncoderError(msg)
+        return version
+
     @abstractmethod
     def _build(self, device: torch.device) -> None:
         """Build the network from the prepared weights on `device`, in eval mode."""

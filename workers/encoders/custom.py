@@ -476,10 +476,7 @@ class _CustomEncoder(Encoder):
     @property
     def version(self) -> str:
         """First 16 hex digits of the sha256 of the weights (see the module docstring); valid after prepare()."""
-        if self._version is None:
-            msg = f"encoder {self.name!r}: call prepare() before asking for its version"
-            raise EncoderError(msg)
-        return self._version
+        return self._prepared(self._version)
 
 
 @dataclass

@@ -578,10 +578,7 @@ class Musicnn(Encoder):
     @property
     def version(self) -> str:
         """First 16 hex digits of the sha256 of the converted weights (names, shapes and bytes)."""
-        if self._version is None:
-            msg = f"encoder {self.name!r}: call prepare() before asking for its version"
-            raise EncoderError(msg)
-        return self._version
+        return self._prepared(self._version)
 
     def _build(self, device: torch.device) -> None:
         if self._state is None:

@@ -14,6 +14,7 @@ Tensors are NCHW with (frequency, time) as (H, W).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -485,10 +486,7 @@ class MuleSfnfnetF0(Encoder):
     @property
     def version(self) -> str:
         """First 16 hex digits of the sha256 of the release's model.weights.h5 (same for model.keras)."""
-        if self._imported is None:
-            msg = f"encoder {self.name!r} has no version before prepare()"
-            raise EncoderError(msg)
-        return self._imported.weights_sha256[:16]
+        return self._prepared(self._imported.weights_sha256[:16] if self._imported else None)
 
     @property
     def weights_path(self) -> Path:
@@ -519,3 +517,19 @@ class MuleSfnfnetF0(Encoder):
             else:
                 result[name] = out["embedding"]
         return result
+
+
+def write_standin_weights(directory: Path, seed: int = 0) -> str:
+    """Write seeded random SF-NFNet-F0 weights (skip gains non-zero, so every block contributes) as a converted
+    weights directory; returns its path. For measuring arithmetic (precision, speed) where the released weights
+    are not at hand: the embeddings mean nothing."""
+    torch.manual_seed(seed)
+    net = SfNfNetF0()
+    with torch.no_grad():
+        for name, parameter in net.named_parameters():
+            if name.endswith("skip_gain"):
+                parameter.uniform_(0.1, 0.5)
+    safetensors.torch.save_file(net.state_dict(), str(directory / keras_import.CONVERTED_WEIGHTS))
+    config = {"encoder": keras_import.ENCODER, "weights_sha256": "0" * 64}
+    (directory / keras_import.CONVERTED_CONFIG).write_text(json.dumps(config))
+    return str(directory)
