@@ -33,34 +33,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from workers.encoders import Encoder, get_encoder
 from workers.encoders.base import resolve_device
-from workers.encoders.keras_import import CONVERTED_CONFIG, CONVERTED_WEIGHTS, ENCODER
-from workers.encoders.sfnfnet import SfNfNetF0
+from workers.encoders.sfnfnet import write_standin_weights
 
 RESULTS = Path(__file__).parent / "results" / "encoders.json"
 MODELS = ("musicnn-msd", "musicnn-mtt", "mule-sfnfnet-f0", "mfcc-stats", "chroma-stats")
 LONG_CALL_S = 10.0
 LONG_CALL_REPEAT = 3
 FRONT_END_AUDIO_S = 60.0
-
-
-def standin_mule_weights(directory: Path) -> str:
-    """Write seeded random SF-NFNet-F0 weights as a converted weights directory; returns its path."""
-    torch.manual_seed(0)
-    net = SfNfNetF0()
-    with torch.no_grad():
-        for name, parameter in net.named_parameters():
-            if name.endswith("skip_gain"):
-                parameter.uniform_(0.1, 0.5)
-    safetensors.torch.save_file(net.state_dict(), str(directory / CONVERTED_WEIGHTS))
-    (directory / CONVERTED_CONFIG).write_text(json.dumps({"encoder": ENCODER, "weights_sha256": "0" * 64}))
-    return str(directory)
 
 
 def _sync(device: torch.device) -> None:
@@ -188,7 +173,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="encoders-bench-") as scratch:
-        mule_weights = standin_mule_weights(Path(scratch)) if "mule-sfnfnet-f0" in args.models else ""
+        mule_weights = write_standin_weights(Path(scratch)) if "mule-sfnfnet-f0" in args.models else ""
         for name in args.models:
             rows.extend(bench_model(name, args, device, mule_weights))
     machine = {

@@ -4,21 +4,18 @@ sized to the device."""
 
 from __future__ import annotations
 
-import json
 import wave
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import safetensors.torch
 import torch
 
 from schemas.errors import EncoderError
 from schemas.manifest import WorkItem
 from tests.reference import MUSICNN_REFERENCE
 from workers.encoders import get_encoder
-from workers.encoders.keras_import import CONVERTED_CONFIG, CONVERTED_WEIGHTS, ENCODER
-from workers.encoders.sfnfnet import SfNfNetF0
+from workers.encoders.sfnfnet import write_standin_weights
 from workers.stages import DecodeStage, EmbedStage, EncoderConfig, TrackFeatures, cuda_batch_windows
 
 MIN_COSINE = 0.999
@@ -52,16 +49,7 @@ def standin_mule(tmp_path_factory: pytest.TempPathFactory) -> str:
     """SF-NFNet-F0 with seeded random weights (skip gains non-zero, so every block contributes), as a converted
     weights directory. The released weights are not available here; the precision of the arithmetic is what is
     under test."""
-    root = tmp_path_factory.mktemp("mule_standin")
-    torch.manual_seed(0)
-    net = SfNfNetF0()
-    with torch.no_grad():
-        for name, parameter in net.named_parameters():
-            if name.endswith("skip_gain"):
-                parameter.uniform_(0.1, 0.5)
-    safetensors.torch.save_file(net.state_dict(), str(root / CONVERTED_WEIGHTS))
-    (root / CONVERTED_CONFIG).write_text(json.dumps({"encoder": ENCODER, "weights_sha256": "0" * 64}))
-    return str(root)
+    return write_standin_weights(tmp_path_factory.mktemp("mule_standin"))
 
 
 @pytest.mark.slow
