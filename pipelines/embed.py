@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -20,12 +21,14 @@ import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipelines.plan import Plan, plan_run
+from pipelines.lease import RunLease, read_lease
+from pipelines.plan import Plan, Request, plan_run, read_state, run_limits
 from pipelines.runners import RUNNERS, EmbedJob, RunStats, get_runner, write_shard
+from pipelines.storage import add_storage_option_argument, storage_options_from_args
 from pipelines.runners.options import BeamOptions, RayOptions, add_engine_arguments, engine_options_from_args
-from schemas.errors import ConfigError, RunAbortedError
+from schemas.errors import ConfigError, RunAbortedError, RunLostError
 from schemas.manifest import UriPolicy, catalog_fingerprints, read_catalog
-from schemas.store import TableStore
+from schemas.store import RUN_META, TableStore, run_id_problem
 from schemas.tables import EMBEDDINGS, RUNS
 from workers.audio import DecodeConfig
 from workers.encoders.base import Licence, resolve_device
@@ -34,6 +37,12 @@ from workers.stages import EncoderConfig, TrackFailure
 
 
 _KEYS = pa.schema([pa.field("model", pa.string()), pa.field("track_id", pa.string())])
+# Decode processes per core beyond which --workers is a typo, not a plan (each process holds a decoder and memory).
+_WORKERS_PER_CORE = 4
+# Parallelism hint of the distributed runners: far above any one job's useful fan-out.
+_MAX_ENGINE_WORKERS = 4096
+# A run launched on Dataflow keeps its lease this long after the launcher exits: its job commits it meanwhile.
+_LAUNCHED_LEASE_S = 48 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,8 @@ class EmbedConfig:
         decode_timeout_s: a track whose decode takes longer fails (the worker is replaced).
         max_failure_ratio: abort the run when more than this fraction of tracks fail.
         retry_failed: retry tracks that failed before even if their file is unchanged.
-        run_id: explicit run id; when None, an interrupted run that computed the same thing is resumed, else a
-            new id is made.
+        run_id: explicit run id (letters, digits, '.', '_', '-'); an id already committed is refused. When None, an
+            interrupted run (its process dead) that planned the same work is resumed, else a new id is made.
         prune: delete the rows of tracks gone from the catalog instead of marking them `deleted`.
         policy: which URIs the manifest may point at.
         storage_options: deltalake storage options for --out (an S3 endpoint, locking); credentials come from
@@ -80,8 +89,17 @@ class EmbedConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the option to change."""
+        max_workers = self.max_workers()
         checks = [
             (self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
+            (
+                self.workers <= max_workers,
+                f"--workers {self.workers} is more than {max_workers}"
+                + (
+                    f" ({_WORKERS_PER_CORE} decode processes per core of this machine): lower it"
+                    if self.runner == "local" else ": lower it"
+                ),
+            ),
             (self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}"),
             (
                 self.encoder.batch_windows is None or self.encoder.batch_windows >= 1,
@@ -91,6 +109,11 @@ class EmbedConfig:
             (self.decode_timeout_s > 0, f"--decode-timeout must be positive, got {self.decode_timeout_s}"),
             (self.decode.max_duration_s > 0, f"--max-duration must be positive, got {self.decode.max_duration_s}"),
             (self.decode.min_duration_s >= 0, f"--min-duration must be >= 0, got {self.decode.min_duration_s}"),
+            (
+                self.decode.min_duration_s <= self.decode.max_duration_s,
+                f"--min-duration {self.decode.min_duration_s:g} is above --max-duration {self.decode.max_duration_s:g}: "
+                "every track would fail; lower --min-duration or raise --max-duration",
+            ),
             (self.decode.max_file_mb > 0, f"--max-file-mb must be positive, got {self.decode.max_file_mb}"),
             (
                 self.decode.max_memory_mb >= 64,
@@ -100,11 +123,20 @@ class EmbedConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        problem = self.run_id is not None and run_id_problem(self.run_id)
+        if problem:
+            raise ConfigError(f"--run-id: {problem}")
         if self.runner not in RUNNERS:
             msg = f"--runner {self.runner!r} is unknown; choose one of: {', '.join(RUNNERS)}"
             raise ConfigError(msg)
         self.beam.validate(self.runner, self.out, self.catalog, self.encoder.device)
         self.ray.validate(self.runner)
+
+    def max_workers(self) -> int:
+        """The largest --workers accepted: decode processes are local to this machine on the local runner."""
+        if self.runner == "local":
+            return _WORKERS_PER_CORE * len(os.sched_getaffinity(0))
+        return _MAX_ENGINE_WORKERS
 
     def runner_options(self) -> dict[str, object]:
         """Keyword arguments of the selected runner's constructor: its engine options."""
@@ -150,18 +182,28 @@ class PreparedRun:
     store: TableStore
 
     def meta(self) -> dict[str, object]:
-        """What the run computes: an interrupted run with the same meta can be resumed."""
-        return {
+        """The resume key: what the run plans and computes. An interrupted run with the same key can be resumed;
+        one for another catalog, encoder, layer set or limits never is (its staged rows would not belong)."""
+        config = self.config
+        key = {
+            "catalog": config.catalog,
             "model": self.model,
             "model_version": self.model_version,
             "feature_hash": self.feature_hash,
             "layers": list(self.layers),
-            "windows": self.config.write_windows,
+            "windows": config.write_windows,
+            "limits": run_limits(dataclasses.asdict(config)),
+            "policy": dataclasses.asdict(config.policy),
         }
+        return json.loads(json.dumps(key))  # as it reads back from the staged run.json (tuples become lists)
 
 
-def prepare_run(config: EmbedConfig) -> PreparedRun:
+def prepare_run(config: EmbedConfig, create_tables: bool = True) -> PreparedRun:
     """Validate the configuration, resolve the encoder, read the catalog and plan against the tables.
+
+    Args:
+        config: the run.
+        create_tables: create the tables when missing; `plan` only reads.
 
     Raises:
         ConfigError, EncoderError, ManifestError, TableError: nothing has been read or written but the catalog
@@ -179,8 +221,9 @@ def prepare_run(config: EmbedConfig) -> PreparedRun:
     catalog = read_catalog(config.catalog, config.policy)
     prints = catalog_fingerprints(catalog)
     store = TableStore(config.out, config.storage_options)
-    store.ensure_tables()
-    embedded_state, failed_state = store.model_state(encoder.name)
+    store.ensure_tables(create=create_tables)
+    request = Request(layers, config.write_windows, run_limits(dataclasses.asdict(config)))
+    embedded_state, failed_state = read_state(store, encoder.name, request)
     plan = plan_run(
         catalog, prints, embedded_state, failed_state, encoder.version, feature_hash, retry_failed=config.retry_failed
     )
@@ -190,12 +233,14 @@ def prepare_run(config: EmbedConfig) -> PreparedRun:
 def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary:
     """Run one embed job end to end; see the module docstring.
 
-    An interrupted run (killed driver, lost machine) that computed the same thing is resumed: the tracks it
-    already staged are not embedded again, and its parts are committed with the new ones.
+    An interrupted run (its process dead: killed driver, lost machine, Ctrl-C) that planned the same work is
+    resumed: the tracks it already staged are not embedded again, and its parts are committed with the new ones.
+    The run holds a lease on its staging while it runs (`pipelines.lease`), so no other run adopts or vacuums it.
 
     Raises:
         ConfigError, EncoderError, ManifestError, TableError: before any work.
         RunAbortedError: too many tracks failed; nothing but an `aborted` runs row is committed.
+        RunLostError: another process took the run's staging over or removed it; this run committed nothing.
     """
     console = console or Console(stderr=True)
     started = datetime.now(UTC)
@@ -204,16 +249,63 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
     runner = get_runner(config.runner, **config.runner_options())
     prepared = prepare_run(config)
     config, plan, store = prepared.config, prepared.plan, prepared.store
-    run_id = config.run_id or store.resumable_run(prepared.meta())
-    attempt, items = 0, plan.items
-    if run_id is not None:
-        staged, attempt = store.staged_progress(run_id)
-        items = tuple(item for item in plan.items if item.track_id not in staged)
-        if attempt:
-            console.print(f"resuming run {run_id}: {len(plan.items) - len(items)} planned tracks are already staged")
-    else:
-        run_id = f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
-    store.write_run_meta(run_id, prepared.meta())
+    run_id = _claimable_run(store, config.run_id, prepared.meta()) or f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+    lease = RunLease(store, run_id).acquire()
+    try:
+        return _run_claimed(config, prepared, runner, run_id, lease, started, clock, console)
+    finally:
+        lease.release()
+
+
+def _claimable_run(store: TableStore, run_id: str | None, meta: dict[str, object]) -> str | None:
+    """The run this invocation continues: `run_id` when given (refused when committed, running, or staged for
+    other work), else the newest dead, uncommitted run staged for the same work, else None (a new run)."""
+    if run_id is None:
+        for candidate in reversed(store.staged_runs()):
+            if run_id_problem(candidate) is None and _resumable(store, candidate, meta) is None:
+                return candidate
+        return None
+    if store.is_committed(run_id):
+        msg = f"--run-id {run_id} is already committed: a run id names one run; omit --run-id or choose a new one"
+        raise ConfigError(msg)
+    why = _resumable(store, run_id, meta)
+    if why is not None and store.fs.exists(store.staging_dir(run_id)):
+        raise ConfigError(f"--run-id {run_id}: {why}; choose another run id")
+    return run_id
+
+
+def _resumable(store: TableStore, run_id: str, meta: dict[str, object]) -> str | None:
+    """Why the staged run `run_id` cannot be resumed for `meta`, or None when it can."""
+    staged = store.read_staged_json(run_id, RUN_META)
+    if staged is None:
+        return "its staging folder was not written by an embed run"
+    lease = read_lease(store, run_id)
+    if lease is not None and lease.alive():
+        return f"it is running now ({lease.describe()})"
+    if staged != meta:
+        return "it was staged for other work (another catalog, encoder, layers or limits)"
+    if store.is_committed(run_id):
+        return "it is already committed"
+    return None
+
+
+def _run_claimed(
+    config: EmbedConfig,
+    prepared: PreparedRun,
+    runner: object,
+    run_id: str,
+    lease: RunLease,
+    started: datetime,
+    clock: float,
+    console: Console,
+) -> RunSummary:
+    """Run `run_id`, whose lease this process holds; see `run_embed`."""
+    plan, store = prepared.plan, prepared.store
+    staged, attempt = store.staged_progress(run_id)
+    items = tuple(item for item in plan.items if item.track_id not in staged)
+    if attempt:
+        console.print(f"resuming run {run_id}: {len(plan.items) - len(items)} planned tracks are already staged")
+    store.write_staged_json(run_id, RUN_META, prepared.meta())
     console.print(
         f"[bold]run {run_id}[/]: {prepared.model} {prepared.model_version} layers {','.join(prepared.layers)}; "
         f"{plan.describe()}"
@@ -231,6 +323,7 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
         n_skipped=plan.n_skipped,
         gone=plan.gone,
         started=started,
+        lease_owner=lease.owner,
     )
     job = EmbedJob(
         run_id=run_id,
@@ -257,13 +350,21 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
         try:
             with _progress_bar(console) as bar:
                 task = bar.add_task("embedding", total=len(items))
-                stats.merge(runner.run(job, lambda n, _audio: bar.advance(task, n)))
+
+                def progress(n: int, _audio: float) -> None:
+                    lease.check()  # stop as soon as the heartbeat finds the run taken over, not at the commit
+                    bar.advance(task, n)
+
+                stats.merge(runner.run(job, progress))
         except RunAbortedError:
             commit.abort()
             raise
+    if stats.status == "launched":
+        lease.extend(_LAUNCHED_LEASE_S)
     status = stats.status or "succeeded"
     if stats.status is None:
         commit_start = time.perf_counter()
+        lease.release()  # no heartbeat may recreate the staging folder that the commit removes
         commit.succeed(stats)
         stats.add_time("commit", time.perf_counter() - commit_start)
     summary = RunSummary(run_id, status, plan, stats, time.perf_counter() - clock, config.out)
@@ -291,15 +392,22 @@ class RunCommit:
     n_skipped: int
     gone: tuple[str, ...]
     started: datetime
+    lease_owner: str
 
     def succeed(self, stats: RunStats) -> None:
         """Commit a finished run's parts and a `succeeded` runs row."""
-        self._commit(stats, "succeeded")
+        store = TableStore(self.config.out, self.config.storage_options)
+        # A retried commit of a committed run (a repeated Beam bundle) finds its staging, lease included, gone.
+        if not store.is_committed(self.run_id):
+            self._check_lease(store)
+        self._commit(store, stats, "succeeded")
 
     def abort(self) -> None:
         """Drop the run's parts and commit an `aborted` runs row."""
-        TableStore(self.config.out, self.config.storage_options).drop_staging(self.run_id)
-        self._commit(RunStats(), "aborted")
+        store = TableStore(self.config.out, self.config.storage_options)
+        self._check_lease(store)
+        store.drop_staging(self.run_id)
+        self._commit(store, RunStats(), "aborted")
 
     def finish(self, stats: RunStats) -> str:
         """Abort the run when too many tracks failed, else commit it; returns the status committed."""
@@ -311,8 +419,15 @@ class RunCommit:
         self.succeed(stats)
         return "succeeded"
 
-    def _commit(self, stats: RunStats, status: str) -> None:
-        store = TableStore(self.config.out, self.config.storage_options)
+    def _check_lease(self, store: TableStore) -> None:
+        """Raise RunLostError unless this run still owns its staging: never commit, or report, another's rows."""
+        lease = read_lease(store, self.run_id)
+        if lease is None or lease.owner != self.lease_owner:
+            who = "it was removed" if lease is None else f"{lease.describe()} took it over"
+            msg = f"run {self.run_id} lost its staging while it ran ({who}): this run committed nothing; run again"
+            raise RunLostError(msg)
+
+    def _commit(self, store: TableStore, stats: RunStats, status: str) -> None:
         # Counted from the staged parts, so a resumed run reports the tracks of all its attempts.
         n_embedded, n_failed, audio_seconds = store.staged_counts(self.run_id)
         compute = sum(s for k, s in stats.stage_seconds.items() if k in ("decode", "encode"))
@@ -445,10 +560,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="also allow manifest URIs under this prefix (default: only under the catalog's folder); repeatable",
     )
     parser.add_argument("--allow-http", action="store_true", help="allow http(s) URIs in the manifest")
-    parser.add_argument(
-        "--storage-option", action="append", default=[], metavar="KEY=VALUE",
-        help="deltalake storage option for --out, e.g. AWS_ENDPOINT_URL=http://127.0.0.1:9000; repeatable",
-    )
+    add_storage_option_argument(parser)
     add_engine_arguments(parser)
 
 
@@ -484,21 +596,10 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
         run_id=args.run_id,
         prune=args.prune,
         policy=UriPolicy(allow_prefixes=tuple(args.allow_prefix), allow_http=args.allow_http),
-        storage_options=_key_values(args.storage_option) or None,
+        storage_options=storage_options_from_args(args),
         beam=beam,
         ray=ray,
     )
-
-
-def _key_values(pairs: list[str]) -> dict[str, str]:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            msg = f"--storage-option {pair!r} is not KEY=VALUE"
-            raise ConfigError(msg)
-        options[key] = value
-    return options
 
 
 def _handle(args: argparse.Namespace) -> int:
@@ -507,7 +608,7 @@ def _handle(args: argparse.Namespace) -> int:
 
 
 def _handle_plan(args: argparse.Namespace) -> int:
-    prepared = prepare_run(config_from_args(args))
+    prepared = prepare_run(config_from_args(args), create_tables=False)
     plan = prepared.plan
     console = Console()
     console.print(f"{prepared.model} {prepared.model_version}: {plan.describe()}")

@@ -76,6 +76,10 @@ class RunAbortedError(CatalogEmbedError):
     """The run was stopped as a whole, e.g. because too many tracks failed."""
 
 
+class RunLostError(CatalogEmbedError):
+    """A run lost its staging while it ran (taken over by another run, or removed): it commits nothing."""
+
+
 class LabelsError(CatalogEmbedError):
     """A labels table is unreadable or does not fit the probe task (columns, types, ids, splits)."""
 

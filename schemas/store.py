@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any
 
 import fsspec
 import pyarrow as pa
@@ -36,7 +38,11 @@ from schemas.tables import EMBEDDINGS, FAILURES, RUNS, SCHEMA_VERSION, TABLES, W
 
 SCHEMA_VERSION_KEY = "catalog_embed.schema_version"
 STAGING = "_staging"
-_RUN_META = "run.json"
+# What an output root may hold besides the tables: a root with anything else is not ours to write into.
+ROOT_ENTRIES = (*TABLES, STAGING, "_indexes")
+RUN_META = "run.json"
+# Run ids name folders and Delta transactions: a safe character set, no separators, no leading dot.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # A commit that loses a race with another writer is retried on the new version with exponential backoff.
 _COMMIT_ATTEMPTS = 6
 _COMMIT_BACKOFF_S = 0.2
@@ -47,6 +53,16 @@ _S3_ENDPOINT_KEYS = ("aws_endpoint_url", "aws_endpoint", "endpoint_url", "endpoi
 def app_id(run_id: str) -> str:
     """The Delta application-transaction id a run's commits carry."""
     return f"catalog-embed:{run_id}"
+
+
+def run_id_problem(run_id: str) -> str | None:
+    """Why `run_id` cannot name a run (it becomes a folder under `_staging/`), or None when it can."""
+    if _RUN_ID.fullmatch(run_id) is None:
+        return (
+            f"run id {run_id!r} is not allowed: use 1 to 128 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit (no '/', no '..')"
+        )
+    return None
 
 
 class TableStore:
@@ -78,24 +94,66 @@ class TableStore:
             msg = f"no {spec.name} table at {self.uri(spec)}: run `catalog-embed embed` with --out {self.root} first"
             raise TableError(msg) from exc
 
-    def ensure_tables(self) -> None:
-        """Create missing tables (so readers and planners always find them) and check existing schemas.
+    def check_root(self) -> None:
+        """Refuse an output root that is not a table set of ours: a file, a Delta table itself, a folder inside one,
+        or a folder holding anything but our tables.
 
         Raises:
-            TableError: an existing table lacks a column we write, or has an incompatible schema version.
+            TableError: naming what is there and what --out should be instead.
         """
+        path = self._root_path.rstrip("/")
+        try:
+            if self.fs.isfile(path):
+                msg = f"--out {self.root} is a file: give a folder (new or written by catalog-embed)"
+                raise TableError(msg)
+            parent = path
+            while parent not in ("", "/", "."):
+                if self.fs.exists(posixpath.join(parent, "_delta_log")):
+                    if parent == path:
+                        msg = (
+                            f"--out {self.root} is a Delta table itself: give the folder that holds the tables "
+                            f"(embeddings/, failures/, ...), e.g. {posixpath.dirname(self.root)}"
+                        )
+                    else:
+                        msg = (
+                            f"--out {self.root} is inside the Delta table {parent}: give a folder outside it "
+                            f"(the folder holding the tables, e.g. {posixpath.dirname(parent)})"
+                        )
+                    raise TableError(msg)
+                parent = posixpath.dirname(parent)
+                if "://" not in self.root and parent == posixpath.dirname(parent):
+                    break
+            entries = self.fs.ls(path, detail=False) if self.fs.isdir(path) else []
+        except (OSError, ValueError) as exc:
+            msg = f"cannot read --out {self.root}: {exc}; check the path and its credentials"
+            raise TableError(msg) from exc
+        foreign = sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+        foreign = [name for name in foreign if name not in ROOT_ENTRIES]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            msg = (
+                f"--out {self.root} holds files that are not catalog-embed tables ({shown}): give a new or empty folder, "
+                "or one that catalog-embed wrote"
+            )
+            raise TableError(msg)
+
+    def ensure_tables(self, create: bool = True) -> None:
+        """Check the output root and existing schemas; create missing tables (so readers always find them).
+
+        Args:
+            create: create missing tables; False only checks (for commands that must not write, like `plan`).
+
+        Raises:
+            TableError: --out is not a table set of ours (see `check_root`), cannot be written, or an existing table
+                lacks a column we write or has an incompatible schema version.
+        """
+        self.check_root()
         for spec in TABLES.values():
             try:
                 table = DeltaTable(self.uri(spec), storage_options=self.storage_options)
             except TableNotFoundError:
-                DeltaTable.create(
-                    self.uri(spec),
-                    _versioned(spec.schema),
-                    mode="ignore",
-                    partition_by=list(spec.partition_by) or None,
-                    name=spec.name,
-                    storage_options=self.storage_options,
-                )
+                if create:
+                    self._create(spec)
                 continue
             except (DeltaError, OSError) as exc:
                 msg = f"cannot open {self.uri(spec)}: {exc}; check --out and its credentials"
@@ -113,28 +171,52 @@ class TableStore:
                 msg = f"{self.uri(spec)} lacks column(s) {', '.join(lacking)}: it was not written by catalog-embed"
                 raise TableError(msg)
 
+    def _create(self, spec: TableSpec) -> None:
+        try:
+            DeltaTable.create(
+                self.uri(spec),
+                _versioned(spec.schema),
+                mode="ignore",
+                partition_by=list(spec.partition_by) or None,
+                name=spec.name,
+                storage_options=self.storage_options,
+            )
+        except (DeltaError, OSError) as exc:
+            msg = f"cannot create the {spec.name} table under --out {self.root}: {exc}; check that it is writable"
+            raise TableError(msg) from exc
+
     # -- staging ---------------------------------------------------------------------------------------------
 
     def staging_dir(self, run_id: str, spec: TableSpec | None = None) -> str:
-        """Folder (fsspec path) of a run's staged parts, optionally of one table."""
+        """Folder (fsspec path) of a run's staged parts, optionally of one table.
+
+        Raises:
+            TableError: `run_id` is not a valid run id, so it could name a folder outside `_staging/`.
+        """
+        problem = run_id_problem(run_id)
+        if problem is not None:
+            raise TableError(problem)
         base = posixpath.join(self._root_path, STAGING, run_id)
         return posixpath.join(base, spec.name) if spec else base
 
-    def write_part(self, run_id: str, spec: TableSpec, part: str, rows: pa.Table) -> str:
-        """Write one part file with a deterministic name; rewriting the same part replaces it.
-
-        On local disks the file is written aside and renamed, so a killed worker never leaves a half-written
-        part under its final name; object stores make a single put atomic themselves.
-        """
-        folder = self.staging_dir(run_id, spec)
-        path = posixpath.join(folder, f"part-{part}.parquet")
-        self.fs.makedirs(folder, exist_ok=True)
+    @contextmanager
+    def _atomic(self, path: str, mode: str) -> Iterator[IO[Any]]:
+        """Open `path` for writing so that readers never see it half-written: on local disks the file is written
+        aside and renamed (a killed worker leaves no partial file under the final name); object stores make a
+        single put atomic themselves."""
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         target = f"{path}.tmp-{uuid.uuid4().hex}" if local else path
-        with self.fs.open(target, "wb") as fh:
-            pq.write_table(rows, fh)
+        with self.fs.open(target, mode) as fh:
+            yield fh
         if local:
             self.fs.mv(target, path)
+
+    def write_part(self, run_id: str, spec: TableSpec, part: str, rows: pa.Table) -> str:
+        """Write one part file with a deterministic name; rewriting the same part replaces it."""
+        path = posixpath.join(self.staging_dir(run_id, spec), f"part-{part}.parquet")
+        with self._atomic(path, "wb") as fh:
+            pq.write_table(rows, fh)
         return path
 
     def staged_parts(self, run_id: str, spec: TableSpec) -> list[str]:
@@ -163,41 +245,39 @@ class TableStore:
         failed = self.read_staged(run_id, FAILURES)
         return embedded.num_rows, failed.num_rows, float(pc.sum(embedded["duration_s"]).as_py() or 0.0)
 
-    def write_run_meta(self, run_id: str, meta: dict[str, Any]) -> None:
-        """Record what a run computes, so a later invocation can tell whether it may resume the run."""
-        folder = self.staging_dir(run_id)
-        self.fs.makedirs(folder, exist_ok=True)
-        with self.fs.open(posixpath.join(folder, _RUN_META), "w") as fh:
-            json.dump(meta, fh, sort_keys=True)
+    def write_staged_json(self, run_id: str, name: str, payload: dict[str, Any]) -> None:
+        """Write a small JSON file (the run's meta, its lease) into a run's staging folder, atomically."""
+        with self._atomic(posixpath.join(self.staging_dir(run_id), name), "w") as fh:
+            json.dump(payload, fh, sort_keys=True)
+
+    def read_staged_json(self, run_id: str, name: str) -> dict[str, Any] | None:
+        """A JSON file of a run's staging folder, or None when it is missing or unreadable."""
+        try:
+            with self.fs.open(posixpath.join(self.staging_dir(run_id), name), "r") as fh:
+                payload = json.load(fh)
+        except (FileNotFoundError, ValueError):
+            return None
+        return payload if isinstance(payload, dict) else None
 
     def staged_runs(self) -> list[str]:
-        """Run ids with a staging folder (uncommitted, or committed by a driver that died before cleaning up)."""
+        """Names of the folders under `_staging/`, sorted: runs' staging, and anything else someone put there
+        (callers touch only folders that hold a run's `run.json`)."""
         root = posixpath.join(self._root_path, STAGING)
         if not self.fs.exists(root):
             return []
-        return sorted(posixpath.basename(p) for p in self.fs.ls(root, detail=False))
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(root, detail=False))
 
     def last_staged(self, run_id: str) -> float:
         """Unix time of the newest file in a run's staging folder (0 when empty)."""
         files = self.fs.find(self.staging_dir(run_id))
         return max((self.fs.modified(p).timestamp() for p in files), default=0.0)
 
-    def resumable_run(self, meta: dict[str, Any]) -> str | None:
-        """The newest uncommitted staged run that computed the same thing (`meta`), if any."""
-        for run_id in reversed(self.staged_runs()):
-            path = posixpath.join(self.staging_dir(run_id), _RUN_META)
-            if not self.fs.exists(path) or self.is_committed(run_id):
-                continue
-            with self.fs.open(path, "r") as fh:
-                if json.load(fh) == meta:
-                    return run_id
-        return None
-
     def staged_progress(self, run_id: str) -> tuple[set[str], int]:
         """Tracks a run has already staged and the next attempt number, for resuming it.
 
         A shard is complete once its embeddings part exists (`write_shard` writes it last); parts of incomplete
-        shards, left by a worker killed mid-shard, are removed so that they are redone whole.
+        shards, left by a worker killed mid-shard, are removed here so that they are redone whole: call this only
+        on a run whose lease this process holds.
         """
         complete = {posixpath.basename(p) for p in self.staged_parts(run_id, EMBEDDINGS)}
         done: set[str] = set()
@@ -221,8 +301,11 @@ class TableStore:
     # -- commit ----------------------------------------------------------------------------------------------
 
     def is_committed(self, run_id: str) -> bool:
-        """Whether the run's `runs` row is committed (its last step)."""
-        return self.table(RUNS).transaction_version(app_id(run_id)) is not None
+        """Whether the run's `runs` row is committed (its last step); False when there is no `runs` table yet."""
+        try:
+            return self.table(RUNS).transaction_version(app_id(run_id)) is not None
+        except TableError:
+            return False
 
     def commit(self, run_id: str, run_row: pa.Table, gone: pa.Table | None = None, prune: bool = False) -> None:
         """Commit a run: merge its staged parts, retire tracks gone from the catalog, append its `runs` row.
@@ -310,15 +393,9 @@ class TableStore:
             table = table.filter(filter_)
         return table.select(columns) if columns is not None else table
 
-    def model_state(self, model: str) -> tuple[pa.Table, pa.Table]:
-        """What is already known for `model`: its embeddings' keys and its failures' keys, for planning."""
-        embedded = self.read(
-            EMBEDDINGS,
-            ["track_id", "source_fingerprint", "model_version", "feature_hash", "deleted"],
-            partition={"model": model},
-        )
-        failed = self.read(FAILURES, ["track_id", "source_fingerprint", "stage"], pc.field("model") == model)
-        return embedded, failed
+    def exists(self, spec: TableSpec) -> bool:
+        """Whether the table has been created."""
+        return DeltaTable.is_deltatable(self.uri(spec), storage_options=self.storage_options)
 
 
 def _fsspec_options(root: str, storage_options: dict[str, str] | None) -> dict[str, str]:

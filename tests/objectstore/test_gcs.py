@@ -10,7 +10,7 @@ import gcsfs
 import pytest
 
 from schemas.manifest import MISSING_FINGERPRINT, UriPolicy, WorkItem, catalog_fingerprints, read_catalog
-from schemas.store import TableStore
+from schemas.store import RUN_META, TableStore
 from schemas.tables import FAILURES
 from tests.objectstore.conftest import BUCKET
 from workers.audio import load_audio
@@ -82,7 +82,7 @@ def test_parts_are_staged_and_listed_on_gcs(gcs_catalog):
     )
     written = store.write_part("run-1", FAILURES, "000-000000", rows.slice(0, 2))
     assert written == f"{BUCKET}/tables/_staging/run-1/failures/part-000-000000.parquet"
-    store.write_run_meta("run-1", {"model": "chroma-stats"})
+    store.write_staged_json("run-1", RUN_META, {"model": "chroma-stats"})
     # A part another process writes (a Ray or Beam worker) is seen by the store that listed the folder before.
     assert len(store.staged_parts("run-1", FAILURES)) == 1
     other = TableStore(f"gs://{BUCKET}/tables")

@@ -22,7 +22,7 @@ from pipelines.query import connect
 from pipelines.vacuum import vacuum
 from schemas.failpoints import ENV as FAILPOINTS
 from schemas.manifest import UriPolicy
-from schemas.store import TableStore
+from schemas.store import RUN_META, TableStore
 from tests.faults import (
     embed_process,
     expected_tracks,
@@ -172,9 +172,9 @@ def test_unchanged_rerun_writes_nothing_and_vacuum_clears_abandoned_staging(smal
     new_files = sorted(p for p in Path(out).rglob("*.parquet") if p not in files_before)
     assert all(p.parent.name == "runs" for p in new_files)  # only the runs row that says so
     store = TableStore(out)
-    store.write_run_meta("abandoned", {"model": "x"})
-    assert vacuum(out, staging_hours=24, retention_hours=168, dry_run=False)[0] == []
-    assert vacuum(out, staging_hours=0, retention_hours=168, dry_run=False)[0] == ["abandoned"]
+    store.write_staged_json("abandoned", RUN_META, {"model": "x"})
+    assert vacuum(out, staging_hours=24, retention_hours=168, dry_run=False).staging_removed == []
+    assert vacuum(out, staging_hours=0, retention_hours=168, dry_run=False).staging_removed == ["abandoned"]
     assert store.staged_runs() == []
 
 
@@ -183,4 +183,4 @@ def test_plan_command_prints_without_doing(small_catalog, tmp_path, capsys):
     assert main(["plan", "--catalog", str(small_catalog.manifest_path), "--out", out]) == 0
     printed = capsys.readouterr().out
     assert "18 new" in printed and "embed  " in printed
-    assert connect(out).execute("SELECT count(*) FROM runs").fetchone() == (0,)
+    assert not Path(out).exists()  # nothing written, not even empty tables

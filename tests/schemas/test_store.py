@@ -17,7 +17,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from schemas.errors import TableError
 from schemas.manifest import WorkItem
-from schemas.store import TableStore, app_id
+from schemas.store import RUN_META, TableStore, app_id
 from schemas.tables import EMBEDDINGS, FAILURES, RUNS, WINDOWS
 from workers.rows import RowContext, embedding_rows, failure_rows, window_rows
 from workers.stages import TrackEmbedding, TrackFailure
@@ -184,9 +184,9 @@ def test_staged_progress_keeps_complete_shards_and_drops_torn_ones(store):
     assert done == {"t1", "t9"}
     assert attempt == 1
     assert [p.rsplit("/", 1)[1] for p in store.staged_parts("r1", FAILURES)] == ["part-000-000000.parquet"]
-    store.write_run_meta("r1", {"model": "enc"})
-    assert store.resumable_run({"model": "enc"}) == "r1"
-    assert store.resumable_run({"model": "other"}) is None
+    store.write_staged_json("r1", RUN_META, {"model": "enc"})
+    assert store.read_staged_json("r1", RUN_META) == {"model": "enc"}
+    assert store.read_staged_json("r2", RUN_META) is None
 
 
 def test_filters_work_on_tables_written_by_both_merges_and_appends(store):
