@@ -3,8 +3,10 @@
 1. Renders a demo catalog (default 1,000 tracks) whose broken rows cover every broken kind (truncated, empty, not
    audio, corrupt header, missing), and marks further good tracks whose decoder will segfault or hang (injected at
    the decoder, as `schemas.failpoints` documents): 50 hostile rows by default.
-2. Starts `catalog-embed embed` in a process of its own; once a third of the shards are staged it kill -9s one
-   decode worker, once two thirds are staged it kill -9s the driver.
+2. Starts `catalog-embed embed` in a process of its own; once a third of the shards are staged it runs
+   `vacuum --staging-hours 0` (the live run's staging must survive) and a second embed run on another catalog into
+   the same tables (it must not adopt the live run), then kill -9s one decode worker; once two thirds are staged it
+   kill -9s the driver.
 3. Runs the same command again, which resumes the interrupted run, and checks the tables.
 
 Prints a table (job failures, rows, duplicates, lost tracks, the time a hang costs) and writes
@@ -25,11 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from pipelines.embed import EmbedConfig, run_embed
 from pipelines.query import connect
+from pipelines.vacuum import vacuum
 from schemas.failpoints import ENV as FAILPOINTS
 from schemas.store import TableStore
 from schemas.tables import EMBEDDINGS
@@ -111,6 +117,13 @@ def main() -> None:
     console.print("run 1: killing a decode worker, then the driver ...")
     first = _embed(manifest, out, args.timeout, args.shard_size, failpoints)
     _wait_for_shards(out, n_shards // 3, first)
+    live = TableStore(out).staged_runs()
+    swept = vacuum(out, staging_hours=0, retention_hours=168, dry_run=False)
+    # Another catalog (20 good tracks, listed in a second manifest) into the same tables, meanwhile.
+    other_ids = pa.array(expected_good[:20])
+    other_manifest = str(catalog.root / "manifest-other.parquet")
+    pq.write_table(pq.read_table(manifest).filter(pc.is_in(pc.field("track_id"), other_ids)), other_manifest)
+    other = run_embed(EmbedConfig(catalog=other_manifest, out=out, decode_timeout_s=args.timeout), Console(quiet=True))
     workers = _children(first.pid)
     os.kill(workers[0], signal.SIGKILL)
     _wait_for_shards(out, 2 * n_shards // 3, first)
@@ -143,6 +156,9 @@ def main() -> None:
         "hangs_timed_out": f"{len(timeouts)}/{len(hangers)}",
         "crashes_recorded": sum(failed.get(t) == "DecoderCrashed" for t in crashers),
         "resumed": resumed,
+        "live staging removed by vacuum": len(set(swept.staging_removed) & set(live)),
+        "live run adopted by another catalog's run": int(other.run_id in live),
+        "other catalog's tracks embedded": f"{other.stats.n_embedded}/{len(other_ids)}",
         "render_s": round(render_s, 1),
         "resume_run_s": round(resume_s, 1),
     }
@@ -154,6 +170,7 @@ def main() -> None:
     targets = {
         "job_failures": 0, "embeddings_rows": report["expected_good"], "failures_rows": report["expected_bad"],
         "duplicates": 0, "lost": 0, "good_tracks_failed": 0, "hang_cost_s": f"its timeout, {args.timeout:g}",
+        "live staging removed by vacuum": 0, "live run adopted by another catalog's run": 0,
     }
     for key, value in report.items():
         table.add_row(key, str(value), str(targets.get(key, "")))

@@ -277,3 +277,10 @@ def test_tracks_that_failed_a_limit_are_retried_once_the_limit_changes(small_cat
     relaxed = run_embed(EmbedConfig(catalog=catalog, out=out, encoder=FAST), QUIET)
     assert set(good) <= {i.track_id for i in relaxed.plan.items}
     assert table_tracks(out) == (good, bad)
+
+
+def test_an_absurd_worker_count_is_refused_before_any_process_starts(small_catalog, tmp_path, capsys):
+    args = ["embed", "--catalog", str(small_catalog.manifest_path), "--out", str(tmp_path / "out")]
+    assert main([*args, "--workers", "100000"]) == 2
+    assert "--workers 100000 is more than" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
