@@ -9,10 +9,13 @@ in the README.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO
 
 import av
+import av.logging
 import fsspec
 import numpy as np
 import torch
@@ -27,6 +30,19 @@ _KAISER_BEST = {
     "resampling_method": "sinc_interp_kaiser",
     "beta": 14.769656459379492,
 }
+
+# Demuxers that read nothing but the bytes they are given. FFmpeg does what a file says: a playlist (hls, dash), a
+# list (concat), a session description (sdp, rtp, rtsp) or an image sequence (image2) opens other files, URLs or
+# sockets, whatever the catalog's URI policy allows. Only these are probed past their header; "mov" also covers
+# mp4/m4a and "matroska" webm/mka (FFmpeg matches any of a demuxer's names).
+AUDIO_DEMUXERS = ("mp3", "ogg", "flac", "wav", "w64", "aiff", "caf", "mov", "aac", "matroska", "asf", "wv", "ape")
+_CONTAINER_OPTIONS = {
+    "format_whitelist": ",".join(AUDIO_DEMUXERS),
+    # No protocol at all: the container reads our file object and can open nothing else, not even a local file
+    # (PyAV's own I/O leaves FFmpeg's default of every protocol in place).
+    "protocol_whitelist": "",
+}
+_NOT_ON_WHITELIST = "Format not on whitelist"
 
 _TRUNCATION_TOLERANCE_S = 0.5
 _TRUNCATION_TOLERANCE_SHARE = 0.02
@@ -105,13 +121,11 @@ def load_audio(uri: str, sample_rate: int, config: DecodeConfig = DecodeConfig()
 
 
 def decode(fh: IO[bytes], sample_rate: int, config: DecodeConfig = DecodeConfig()) -> Audio:
-    """Decode the first audio stream of an open binary file to mono float32 at `sample_rate`."""
-    try:
-        container = av.open(fh, mode="r", metadata_errors="ignore")
-    except (av.FFmpegError, ValueError) as exc:
-        msg = f"not a readable media file: {exc}"
-        raise AudioDecodeError(msg) from exc
-    with container:
+    """Decode the first audio stream of an open binary file to mono float32 at `sample_rate`.
+
+    Only the bytes of `fh` are read: containers that reference other resources are refused (`AUDIO_DEMUXERS`).
+    """
+    with _open(fh) as container:
         if not container.streams.audio:
             msg = "the file has no audio stream"
             raise AudioDecodeError(msg)
@@ -151,6 +165,38 @@ def decode(fh: IO[bytes], sample_rate: int, config: DecodeConfig = DecodeConfig(
             source_channels=stream.codec_context.channels,
             codec=stream.codec_context.name,
         )
+
+
+def _open(fh: IO[bytes]) -> av.container.InputContainer:
+    """Open `fh` as a container of an allowed demuxer, naming the demuxer FFmpeg detected when it is refused."""
+    with _ffmpeg_errors_on():
+        try:
+            return av.open(fh, mode="r", metadata_errors="ignore", container_options=_CONTAINER_OPTIONS)
+        except (av.FFmpegError, ValueError) as exc:
+            # FFmpeg logs the refusal in the context of the detected demuxer: the log's name is the demuxer's.
+            log = getattr(exc, "log", None)
+            if log is not None and log[2].startswith(_NOT_ON_WHITELIST):
+                msg = f"{log[1]!r} is not an allowed audio container (it can reference other files or sockets)"
+            else:
+                msg = f"not a readable media file: {exc}"
+            raise AudioDecodeError(msg) from exc
+
+
+@contextmanager
+def _ffmpeg_errors_on() -> Iterator[None]:
+    """Let PyAV attach FFmpeg's last error log to the errors raised while the block runs.
+
+    PyAV keeps FFmpeg's log off by default, and errors then lack it. It is switched on, errors only, for the block;
+    the logs themselves are captured and dropped, so nothing reaches Python's logging.
+    """
+    level = av.logging.get_level()
+    if level is None:
+        av.logging.set_level(av.logging.ERROR)
+    try:
+        with av.logging.Capture():
+            yield
+    finally:
+        av.logging.set_level(level)
 
 
 def _check_complete(stream: av.audio.stream.AudioStream, decoded_s: float) -> None:

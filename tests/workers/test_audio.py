@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import socket
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -116,3 +119,78 @@ def test_a_file_without_audio_stream_is_a_decode_error():
     buffer.seek(0)
     with pytest.raises(AudioDecodeError, match="no audio stream"):
         decode(buffer, 16_000)
+
+
+def _encode_mp3(path, seconds: float = 3.0, rate: int = 44_100) -> None:
+    with av.open(str(path), "w", format="mp3") as container:
+        stream = container.add_stream("mp3", rate=rate, layout="mono")
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(tone[None, :], format="fltp", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _playlist(segment: str) -> str:
+    return f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:3.0,\n{segment}\n#EXT-X-ENDLIST\n"
+
+
+@pytest.fixture
+def hostile_catalog(tmp_path):
+    """Files that make FFmpeg open other resources: playlists, concat lists, session descriptions."""
+    outside, catalog = tmp_path / "outside", tmp_path / "catalog"
+    outside.mkdir()
+    catalog.mkdir()
+    _encode_mp3(outside / "secret.mp3")
+    _encode_mp3(catalog / "inside.mp3")
+    (catalog / "local.m3u8").write_text(_playlist(str(outside / "secret.mp3")))
+    (catalog / "file_uri.m3u8").write_text(_playlist(f"file://{outside / 'secret.mp3'}"))
+    (catalog / "remote.m3u8").write_text(_playlist(f"http://127.0.0.1:{_closed_port()}/track.mp3"))
+    (catalog / "list.flac").write_text("ffconcat version 1.0\nfile 'inside.mp3'\n")
+    (catalog / "session.wav").write_text(
+        "v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\n"
+        f"m=audio {_closed_port()} RTP/AVP 0\na=rtpmap:0 PCMU/8000\n"
+    )
+    return catalog
+
+
+@pytest.mark.parametrize(
+    ("name", "demuxer"),
+    [("local.m3u8", "hls"), ("file_uri.m3u8", "hls"), ("remote.m3u8", "hls"), ("list.flac", "concat")],
+)
+def test_files_that_reference_other_resources_are_refused(hostile_catalog, name, demuxer):
+    """An HLS playlist or concat list decodes nothing it points at, inside the catalog or not."""
+    with pytest.raises(AudioDecodeError, match=f"'{demuxer}' .*not an allowed audio container"):
+        load_audio(str(hostile_catalog / name), 16_000)
+
+
+def test_session_description_is_refused_without_opening_sockets(hostile_catalog):
+    """FFmpeg's SDP demuxer binds UDP ports and waits for RTP: it must be refused before it starts.
+
+    Run in a child process so that a decoder that does start waiting fails this test instead of hanging it.
+    """
+    script = (
+        "import sys\n"
+        "from schemas.errors import AudioDecodeError\n"
+        "from workers.audio import load_audio\n"
+        "try:\n"
+        "    load_audio(sys.argv[1], 16_000)\n"
+        "except AudioDecodeError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(hostile_catalog / "session.wav")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "'sdp'" in done.stdout and "not an allowed audio container" in done.stdout, done.stdout + done.stderr
