@@ -80,17 +80,21 @@ def test_resampler_deviation_from_soxr_hq_is_small():
     assert snr_db > 20
 
 
-def _wav_bytes(seconds: float, rate: int = 8_000) -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="wav") as container:
-        stream = container.add_stream("pcm_s16le", rate=rate, layout="mono")
-        samples = (np.sin(np.arange(int(seconds * rate)) * 0.05) * 10_000).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")
+def _encode(target, fmt: str, codec: str, samples: np.ndarray, rate: int) -> None:
+    """Write mono float samples in `samples` to `target` (a path or a file object) with a real encoder."""
+    with av.open(target, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(samples.astype(np.float32)[None, :], format="fltp", layout="mono")
         frame.sample_rate = rate
         for packet in stream.encode(frame):
             container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
+
+
+def _wav_bytes(seconds: float, rate: int = 8_000) -> bytes:
+    buffer = io.BytesIO()
+    _encode(buffer, "wav", "pcm_s16le", np.sin(np.arange(int(seconds * rate)) * 0.05) * 0.3, rate)
     return buffer.getvalue()
 
 
@@ -122,15 +126,7 @@ def test_a_file_without_audio_stream_is_a_decode_error():
 
 
 def _encode_mp3(path, seconds: float = 3.0, rate: int = 44_100) -> None:
-    with av.open(str(path), "w", format="mp3") as container:
-        stream = container.add_stream("mp3", rate=rate, layout="mono")
-        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
-        frame = av.AudioFrame.from_ndarray(tone[None, :], format="fltp", layout="mono")
-        frame.sample_rate = rate
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+    _encode(str(path), "mp3", "mp3", 0.3 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate), rate)
 
 
 def _closed_port() -> int:
