@@ -58,26 +58,33 @@ def test_stereo_is_downmixed_by_mean_and_matches_the_reference_loader():
     audio = load_audio(f"{MUSICNN_REFERENCE}/chord_44k1_stereo.wav", 16_000)
     assert audio.source_channels == 2
     assert audio.source_sample_rate == 44_100
-    # librosa's load (mean downmix, soxr HQ resampling) is the reference; ours resamples with torchaudio.
+    # librosa's load (mean downmix, soxr HQ resampling) is the reference; ours does the same, so only float
+    # rounding may differ (measured: bit-identical; torchaudio's Kaiser-best sinc deviated by 1.4e-6).
     assert audio.samples.shape == ref["audio"].shape
-    assert np.abs(audio.samples - ref["audio"]).max() < 1e-5
+    assert np.abs(audio.samples - ref["audio"]).max() < 1e-7
 
 
-def test_resampler_deviation_from_soxr_hq_is_small():
-    """The figure the README quotes: torchaudio's Kaiser-best sinc against soxr HQ."""
-    rng = np.random.default_rng(0)
-    t = np.arange(44_100 * 3) / 44_100
-    tones = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 3_000 * t)).astype(np.float32)
-    ours = resample(tones, 44_100, 16_000)
-    theirs = soxr.resample(tones, 44_100, 16_000, quality="HQ").astype(np.float32)
-    inner = slice(1_000, -1_000)  # edges differ by each resampler's padding convention
-    snr_db = 10 * np.log10(np.sum(theirs[inner] ** 2) / np.sum((ours[inner] - theirs[inner]) ** 2))
-    assert snr_db > 80
-    # Broadband noise: the two filters' transition bands differ just below the new Nyquist frequency.
-    noise = rng.standard_normal(44_100 * 3).astype(np.float32) * 0.1
-    ours, theirs = resample(noise, 44_100, 16_000), soxr.resample(noise, 44_100, 16_000, quality="HQ")
-    snr_db = 10 * np.log10(np.sum(theirs[inner] ** 2) / np.sum((ours[inner] - theirs[inner]) ** 2))
-    assert snr_db > 20
+def _tones(rate: int, freqs: tuple[tuple[float, float], ...], seconds: float = 3.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return sum(amplitude * np.sin(2 * np.pi * f * t) for f, amplitude in freqs).astype(np.float32)
+
+
+def _level_db(signal: np.ndarray, reference: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(signal.astype(np.float64) ** 2) / np.sum(reference.astype(np.float64) ** 2)))
+
+
+def test_resampler_is_soxr_hq_keeps_tones_and_rejects_aliases():
+    """The figures the module docstring quotes, 44.1 kHz to 16 kHz."""
+    inner = slice(1_000, -1_000)  # edges depend on each resampler's padding convention
+    noise = np.random.default_rng(0).standard_normal(44_100 * 3).astype(np.float32) * 0.1
+    assert np.abs(resample(noise, 44_100, 16_000) - soxr.resample(noise, 44_100, 16_000, quality="HQ")).max() < 1e-7
+    # Tones in the passband come out as if synthesised at 16 kHz (measured 133 dB; Kaiser-best sinc 112 dB).
+    passband = ((440, 0.3), (3_000, 0.2))
+    ours, exact = resample(_tones(44_100, passband), 44_100, 16_000), _tones(16_000, passband)
+    assert _level_db(exact[inner], ours[inner] - exact[inner]) > 120
+    # A tone above the new Nyquist frequency must not fold back (measured -143 dB; Kaiser-best sinc -118 dB).
+    above = _tones(44_100, ((10_000, 0.5),))
+    assert _level_db(resample(above, 44_100, 16_000)[inner], above) < -120
 
 
 def _encode(target, fmt: str, codec: str, samples: np.ndarray, rate: int) -> None:
