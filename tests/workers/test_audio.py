@@ -64,6 +64,17 @@ def test_stereo_is_downmixed_by_mean_and_matches_the_reference_loader():
     assert np.abs(audio.samples - ref["audio"]).max() < 1e-7
 
 
+def test_native_rate_decoding_skips_resampling_and_averages_the_channels():
+    path = f"{MUSICNN_REFERENCE}/chord_44k1_stereo.wav"
+    with av.open(path) as container:
+        to_float = av.AudioResampler(format="fltp")
+        frames = [out.to_ndarray() for frame in container.decode(audio=0) for out in to_float.resample(frame)]
+    channels = np.concatenate(frames, axis=1)
+    audio = load_audio(path, None)
+    assert audio.sample_rate == audio.source_sample_rate == 44_100
+    np.testing.assert_array_equal(audio.samples, channels.mean(axis=0, dtype=np.float32))
+
+
 def _tones(rate: int, freqs: tuple[tuple[float, float], ...], seconds: float = 3.0) -> np.ndarray:
     t = np.arange(int(rate * seconds)) / rate
     return sum(amplitude * np.sin(2 * np.pi * f * t) for f, amplitude in freqs).astype(np.float32)
