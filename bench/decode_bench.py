@@ -2,8 +2,9 @@
 
 Renders two 44.1 kHz stereo demo tracks with `workers/demo_catalog.py` (mp3 and Ogg Vorbis, `--seconds` long, real
 music from a SoundFont), then times each path on each file: CPU seconds of this process (one core pinned with
-`os.sched_setaffinity`, one torch thread), median over `--repeats` runs after a warm-up run. CPU time, not wall
-time, because the machine is shared: wall-clock medians go into the JSON too.
+`os.sched_setaffinity`, one torch thread), median over `--repeats` rounds after a warm-up round; each round runs
+every path once, so that load from other processes weighs on all paths alike. CPU time, not wall time, because the
+machine is shared: wall-clock medians go into the JSON too.
 
 Paths (decode-only = decode and downmix to mono at the file's rate; decode+resample = to 16 kHz):
 
@@ -157,16 +158,21 @@ def paths() -> list[dict]:
     ]
 
 
-def cpu_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median CPU and wall seconds of `fn` over `repeats` runs, after one warm-up run."""
-    fn()
-    cpu, wall = [], []
-    for _ in range(repeats):
-        c0, w0 = time.process_time(), time.perf_counter()
-        fn()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return statistics.median(cpu), statistics.median(wall)
+def timings(cases: dict[tuple, Callable[[], object]], repeats: int) -> dict[tuple, tuple[float, float]]:
+    """Median CPU and wall seconds of each case over `repeats` rounds, after a warm-up round.
+
+    Each round runs every case once, so load from other processes, which comes and goes, weighs on all alike.
+    """
+    cpu: dict[tuple, list[float]] = {key: [] for key in cases}
+    wall: dict[tuple, list[float]] = {key: [] for key in cases}
+    for round_ in range(repeats + 1):
+        for key, fn in cases.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            fn()
+            if round_:
+                cpu[key].append(time.process_time() - c0)
+                wall[key].append(time.perf_counter() - w0)
+    return {key: (statistics.median(cpu[key]), statistics.median(wall[key])) for key in cases}
 
 
 def tones(rate: int, freqs: tuple[tuple[float, float], ...], seconds: float = 3.0) -> np.ndarray:
@@ -213,13 +219,21 @@ def main() -> None:
             DemoCatalogConfig(n_tracks=2, duration_s=args.seconds, codecs=("mp3", "ogg"), n_broken=0),
         )
         files = {path.suffix[1:]: path for path in sorted((catalog.root / "audio").iterdir())}
+        specs = paths()
+        cases = {
+            (i, codec, kind): (lambda fn=spec[kind], path=path: fn(path))
+            for i, spec in enumerate(specs)
+            for codec, path in files.items()
+            for kind in ("decode", "full")
+        }
+        console.print(f"timing {len(specs)} paths on {len(files)} files, {args.repeats} rounds ...")
+        measured = timings(cases, args.repeats)
         results = []
-        for spec in paths():
+        for i, spec in enumerate(specs):
             row = {"path": spec["path"], "resampler": spec["resampler"], **quality(spec["resample"])}
-            for codec, path in files.items():
-                console.print(f"timing {spec['path']} + {spec['resampler']} on {codec} ...")
+            for codec in files:
                 for kind in ("decode", "full"):
-                    cpu, wall = cpu_seconds(lambda fn=spec[kind], path=path: fn(path), args.repeats)
+                    cpu, wall = measured[i, codec, kind]
                     row[f"{codec}_{kind}_x"] = args.seconds / cpu
                     row[f"{codec}_{kind}_wall_x"] = args.seconds / wall
             results.append(row)
