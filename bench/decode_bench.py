@@ -181,8 +181,9 @@ def tones(rate: int, freqs: tuple[tuple[float, float], ...], seconds: float = 3.
 
 
 def level_db(signal: np.ndarray, reference: np.ndarray) -> float:
-    power = np.sum(signal.astype(np.float64) ** 2)
-    return float(10 * np.log10(max(power, 1e-300) / np.sum(reference.astype(np.float64) ** 2)))
+    """Mean power of `signal` relative to `reference`'s (the two may differ in rate and length)."""
+    power = np.mean(signal.astype(np.float64) ** 2)
+    return float(10 * np.log10(max(power, 1e-300) / np.mean(reference.astype(np.float64) ** 2)))
 
 
 def quality(resampler: Callable[[np.ndarray, int], np.ndarray]) -> dict[str, float]:

@@ -2,13 +2,13 @@
 
 PyAV (FFmpeg) decodes mp3, Ogg Vorbis, Opus, FLAC, m4a/AAC, WAV and the rest of the containers in
 `AUDIO_DEMUXERS`, reading only the bytes of the file it was given. Channels are downmixed by their mean (as librosa
-and the musicnn reference do), summed straight from the decoder's float planes. Resampling is soxr's HQ mode,
-what librosa and so the musicnn reference use: on the reference chord (44.1 kHz stereo to 16 kHz) the output is
-bit-identical to the reference's, so the deviation from soxr HQ is zero; passband tones come out 133 dB above the
-error and a tone above the new Nyquist frequency 147 dB down (`tests/workers/test_audio.py`). It replaced
-torchaudio's Kaiser-best sinc (64 zero crossings: 1.3e-6 from the reference, 112 dB, -122 dB). On one core, 44.1 kHz
-stereo mp3 and Vorbis to 16 kHz run about 1.6x as fast as before (`bench/decode_bench.py`); FFmpeg's decoder
-itself is now most of the cost.
+and the musicnn reference do), averaged straight from the decoder's float planes. Resampling is soxr's HQ mode, what
+librosa and so the musicnn reference use. Measured 44.1 kHz to 16 kHz (`tests/workers/test_audio.py`): on the
+reference chord the output is bit-identical to the reference's (the deviation from soxr HQ is zero), passband tones
+come out 133 dB above the error, and a tone above the new Nyquist frequency 143 dB down. torchaudio's Kaiser-best
+sinc (64 zero crossings), used before, gave 1.3e-6 from the reference, 112 dB and -118 dB. On one core, 44.1 kHz
+stereo mp3 and Vorbis decode and resample to 16 kHz about 1.6x as fast as before (`bench/decode_bench.py`): FFmpeg's
+decoder itself is now most of the cost.
 """
 
 from __future__ import annotations
