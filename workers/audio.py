@@ -36,8 +36,8 @@ _SOXR_QUALITY = "HQ"
 AUDIO_DEMUXERS = ("mp3", "ogg", "flac", "wav", "w64", "aiff", "caf", "mov", "aac", "matroska", "asf", "wv", "ape")
 _CONTAINER_OPTIONS = {
     "format_whitelist": ",".join(AUDIO_DEMUXERS),
-    # No protocol at all: the container reads our file object and can open nothing else, not even a local file
-    # (PyAV's own I/O leaves FFmpeg's default of every protocol in place).
+    # No protocol at all: the container reads our file object and can open nothing else, not even a local file.
+    # (Opened from a path, FFmpeg would inherit the file protocol's short list; from a file object it allows all.)
     "protocol_whitelist": "",
 }
 _NOT_ON_WHITELIST = "Format not on whitelist"
@@ -146,7 +146,7 @@ def decode(fh: IO[bytes], sample_rate: int | None, config: DecodeConfig = Decode
         try:
             for frame in container.decode(stream):
                 for converted in to_float.resample(frame):
-                    # Averaging the planes where they lie costs a third of what to_ndarray() and mean() cost.
+                    # Averaging the planes where they lie costs a third of what to_ndarray() and mean() cost per frame.
                     n = converted.samples
                     planes = converted.planes
                     total = np.frombuffer(planes[0], np.float32, n).copy()
@@ -188,7 +188,10 @@ def _open(fh: IO[bytes]) -> av.container.InputContainer:
             # FFmpeg logs the refusal in the context of the detected demuxer: the log's name is the demuxer's.
             log = getattr(exc, "log", None)
             if log is not None and log[2].startswith(_NOT_ON_WHITELIST):
-                msg = f"{log[1]!r} is not an allowed audio container (it can reference other files or sockets)"
+                msg = (
+                    f"{log[1]!r} is not an allowed audio container ({', '.join(AUDIO_DEMUXERS)}): containers that "
+                    "can make FFmpeg open other files or sockets (playlists, lists, session descriptions) are refused"
+                )
             else:
                 msg = f"not a readable media file: {exc}"
             raise AudioDecodeError(msg) from exc
