@@ -3,11 +3,14 @@
 A catalog is either a manifest file (CSV, Parquet or JSONL with `track_id` and `uri`; other columns are carried
 along) or a directory / glob of audio files whose track ids are their paths relative to the catalog root. Any
 fsspec URI works: a local path, `file://`, `memory://`, `gs://`, `s3://`. Relative `uri`s in a manifest resolve
-against the manifest's folder. The whole manifest is validated before any audio is read.
+against the manifest's folder, and local ones come out absolute whatever the working directory. A path that exists
+is a directory or a manifest, never a glob, whatever characters its name holds. The whole manifest is validated
+before any audio is read.
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,11 +53,21 @@ class UriPolicy:
     allow_http: bool = False
 
     def prefixes(self, catalog_uri: str) -> tuple[str, ...]:
-        """The allowed prefixes for a catalog at `catalog_uri`, normalised to end with '/'."""
-        return tuple(_as_prefix(p) for p in (catalog_root(catalog_uri), *self.allow_prefixes))
+        """The allowed prefixes for a catalog at `catalog_uri`, normalised to end with '/'.
+
+        A local prefix comes twice when it holds a symlink: as written and resolved, so files reached through a
+        symlinked catalog folder (`/data/catalog` -> `/mnt/disk1/catalog`) stay allowed.
+        """
+        prefixes = [_as_prefix(p) for p in (catalog_root(catalog_uri), *self.allow_prefixes)]
+        real = [_as_prefix(os.path.realpath(path)) for path in map(_local_path, prefixes) if path is not None]
+        return tuple(dict.fromkeys(prefixes + real))
 
     def violation(self, raw_uri: str, resolved_uri: str, prefixes: tuple[str, ...]) -> str | None:
-        """Why a row's URI is refused, or None when it is allowed."""
+        """Why a row's URI is refused, or None when it is allowed.
+
+        A local path must lie under an allowed prefix both as written and once its symlinks are resolved: a
+        symlink in the catalog folder cannot point elsewhere.
+        """
         if ".." in raw_uri.replace("\\", "/").split("/"):
             return f"URI {raw_uri!r} contains a '..' segment"
         scheme = resolved_uri.split("://", 1)[0] if "://" in resolved_uri else "file"
@@ -62,25 +75,61 @@ class UriPolicy:
             if self.allow_http:
                 return None
             return f"URI {raw_uri!r} uses {scheme}, which is off: enable it with --allow-http"
-        if not any(_as_prefix(resolved_uri).startswith(p) for p in prefixes):
-            return f"URI {raw_uri!r} is outside the allowed prefixes {', '.join(prefixes)}: add one with --allow-prefix"
+        allowed = ", ".join(prefixes)
+        if not _under(resolved_uri, prefixes):
+            return f"URI {raw_uri!r} is outside the allowed prefixes {allowed}: add one with --allow-prefix"
+        path = _local_path(resolved_uri)
+        real = os.path.realpath(path) if path is not None else None
+        if real is not None and not _under(real, prefixes):
+            return (
+                f"URI {raw_uri!r} resolves to {real!r}, outside the allowed prefixes {allowed} (a symlink): "
+                "add one with --allow-prefix"
+            )
         return None
 
 
 def catalog_root(uri: str) -> str:
-    """The folder a catalog lives in: a manifest's folder, a directory itself, a glob's fixed part."""
+    """The folder a catalog lives in: a manifest's folder, a directory itself, a glob's fixed part.
+
+    Local folders are absolute, so that URIs resolved against them do not depend on the working directory.
+    """
     suffix = posixpath.splitext(uri.split("?")[0])[1].lower()
     if suffix in MANIFEST_FORMATS:
-        return uri.rsplit("/", 1)[0] if "/" in uri else "."
-    return uri[: min((uri.find(ch) for ch in "*?[" if ch in uri), default=len(uri))].rstrip("/")
+        root = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    else:
+        root = _glob_folder(uri) or uri.rstrip("/") or "/"
+    return root if "://" in root else posixpath.abspath(root)
+
+
+def _glob_folder(uri: str) -> str | None:
+    """The fixed folder of a glob catalog, or None when `uri` is no glob.
+
+    A path that exists is never a glob, whatever its name holds: `live [2024]/` is a folder, not a pattern.
+    """
+    starts = [uri.find(ch) for ch in "*?[" if ch in uri]
+    if not starts:
+        return None
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(path):
+        return None
+    return uri[: min(starts)].rsplit("/", 1)[0]
+
+
+def _local_path(uri: str) -> str | None:
+    """The absolute path of a local URI (a path or `file://`), None for other schemes."""
+    if "://" not in uri:
+        return posixpath.abspath(uri)
+    if uri.startswith("file://"):
+        return posixpath.abspath(uri[len("file://") :])
+    return None
 
 
 def _as_prefix(uri: str) -> str:
-    if "://" not in uri:
-        uri = posixpath.abspath(uri)
-    elif uri.startswith("file://"):
-        uri = posixpath.abspath(uri[len("file://") :])
-    return uri.rstrip("/") + "/"
+    return (_local_path(uri) or uri).rstrip("/") + "/"
+
+
+def _under(uri: str, prefixes: tuple[str, ...]) -> bool:
+    return any(_as_prefix(uri).startswith(p) for p in prefixes)
 
 
 @dataclass(frozen=True)
@@ -232,10 +281,10 @@ def _list_directory(uri: str) -> pa.Table:
     except (ValueError, ImportError) as exc:
         msg = f"cannot open catalog {uri}: {exc}"
         raise ManifestError(msg) from exc
-    is_glob = any(ch in root for ch in "*?[")
-    if is_glob:
+    folder = _glob_folder(uri)
+    if folder is not None:
         paths = fs.glob(root)
-        root = root[: min(root.find(ch) for ch in "*?[" if ch in root)].rsplit("/", 1)[0]
+        root = fsspec.core.url_to_fs(folder)[1]
     elif fs.isdir(root):
         paths = fs.find(root)
     else:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.errors import ManifestError
-from schemas.manifest import MISSING_FINGERPRINT, fingerprint_from_info, fingerprints, read_catalog
+from schemas.manifest import MISSING_FINGERPRINT, UriPolicy, fingerprint_from_info, fingerprints, read_catalog
 
 
 @pytest.fixture
@@ -94,3 +94,70 @@ def test_fingerprints_change_with_content_and_mark_missing_files(tmp_path):
 def test_fingerprint_prefers_object_generation_or_etag():
     assert fingerprint_from_info({"size": 3, "generation": "17", "mtime": 5}) == "size=3;generation=17"
     assert fingerprint_from_info({"size": 3, "ETag": '"abc"'}) == "size=3;etag=abc"
+
+
+@pytest.fixture
+def linked_catalog(tmp_path):
+    """A catalog folder with symlinks that stay inside it and symlinks that point outside."""
+    catalog, outside = tmp_path / "catalog", tmp_path / "outside"
+    (catalog / "sub").mkdir(parents=True)
+    (outside / "deep").mkdir(parents=True)
+    for path in (catalog / "a.mp3", catalog / "sub" / "b.mp3", outside / "secret.mp3", outside / "deep" / "c.mp3"):
+        path.write_bytes(b"x" * 10)
+    (catalog / "inside.mp3").symlink_to(catalog / "sub" / "b.mp3")
+    (catalog / "escape.mp3").symlink_to(outside / "secret.mp3")
+    (catalog / "relative_escape.mp3").symlink_to("../outside/secret.mp3")
+    (catalog / "linked_dir").symlink_to(outside / "deep", target_is_directory=True)
+    return catalog
+
+
+def test_symlinks_out_of_the_allowed_prefixes_are_refused_per_row(linked_catalog):
+    listed = read_catalog(str(linked_catalog))
+    refused = dict(zip(listed["track_id"].to_pylist(), listed["refused"].to_pylist(), strict=True))
+    assert {t for t, reason in refused.items() if reason is None} == {"a.mp3", "inside.mp3", "sub/b.mp3"}
+    for track_id in ("escape.mp3", "relative_escape.mp3"):
+        assert "resolves to" in refused[track_id] and "outside the allowed prefixes" in refused[track_id]
+    (linked_catalog / "m.csv").write_text("track_id,uri\n1,inside.mp3\n2,escape.mp3\n3,linked_dir/c.mp3\n")
+    manifest = read_catalog(str(linked_catalog / "m.csv"))
+    assert [r is None for r in manifest["refused"].to_pylist()] == [True, False, False]
+    # The target's folder allowed explicitly: the links work.
+    allowed = read_catalog(str(linked_catalog / "m.csv"), UriPolicy(allow_prefixes=(str(linked_catalog.parent),)))
+    assert allowed["refused"].to_pylist() == [None, None, None]
+
+
+def test_a_catalog_reached_through_a_symlinked_folder_keeps_working(linked_catalog, tmp_path):
+    (tmp_path / "alias").symlink_to(linked_catalog, target_is_directory=True)
+    (linked_catalog / "m.csv").write_text("track_id,uri\n1,a.mp3\n2,inside.mp3\n")
+    for catalog in (str(tmp_path / "alias"), str(tmp_path / "alias" / "m.csv")):
+        table = read_catalog(catalog)
+        refused = dict(zip(table["track_id"].to_pylist(), table["refused"].to_pylist(), strict=True))
+        assert refused["1" if catalog.endswith(".csv") else "a.mp3"] is None, catalog
+        assert refused["2" if catalog.endswith(".csv") else "inside.mp3"] is None, catalog
+
+
+def test_relative_catalog_paths_give_absolute_uris(tmp_path, monkeypatch):
+    (tmp_path / "cat" / "audio").mkdir(parents=True)
+    (tmp_path / "cat" / "audio" / "a.mp3").write_bytes(b"x")
+    (tmp_path / "cat" / "m.csv").write_text("track_id,uri\n1,audio/a.mp3\n")
+    (tmp_path / "cat" / "audio" / "m.csv").write_text("track_id,uri\n1,a.mp3\n")
+    monkeypatch.chdir(tmp_path)
+    expected = [str(tmp_path / "cat" / "audio" / "a.mp3")]
+    assert read_catalog("cat/m.csv")["uri"].to_pylist() == expected
+    assert read_catalog("cat")["uri"].to_pylist() == expected
+    monkeypatch.chdir(tmp_path / "cat" / "audio")
+    assert read_catalog("m.csv")["uri"].to_pylist() == expected
+    assert read_catalog("./m.csv")["refused"].to_pylist() == [None]
+
+
+def test_existing_paths_with_glob_characters_are_not_globs(tmp_path):
+    folder = tmp_path / "live [2024]"
+    folder.mkdir()
+    for name in ("a.mp3", "b.mp3"):
+        (folder / name).write_bytes(b"x")
+    listed = read_catalog(str(folder))
+    assert listed["track_id"].to_pylist() == ["a.mp3", "b.mp3"]
+    assert listed["refused"].to_pylist() == [None, None]
+    assert listed["uri"].to_pylist() == [str(folder / "a.mp3"), str(folder / "b.mp3")]
+    # A path that does not exist is still a glob, brackets included.
+    globbed = read_catalog(f"{tmp_path}/live [[]2024]/[a].mp3")
+    assert globbed["track_id"].to_pylist() == ["live [2024]/a.mp3"]  # ids are relative to the fixed part
