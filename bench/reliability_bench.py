@@ -2,7 +2,9 @@
 
 1. Renders a demo catalog (default 1,000 tracks) whose broken rows cover every broken kind (truncated, empty, not
    audio, corrupt header, missing), and marks further good tracks whose decoder will segfault or hang (injected at
-   the decoder, as `schemas.failpoints` documents): 50 hostile rows by default.
+   the decoder, as `schemas.failpoints` documents): 50 hostile rows by default. Three hostile media files join them:
+   an HLS playlist pointing at a file outside the catalog, an ffconcat list and an SDP session description (a
+   decoder that followed them would embed the outside file or block on a socket).
 2. Starts `catalog-embed embed` in a process of its own; once a third of the shards are staged it runs
    `vacuum --staging-hours 0` (the live run's staging must survive) and a second embed run on another catalog into
    the same tables (it must not adopt the live run), then kill -9s one decode worker; once two thirds are staged it
@@ -110,6 +112,8 @@ def main() -> None:
     expected_bad = sorted({la["track_id"] for la in labels if la["broken"]} | set(crashers) | set(hangers))
     expected_good = sorted(set(good) - set(crashers) - set(hangers))
     failpoints = ";".join([f"decode=segfault:{t}." for t in crashers] + [f"decode=hang:{t}." for t in hangers])
+    hostile_media = _add_hostile_media(catalog.root, catalog.manifest_path, good[-1])
+    expected_bad = sorted(set(expected_bad) | set(hostile_media))
     out = str(work / "tables")
     manifest = str(catalog.manifest_path)
     n_shards = -(-args.tracks // args.shard_size)
@@ -155,6 +159,7 @@ def main() -> None:
         "good_tracks_failed": len(set(expected_good) & set(failed)),
         "hangs_timed_out": f"{len(timeouts)}/{len(hangers)}",
         "crashes_recorded": sum(failed.get(t) == "DecoderCrashed" for t in crashers),
+        "hostile media refused": f"{sum(failed.get(t) == 'AudioDecodeError' for t in hostile_media)}/{len(hostile_media)}",
         "resumed": resumed,
         "live staging removed by vacuum": len(set(swept.staging_removed) & set(live)),
         "live run adopted by another catalog's run": int(other.run_id in live),
@@ -178,6 +183,30 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2))
     console.print(f"wrote {RESULTS}")
+
+
+def _add_hostile_media(root: Path, manifest: Path, outside_of: str) -> list[str]:
+    """Write files that make FFmpeg reach beyond their bytes into the catalog and list them in the manifest."""
+    outside = root.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    secret = outside / "secret.mp3"
+    secret.write_bytes(next((root / "audio").glob(f"{outside_of}.*")).read_bytes())
+    files = {
+        "hostile-hls": ("playlist.m3u8", f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:3.0,\n{secret}\n#EXT-X-ENDLIST\n"),
+        "hostile-concat": ("list.flac", f"ffconcat version 1.0\nfile '{secret}'\n"),
+        "hostile-sdp": (
+            "session.wav",
+            "v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\nm=audio 9 RTP/AVP 0\na=rtpmap:0 PCMU/8000\n",
+        ),
+    }
+    rows = pq.read_table(manifest)
+    extra = []
+    for track_id, (name, text) in files.items():
+        (root / "audio" / name).write_text(text)
+        extra.append({"track_id": track_id, "uri": str(root / "audio" / name)})
+    rows = rows.select(["track_id", "uri"])
+    pq.write_table(pa.concat_tables([rows, pa.Table.from_pylist(extra).cast(rows.schema)]), manifest)
+    return sorted(files)
 
 
 def _hang_cost(root: Path, track_id: str, timeout: float) -> float:
