@@ -1,0 +1,105 @@
+"""`--compile`: torch.compile of the built-in networks on the CPU (inductor, with the C++ compiler CI has), in
+batches of one fixed shape, against eager within each encoder's tolerance, and its on-disk cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from schemas.errors import EncoderError
+from schemas.manifest import WorkItem
+from tests.reference import MUSICNN_REFERENCE
+from workers.encoders import get_encoder
+from workers.encoders.base import INDUCTOR_CACHE_ENV, inductor_cache_dir
+from workers.encoders.sfnfnet import write_standin_weights
+from workers.stages import EmbedStage, EncoderConfig, TrackFeatures
+
+# test_musicnn.py holds the port to 2.5e-5 of the original (relative to the layer's largest value) and the
+# taggram to 1e-5; sfnfnet's tests hold it to atol = rtol = 1e-4.
+MUSICNN_LAYER_TOLERANCE = 2.5e-5
+MUSICNN_TAGGRAM_TOLERANCE = 1e-5
+MULE_TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours - reference).abs().max() / reference.abs().max())
+
+
+@pytest.fixture(autouse=True)
+def _own_inductor_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled code goes to this session's temporary folder, and compiled graphs do not outlive a test."""
+    monkeypatch.setenv("CATALOG_EMBED_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, "")  # so that the value `compile` sets is undone after the test
+    monkeypatch.delenv(INDUCTOR_CACHE_ENV)
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_musicnn_matches_eager_in_fixed_shape_batches() -> None:
+    """Five reference windows through a network compiled for batches of 4: one full call and one padded call."""
+    batch = torch.from_numpy(np.load(MUSICNN_REFERENCE / "chord_44k1_stereo__MSD_musicnn.npz")["batch"])
+    windows = torch.cat([batch, batch])[:5]
+    eager, compiled = get_encoder("musicnn-msd"), get_encoder("musicnn-msd")
+    eager.load("cpu")
+    compiled.load("cpu")
+    compiled.compile(4)
+    layers = ("penultimate", "pool", "taggram")
+    expected, got = eager.embed(windows, layers), compiled.embed(windows, layers)
+    for name in layers:
+        assert got[name].shape == expected[name].shape == (5, compiled.layer(name).dim), name
+    assert relative_error(got["penultimate"], expected["penultimate"]) <= MUSICNN_LAYER_TOLERANCE
+    assert relative_error(got["pool"], expected["pool"]) <= MUSICNN_LAYER_TOLERANCE
+    assert (got["taggram"] - expected["taggram"]).abs().max() <= MUSICNN_TAGGRAM_TOLERANCE
+    assert type(compiled._net).__name__ == "OptimizedModule"  # noqa: SLF001 (the network really is compiled)
+    # Compiled code was written where the cache is configured, for the next process to load.
+    assert any(path.is_file() for path in inductor_cache_dir().rglob("*")), "nothing in the configured cache"
+
+
+@pytest.mark.slow
+def test_compiled_mule_matches_eager(tmp_path) -> None:
+    """SF-NFNet-F0 (stand-in weights) compiled for batches of 2, on three slices: one call padded."""
+    weights = write_standin_weights(tmp_path)
+    eager = get_encoder("mule-sfnfnet-f0", weights=weights)
+    compiled = get_encoder("mule-sfnfnet-f0", weights=weights)
+    eager.load("cpu")
+    compiled.load("cpu")
+    compiled.compile(2)
+    slices = torch.randn(3, 1, 96, 300, generator=torch.Generator().manual_seed(0))
+    layers = ("embedding", "slow_stage2")
+    expected, got = eager.embed(slices, layers), compiled.embed(slices, layers)
+    for name in layers:
+        torch.testing.assert_close(got[name], expected[name], **MULE_TOLERANCE)
+
+
+def test_embed_stage_compiles_when_configured() -> None:
+    """`EncoderConfig(compile=True)` reaches the encoder: EmbedStage compiles it for its batch size."""
+    stage = EmbedStage(EncoderConfig(batch_windows=2, compile=True))
+    stage.setup()
+    assert stage.model.compiled_batch == 2
+    windows = torch.rand(3, 187, 96, generator=torch.Generator().manual_seed(1)) * 4
+    item = WorkItem(track_id="t", uri="memory://t.wav", fingerprint="")
+    (embedded,) = stage([TrackFeatures(item=item, windows=windows, starts=[0.0, 3.0, 6.0], duration_s=9.0)])
+    eager = get_encoder("musicnn-msd")
+    eager.load("cpu")
+    expected = eager.embed(windows)["penultimate"].mean(dim=0).numpy()
+    assert embedded.n_windows == 3
+    assert relative_error(torch.from_numpy(embedded.pooled["penultimate"]), torch.from_numpy(expected)) <= 1e-4
+
+
+def test_compile_is_refused_where_it_cannot_apply() -> None:
+    with pytest.raises(EncoderError, match="'mfcc-stats' has no PyTorch network to compile"):
+        EncoderConfig(model="mfcc-stats", compile=True).build()
+    with pytest.raises(EncoderError, match="not loaded"):
+        get_encoder("musicnn-msd").compile(8)
+    encoder = get_encoder("musicnn-msd")
+    encoder.load("cpu")
+    with pytest.raises(EncoderError, match="at least 1 window"):
+        encoder.compile(0)
+
+
+def test_inductor_cache_follows_the_catalog_embed_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATALOG_EMBED_CACHE", str(tmp_path / "ours"))
+    assert inductor_cache_dir() == tmp_path / "ours" / "inductor"
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path / "theirs"))
+    assert inductor_cache_dir() == tmp_path / "theirs"
