@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from schemas.errors import EncoderError
-from schemas.manifest import WorkItem
 from tests.reference import MUSICNN_REFERENCE
 from workers.encoders import get_encoder
 from workers.encoders.base import INDUCTOR_CACHE_ENV, inductor_cache_dir
 from workers.encoders.sfnfnet import write_standin_weights
-from workers.stages import EmbedStage, EncoderConfig, TrackFeatures
+from workers.stages import EmbedStage, EncoderConfig
 
 # test_musicnn.py holds the port to 2.5e-5 of the original (relative to the layer's largest value) and the
 # taggram to 1e-5; sfnfnet's tests hold it to atol = rtol = 1e-4.
@@ -36,8 +35,11 @@ def _own_inductor_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compiled_musicnn_matches_eager_in_fixed_shape_batches() -> None:
-    """Five reference windows through a network compiled for batches of 4: one full call and one padded call."""
+    """Five reference windows through a network compiled for batches of 4: one full call and one padded call.
+
+    Inductor compiles C++ for the CPU here: about 40 s cold on 2 idle cores (5 min under a load of 20)."""
     batch = torch.from_numpy(np.load(MUSICNN_REFERENCE / "chord_44k1_stereo__MSD_musicnn.npz")["batch"])
     windows = torch.cat([batch, batch])[:5]
     eager, compiled = get_encoder("musicnn-msd"), get_encoder("musicnn-msd")
@@ -73,18 +75,15 @@ def test_compiled_mule_matches_eager(tmp_path) -> None:
 
 
 def test_embed_stage_compiles_when_configured() -> None:
-    """`EncoderConfig(compile=True)` reaches the encoder: EmbedStage compiles it for its batch size."""
+    """`EncoderConfig(compile=True)` reaches the encoder: EmbedStage compiles it for its batch size (lazily: the
+    first batch would compile, which the test above covers), and only then."""
     stage = EmbedStage(EncoderConfig(batch_windows=2, compile=True))
     stage.setup()
     assert stage.model.compiled_batch == 2
-    windows = torch.rand(3, 187, 96, generator=torch.Generator().manual_seed(1)) * 4
-    item = WorkItem(track_id="t", uri="memory://t.wav", fingerprint="")
-    (embedded,) = stage([TrackFeatures(item=item, windows=windows, starts=[0.0, 3.0, 6.0], duration_s=9.0)])
-    eager = get_encoder("musicnn-msd")
-    eager.load("cpu")
-    expected = eager.embed(windows)["penultimate"].mean(dim=0).numpy()
-    assert embedded.n_windows == 3
-    assert relative_error(torch.from_numpy(embedded.pooled["penultimate"]), torch.from_numpy(expected)) <= 1e-4
+    assert type(stage.model._net).__name__ == "OptimizedModule"  # noqa: SLF001
+    eager = EmbedStage(EncoderConfig(batch_windows=2))
+    eager.setup()
+    assert eager.model.compiled_batch is None
 
 
 def test_compile_is_refused_where_it_cannot_apply() -> None:
