@@ -102,3 +102,25 @@ def test_inductor_cache_follows_the_catalog_embed_cache(tmp_path, monkeypatch: p
     assert inductor_cache_dir() == tmp_path / "ours" / "inductor"
     monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path / "theirs"))
     assert inductor_cache_dir() == tmp_path / "theirs"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_musicnn_matches_eager_on_cuda(precision: str) -> None:
+    """On CUDA (Triton kernels, cuDNN or the lean layout's convolutions), compiled for batches of 8, on 10 windows.
+
+    fp32 is held to the port's tolerance; bf16 to the cosine 0.999 it keeps from fp32 (test_precision.py)."""
+    batch = torch.from_numpy(np.load(MUSICNN_REFERENCE / "chord_44k1_stereo__MSD_musicnn.npz")["batch"])
+    windows = torch.cat([batch] * 4)[:10]
+    eager, compiled = get_encoder("musicnn-msd"), get_encoder("musicnn-msd")
+    eager.load("cuda", precision)
+    compiled.load("cuda", precision)
+    compiled.compile(8)
+    expected, got = eager.embed(windows, ("penultimate",)), compiled.embed(windows, ("penultimate",))
+    expected, got = expected["penultimate"].cpu(), got["penultimate"].cpu()
+    assert got.shape == (10, 200)
+    if precision == "fp32":
+        assert relative_error(got, expected) <= MUSICNN_LAYER_TOLERANCE
+    else:
+        assert float(torch.nn.functional.cosine_similarity(got, expected, dim=1).min()) >= 0.999
