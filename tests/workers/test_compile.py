@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.cli import build_parser
+from pipelines.embed import config_from_args
 from schemas.errors import EncoderError
 from tests.reference import MUSICNN_REFERENCE
 from workers.encoders import get_encoder
@@ -84,6 +86,14 @@ def test_embed_stage_compiles_when_configured() -> None:
     eager = EmbedStage(EncoderConfig(batch_windows=2))
     eager.setup()
     assert eager.model.compiled_batch is None
+
+
+def test_the_compile_flag_reaches_the_encoder_config() -> None:
+    def config(*flags: str) -> EncoderConfig:
+        return config_from_args(build_parser().parse_args(["embed", "--catalog", "c", "--out", "o", *flags])).encoder
+
+    assert config("--compile").compile
+    assert not config().compile
 
 
 def test_compile_is_refused_where_it_cannot_apply() -> None:
