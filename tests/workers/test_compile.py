@@ -39,7 +39,8 @@ def _own_inductor_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
 
 @pytest.mark.slow
 def test_compiled_musicnn_matches_eager_in_fixed_shape_batches() -> None:
-    """Five reference windows through a network compiled for batches of 4: one full call and one padded call.
+    """Five reference windows through a network compiled for batches of 4, which on a CPU runs the network on 2
+    windows at a time: two full calls and one padded one.
 
     Inductor compiles C++ for the CPU here: about 40 s cold on 2 idle cores (5 min under a load of 20)."""
     batch = torch.from_numpy(np.load(MUSICNN_REFERENCE / "chord_44k1_stereo__MSD_musicnn.npz")["batch"])
@@ -48,6 +49,7 @@ def test_compiled_musicnn_matches_eager_in_fixed_shape_batches() -> None:
     eager.load("cpu")
     compiled.load("cpu")
     compiled.compile(4)
+    assert compiled.compiled_batch == 2
     layers = ("penultimate", "pool", "taggram")
     expected, got = eager.embed(windows, layers), compiled.embed(windows, layers)
     for name in layers:
@@ -76,14 +78,15 @@ def test_compiled_mule_matches_eager(tmp_path) -> None:
         torch.testing.assert_close(got[name], expected[name], **MULE_TOLERANCE)
 
 
-def test_embed_stage_compiles_when_configured() -> None:
+def test_embed_stage_compiles_when_configured(tmp_path) -> None:
     """`EncoderConfig(compile=True)` reaches the encoder: EmbedStage compiles it for its batch size (lazily: the
-    first batch would compile, which the test above covers), and only then."""
-    stage = EmbedStage(EncoderConfig(batch_windows=2, compile=True))
+    first batch would compile, which the tests above cover), and only then."""
+    weights = write_standin_weights(tmp_path)
+    stage = EmbedStage(EncoderConfig(model="mule-sfnfnet-f0", weights=weights, batch_windows=3, compile=True))
     stage.setup()
-    assert stage.model.compiled_batch == 2
+    assert stage.model.compiled_batch == 3
     assert type(stage.model._net).__name__ == "OptimizedModule"  # noqa: SLF001
-    eager = EmbedStage(EncoderConfig(batch_windows=2))
+    eager = EmbedStage(EncoderConfig(model="mule-sfnfnet-f0", weights=weights, batch_windows=3))
     eager.setup()
     assert eager.model.compiled_batch is None
 

@@ -656,6 +656,12 @@ class Musicnn(Encoder):
         net.lean = device.type == "cuda" and self.precision == "fp32"
         self._net = net.to(device).eval()
 
+    def compile(self, batch_windows: int) -> None:
+        """`Encoder.compile`; on a CPU for the `_CPU_SUB_BATCH` windows the network is called with at a time, so
+        that a short batch is padded to that, not to `batch_windows`."""
+        on_cpu = self.device is not None and self.device.type == "cpu"
+        super().compile(min(batch_windows, _CPU_SUB_BATCH) if on_cpu else batch_windows)
+
     def _compile_network(self) -> None:
         # One shape per call (see Encoder.compile): never trace for dynamic shapes.
         self._net = torch.compile(self._net, dynamic=False)
