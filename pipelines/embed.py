@@ -535,8 +535,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="where spectrograms are made: decode workers, the encoder's device, or auto (the GPU when there is one)",
     )
     parser.add_argument(
-        "--compile", action="store_true",
-        help="torch.compile the network (musicnn, MULE), in batches of one shape; compiled code is cached",
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the network (musicnn, MULE) in fixed-shape batches, code cached (default: on a GPU)",
     )
     parser.add_argument("--weights", help="weights file or folder, for encoders that need them")
     parser.add_argument("--weights-sha256", help="refuse weights whose sha256 differs")

@@ -95,8 +95,16 @@ def test_the_compile_flag_reaches_the_encoder_config() -> None:
     def config(*flags: str) -> EncoderConfig:
         return config_from_args(build_parser().parse_args(["embed", "--catalog", "c", "--out", "o", *flags])).encoder
 
-    assert config("--compile").compile
-    assert not config().compile
+    assert config("--compile").compile is True
+    assert config("--no-compile").compile is False
+    assert config().compile is None
+    musicnn, handcrafted = get_encoder("musicnn-msd"), get_encoder("mfcc-stats")
+    # By default compiled on a GPU (where it was measured to win), where it applies; eager on the CPU.
+    assert EncoderConfig(device="cuda").compiles(musicnn)
+    assert not EncoderConfig(device="cuda").compiles(handcrafted)
+    assert not EncoderConfig(device="cpu").compiles(musicnn)
+    assert EncoderConfig(device="cpu", compile=True).compiles(musicnn)
+    assert not EncoderConfig(device="cuda", compile=False).compiles(musicnn)
 
 
 def test_compile_is_refused_where_it_cannot_apply() -> None:
