@@ -67,15 +67,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(call: Callable[[], object], device: torch.device, repeat: int) -> float:
-    times = []
+def _median_seconds(calls: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict[str, float]:
+    """Median seconds of each call, the calls taking turns so that a shared machine's load weighs on each alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeat):
-        _sync(device)
-        start = time.perf_counter()
-        call()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, call in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            call()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _encoder_options(model: str, work: Path) -> dict[str, str]:
@@ -130,13 +132,10 @@ def encoder_section(args: argparse.Namespace, device: torch.device, work: Path) 
         before = torch.cuda.memory_allocated(device)
         eager.embed(windows)
         result["peak_mib_per_window"] = (torch.cuda.max_memory_allocated(device) - before) / batch / 2**20
-    seconds = _median_seconds(lambda: eager.embed(windows), device, args.repeat)
-    result["eager_windows_per_s"] = batch / seconds
     flops = _flops_per_window(eager, windows[: min(batch, 8)])
     result["gflop_per_window"] = flops / 1e9 if flops else None
-    if flops:
-        result["eager_tflop_per_s"] = flops * batch / seconds / 1e12
-    del eager
+    calls = {"eager": lambda: eager.embed(windows)}
+    compiled = None
     if args.compile:
         compiled = get_encoder(args.model, **options)
         compiled.load(device, args.precision)
@@ -146,17 +145,18 @@ def encoder_section(args: argparse.Namespace, device: torch.device, work: Path) 
         compiled.embed(windows)
         _sync(device)
         result["compile_first_call_s"] = time.perf_counter() - start
-        seconds = _median_seconds(lambda: compiled.embed(windows), device, args.repeat)
-        result["compiled_windows_per_s"] = batch / seconds
+        calls["compiled"] = lambda: compiled.embed(windows)
+    for mode, seconds in _median_seconds(calls, device, args.repeat).items():
+        result[f"{mode}_windows_per_s"] = batch / seconds
         if flops:
-            result["compiled_tflop_per_s"] = flops * batch / seconds / 1e12
-        del compiled
-        if args.cold_warm:
-            cache = work / "inductor-cold-warm"
-            result["cold_start_s"] = _compile_start(args, device, batch, cache)
-            result["warm_start_s"] = _compile_start(args, device, batch, cache)
+            result[f"{mode}_tflop_per_s"] = flops * batch / seconds / 1e12
+    del calls, eager, compiled  # free the device for the processes below and the sections after
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if args.compile and args.cold_warm:
+        cache = work / "inductor-cold-warm"
+        result["cold_start_s"] = _compile_start(args, device, batch, cache)
+        result["warm_start_s"] = _compile_start(args, device, batch, cache)
     return result
 
 
