@@ -1,7 +1,8 @@
 """Feed-the-GPU benchmark: decoding, the encoder and the whole pipeline measured in one run, in windows per second.
 
     python bench/gpu_bench.py [--device cuda|cpu] [--model musicnn-msd] [--precision bf16] [--tracks 64]
-                              [--seconds 120] [--workers N] [--batch N] [--repeat 5] [--no-compile] [--no-ray]
+                              [--seconds 120] [--workers N] [--batch N] [--repeat 5] [--no-compile]
+                              [--[no-]cold-warm] [--no-ray]
 
 Sections (each one's figures are rows of the printed table and keys of the JSON it writes):
 
@@ -10,10 +11,11 @@ Sections (each one's figures are rows of the printed table and keys of the JSON 
   children: windows per second and times real time.
 - encoder: `Encoder.embed` on one batch of the front end's windows repeated to `--batch` (on a GPU by default the
   size `EncoderConfig.windows_per_batch` picks from the measured memory footprint), eager and under
-  `--compile` (`Encoder.compile`), median of `--repeat` calls after a warm-up: windows/s and TFLOP/s (from
-  `torch.utils.flop_counter` on one eager call), the compile time in this process, and a cold and a warm start of
-  a fresh process compiling against an empty and then the same inductor cache (`TORCHINDUCTOR_CACHE_DIR`). On
-  CUDA, the peak memory of a call per window and the footprint `Encoder.measure_memory` reports.
+  `--compile` (`Encoder.compile`), median of `--repeat` calls after a warm-up, the two modes taking turns:
+  windows/s and TFLOP/s (from `torch.utils.flop_counter` on one eager call), the compile time in this process,
+  and (`--cold-warm`, the default on CUDA) a cold and a warm start of a fresh process compiling against an empty
+  and then the same inductor cache (`TORCHINDUCTOR_CACHE_DIR`). On CUDA, the peak memory of a call per window and
+  the footprint `Encoder.measure_memory` reports.
 - end to end: `pipelines.embed.run_embed` on the local runner and on Ray (a local instance, one encoder actor,
   which takes the GPU with `--device cuda`), compiled when compiling won in the encoder section: windows/s, times
   real time, and the share of the wall time spent in the encoder (`stage_seconds['encode']`, a synchronous call:
@@ -23,7 +25,8 @@ Sections (each one's figures are rows of the printed table and keys of the JSON 
 The demo catalog (`workers.demo_catalog`, every codec, no broken files) is rendered once into a temporary folder.
 Prints a table with the machine's load average and writes bench/results/gpu_bench-<device>.json.
 
-Without a GPU: `--device cpu --tracks 16 --seconds 30 --repeat 3` finishes in minutes on 2 cores.
+Without a GPU: `--device cpu --tracks 16 --seconds 30 --repeat 3` finishes in about 5 minutes on 2 busy cores
+(`--cold-warm` adds two compilations, 1 to 3 minutes there).
 
 On the GPU machine (Python 3.12 with torch, torchaudio, pyarrow, fsspec, safetensors and rich, no internet, no PyAV,
 deltalake or Ray): the encoder section needs nothing more, the others are skipped with the missing package
@@ -286,14 +289,16 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=5, help="timed encoder calls per mode")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled encoder")
-    parser.add_argument("--no-cold-warm", dest="cold_warm", action="store_false",
-                        help="skip the cold and warm compile starts in fresh processes")  # fmt: skip
+    parser.add_argument("--cold-warm", action=argparse.BooleanOptionalAction, default=None,
+                        help="time a cold and a warm compile start in fresh processes (default: on CUDA)")  # fmt: skip
     parser.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray end-to-end run")
     parser.add_argument("--compile-start", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = resolve_device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.cold_warm is None:  # two more compilations: seconds on a GPU, minutes on a few CPU cores
+        args.cold_warm = device.type == "cuda"
     if args.compile_start:
         compile_start(args, device)
         return
