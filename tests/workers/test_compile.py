@@ -3,6 +3,8 @@ batches of one fixed shape, against eager within each encoder's tolerance, and i
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -29,10 +31,9 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 @pytest.fixture(autouse=True)
 def _own_inductor_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Compiled code goes to this session's temporary folder, and compiled graphs do not outlive a test."""
-    monkeypatch.setenv("CATALOG_EMBED_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv(INDUCTOR_CACHE_ENV, "")  # so that the value `compile` sets is undone after the test
-    monkeypatch.delenv(INDUCTOR_CACHE_ENV)
+    """Compiled code goes to this session's temporary folder (the weights stay in the usual cache), and compiled
+    graphs do not outlive a test."""
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path_factory.getbasetemp() / "inductor"))
     yield
     torch._dynamo.reset()
 
@@ -119,8 +120,13 @@ def test_compile_is_refused_where_it_cannot_apply() -> None:
 
 
 def test_inductor_cache_follows_the_catalog_embed_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    encoder = get_encoder("musicnn-msd")
+    encoder.load("cpu")  # weights from the usual cache, before it moves
+    monkeypatch.delenv(INDUCTOR_CACHE_ENV)
     monkeypatch.setenv("CATALOG_EMBED_CACHE", str(tmp_path / "ours"))
     assert inductor_cache_dir() == tmp_path / "ours" / "inductor"
+    encoder.compile(8)  # compiles lazily: nothing is compiled before the first batch
+    assert os.environ[INDUCTOR_CACHE_ENV] == str(tmp_path / "ours" / "inductor")  # where inductor will write
     monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path / "theirs"))
     assert inductor_cache_dir() == tmp_path / "theirs"
 
