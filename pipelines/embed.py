@@ -534,6 +534,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "decoder", "encoder"),
         help="where spectrograms are made: decode workers, the encoder's device, or auto (the GPU when there is one)",
     )
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the network (musicnn, MULE) in fixed-shape batches, code cached (default: on a GPU)",
+    )
     parser.add_argument("--weights", help="weights file or folder, for encoders that need them")
     parser.add_argument("--weights-sha256", help="refuse weights whose sha256 differs")
     parser.add_argument("--runner", default="local", help=f"engine: {', '.join(RUNNERS)} (default: local)")
@@ -579,6 +583,7 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
             weights_sha256=args.weights_sha256,
             precision=args.precision,
             front_end_on=args.front_end_on,
+            compile=args.compile,
         ),
         decode=DecodeConfig(
             max_file_mb=args.max_file_mb,

@@ -16,7 +16,7 @@ from schemas.manifest import WorkItem
 from tests.reference import MUSICNN_REFERENCE
 from workers.encoders import get_encoder
 from workers.encoders.sfnfnet import write_standin_weights
-from workers.stages import DecodeStage, EmbedStage, EncoderConfig, TrackFeatures, cuda_batch_windows
+from workers.stages import DecodeStage, EmbedStage, EncoderConfig, TrackFeatures
 
 MIN_COSINE = 0.999
 SIGNALS = ("chord_16k_mono", "chord_44k1_stereo")
@@ -112,5 +112,3 @@ def test_front_end_placement_and_batch_size_follow_the_device() -> None:
     assert EncoderConfig(device="cpu").windows_per_batch() == 64
     assert EncoderConfig(device="cpu", batch_windows=7).sized().batch_windows == 7
     assert EncoderConfig(device="cuda").windows_per_batch(device_is_here=False) == 256
-    gib = 2**30
-    assert [cuda_batch_windows(n * gib) for n in (0, 3, 15, 16, 40, 79, 140)] == [32, 32, 64, 128, 256, 512, 512]

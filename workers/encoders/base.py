@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from schemas.errors import EncoderError, FrontEndError
+from workers.encoders.weights import cache_dir
+
+PROBE_WINDOWS = (8, 32)
+"""Batch sizes `Encoder.measure_memory` runs: small enough for any GPU, far enough apart for a slope."""
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Precision names and the autocast dtype each runs the network in (None: plain float32)."""
@@ -93,6 +99,31 @@ class FrontEnd(torch.nn.Module, ABC):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class MemoryFootprint:
+    """Device memory one `embed` call takes beyond what was allocated before it: `fixed + windows x per_window`.
+
+    Attributes:
+        fixed_bytes: the part that does not grow with the batch (the outputs' buffers, small workspaces).
+        window_bytes: what each window of the batch adds (activations, and workspaces that grow with the batch).
+    """
+
+    fixed_bytes: int
+    window_bytes: int
+
+    def batch_windows(self, free_bytes: int, share: float, limit: int) -> int:
+        """The largest power of two of windows whose footprint fits in `share` of `free_bytes`, within [1, limit].
+
+        A power of two keeps batch shapes few (compiled graphs, cuDNN autotuning) and leaves the rest of the
+        share as headroom for what the probe does not see (the front end on the device, fragmentation).
+        """
+        budget = free_bytes * share - self.fixed_bytes
+        fits = int(budget // max(self.window_bytes, 1))
+        if fits < 1:
+            return 1
+        return min(limit, 2 ** (fits.bit_length() - 1))
+
+
 @dataclass
 class Encoder(ABC):
     """A frozen audio encoder: see the module docstring for the lifecycle.
@@ -107,8 +138,12 @@ class Encoder(ABC):
     licence: ClassVar[Licence]
     mixed_precision: ClassVar[bool] = True
     """Whether `torch.autocast` reaches the network; False for runtimes outside PyTorch (ONNX Runtime)."""
+    compilable: ClassVar[bool] = False
+    """Whether `compile` applies: the built-in PyTorch networks (not TorchScript, ONNX or handcrafted features)."""
     device: torch.device | None = field(default=None, init=False)
     precision: str = field(default="fp32", init=False)
+    compiled_batch: int | None = field(default=None, init=False)
+    """Windows per network call once `compile` ran: every batch is cut or zero-padded to it; None when eager."""
 
     @property
     @abstractmethod
@@ -175,9 +210,71 @@ class Encoder(ABC):
             msg = f"encoder {self.name!r} does not run under PyTorch autocast: use --precision fp32"
             raise EncoderError(msg)
         self.prepare()
+        # Set before building: a network may lay out its computation by precision (musicnn does on CUDA).
+        self.precision = precision
         self._build(device)
         self.device = device
-        self.precision = precision
+
+    def _compile_network(self) -> None:
+        """Replace the loaded network by `torch.compile` of it; encoders that set `compilable` override this."""
+        raise NotImplementedError
+
+    def compile(self, batch_windows: int) -> None:
+        """Compile the loaded network with `torch.compile` for batches of exactly `batch_windows` windows.
+
+        `embed` then cuts larger batches into batches of that size and zero-pads a short one (dropping the padding
+        rows from the outputs), so every call has one shape and the compiled graph is reused rather than
+        recompiled. The compiled code is cached on disk (see `inductor_cache_dir`), so a later process with the
+        same network, precision, shape and PyTorch skips most of the compilation. The first `embed` compiles.
+
+        Raises:
+            EncoderError: not loaded, a batch size below 1, or an encoder without a PyTorch network.
+        """
+        if not self.compilable:
+            msg = f"encoder {self.name!r} has no PyTorch network to compile: run it without --compile"
+            raise EncoderError(msg)
+        if self.device is None:
+            msg = f"encoder {self.name!r} is not loaded: call load(device) before compile()"
+            raise EncoderError(msg)
+        if batch_windows < 1:
+            msg = f"compile needs a batch of at least 1 window, got {batch_windows}"
+            raise EncoderError(msg)
+        os.environ.setdefault(INDUCTOR_CACHE_ENV, str(inductor_cache_dir()))
+        self._compile_network()
+        self.compiled_batch = batch_windows
+
+    def measure_memory(self, probe_windows: tuple[int, int] = PROBE_WINDOWS) -> MemoryFootprint:
+        """Measure this loaded encoder's CUDA memory per `embed` call at two batch sizes, in its precision.
+
+        The peak allocated during each call (beyond what was allocated before) gives a line through the two
+        points: its slope is the memory per window, its intercept the fixed part. The probe batch repeats one
+        window of the front end's output for silence: memory does not depend on the values.
+
+        Raises:
+            EncoderError: not loaded on a CUDA device (the CPU has no allocator statistics to read).
+        """
+        if self.device is None or self.device.type != "cuda":
+            msg = f"encoder {self.name!r}: measure_memory needs the encoder loaded on a CUDA device"
+            raise EncoderError(msg)
+        front_end = self.front_end().eval()
+        with torch.inference_mode():
+            window = front_end(torch.zeros(front_end.window_samples))[:1]
+        small, large = probe_windows
+        peaks = []
+        for n in (small, large):
+            batch = window.expand(n, *window.shape[1:]).contiguous().to(self.device)
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.embed(batch)
+            torch.cuda.synchronize(self.device)
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - before)
+            del batch
+        window_bytes = (peaks[1] - peaks[0]) / (large - small)
+        if window_bytes <= 0:  # nothing grew with the batch (or caching hid it): charge the whole peak per window
+            window_bytes = peaks[1] / large
+        fixed_bytes = max(peaks[0] - small * window_bytes, 0)
+        return MemoryFootprint(fixed_bytes=int(fixed_bytes), window_bytes=int(window_bytes))
 
     def embed(self, windows: torch.Tensor, layers: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """Embed a batch of windows (from one or many tracks).
@@ -196,9 +293,38 @@ class Encoder(ABC):
         for name in layers:
             self.layer(name)
         dtype = PRECISIONS[self.precision]
+        windows = windows.to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            outputs = self._forward(windows.to(self.device, non_blocking=True), layers)
+            if self.compiled_batch is None or len(windows) == 0:
+                outputs = self._forward(windows, layers)
+            else:
+                outputs = self._forward_fixed(windows, layers, self.compiled_batch)
         return {name: value.float() for name, value in outputs.items()}
+
+    def _forward_fixed(self, windows: torch.Tensor, layers: tuple[str, ...], size: int) -> dict[str, torch.Tensor]:
+        """`_forward` in calls of exactly `size` windows: the last one zero-padded, its padding rows dropped."""
+        parts = []
+        for start in range(0, len(windows), size):
+            chunk = windows[start : start + size]
+            real = len(chunk)
+            if real < size:
+                chunk = torch.cat([chunk, chunk.new_zeros(size - real, *chunk.shape[1:])])
+            parts.append({name: value[:real] for name, value in self._forward(chunk, layers).items()})
+        return {name: torch.cat([part[name] for part in parts]) for name in layers}
+
+
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+"""PyTorch's variable for where inductor keeps compiled code; when unset, `compile` points it into our cache."""
+
+
+def inductor_cache_dir() -> Path:
+    """Where `Encoder.compile` keeps inductor's compiled code: `inductor` in the cache (`CATALOG_EMBED_CACHE`).
+
+    An explicitly set `TORCHINDUCTOR_CACHE_DIR` wins. Inductor's FX graph cache (on by default) keys entries by
+    the graph, its input shapes and dtypes, the PyTorch version and the compile options, so a stale entry is
+    never reused; a nightly run on the same machine and shapes loads the compiled code instead of compiling.
+    """
+    return Path(os.environ.get(INDUCTOR_CACHE_ENV) or cache_dir() / "inductor")
 
 
 def parse_device(device: str | torch.device) -> torch.device:

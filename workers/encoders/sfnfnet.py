@@ -445,6 +445,7 @@ class MuleSfnfnetF0(Encoder):
         "weights not shipped (CC BY-NC 4.0): pass --weights"
     )
     licence: ClassVar[Licence] = Licence(code="Apache-2.0", weights="CC-BY-NC-4.0")
+    compilable: ClassVar[bool] = True
 
     weights: str | None = None
     weights_sha256: str | None = None
@@ -500,6 +501,10 @@ class MuleSfnfnetF0(Encoder):
         net = SfNfNetF0()
         net.load_state_dict(safetensors.torch.load_file(self.weights_path), strict=True)
         self._net = net.to(device).eval().freeze()
+
+    def _compile_network(self) -> None:
+        # One shape per call (see Encoder.compile): never trace for dynamic shapes.
+        self._net = torch.compile(self._net, dynamic=False)
 
     def _forward(self, windows: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
         stage_taps = {"slow_stage1", "slow_stage2"}

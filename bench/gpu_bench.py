@@ -1,0 +1,367 @@
+"""Feed-the-GPU benchmark: decoding, the encoder and the whole pipeline measured in one run, in windows per second.
+
+    python bench/gpu_bench.py [--device cuda|cpu] [--model musicnn-msd] [--precision bf16] [--tracks 64]
+                              [--seconds 120] [--workers N] [--batch N] [--repeat 5] [--no-compile]
+                              [--[no-]cold-warm] [--no-ray]
+
+Sections (each one's figures are rows of the printed table and keys of the JSON it writes):
+
+- decode: `workers.stages.DecodeStage` as the runners configure it for the device (on a GPU only decoding and
+  resampling, the front end runs on the GPU) on one core in this process, then an `IsolatedPool` of `--workers`
+  children: windows per second and times real time.
+- encoder: `Encoder.embed` on one batch of the front end's windows repeated to `--batch` (on a GPU by default the
+  size `EncoderConfig.windows_per_batch` picks from the measured memory footprint), eager and under
+  `--compile` (`Encoder.compile`), median of `--repeat` calls after a warm-up, the two modes taking turns:
+  windows/s and TFLOP/s (from `torch.utils.flop_counter` on one eager call), the compile time in this process,
+  and (`--cold-warm`, the default on CUDA) a cold and a warm start of a fresh process compiling against an empty
+  and then the same inductor cache (`TORCHINDUCTOR_CACHE_DIR`). On CUDA, the peak memory of a call per window and
+  the footprint `Encoder.measure_memory` reports.
+- end to end: `pipelines.embed.run_embed` on the local runner and on Ray (a local instance, one encoder actor,
+  which takes the GPU with `--device cuda`), compiled when compiling won in the encoder section: windows/s, times
+  real time, and the share of the wall time spent in the encoder (`stage_seconds['encode']`, a synchronous call:
+  on a GPU the busy share the encoder can have).
+- efficiency = end-to-end rate / min(decode pool rate, encoder rate), per runner.
+
+The demo catalog (`workers.demo_catalog`, every codec, no broken files) is rendered once into a temporary folder.
+Prints a table with the machine's load average and writes bench/results/gpu_bench-<device>.json.
+
+Without a GPU: `--device cpu --tracks 16 --seconds 30 --repeat 3` finishes in about 5 minutes on 2 busy cores
+(`--cold-warm` adds two compilations, 1 to 3 minutes there).
+
+On the GPU machine (Python 3.12 with torch, torchaudio, pyarrow, fsspec, safetensors and rich, no internet, no PyAV,
+deltalake or Ray): the encoder section needs nothing more, the others are skipped with the missing package
+named unless their wheels travel (see the device README: `pip download --no-deps --only-binary=:all:
+--python-version 3.12 ... -d .whl av==<pinned> deltalake==<pinned>` and their missing dependencies, then
+`pip install --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site:$PWD`; PyAV is
+~36 MB of the 64 MiB a call carries, so Ray rarely fits beside it). musicnn's weights come from PyPI on first use:
+carry a converted cache instead (`cp -r ~/.cache/catalog-embed/musicnn .carry/cache/` and run with
+`CATALOG_EMBED_CACHE=.carry/cache`); mule-sfnfnet-f0 runs with stand-in weights written here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from workers.encoders import Encoder, get_encoder
+from workers.encoders.base import INDUCTOR_CACHE_ENV, resolve_device
+from workers.encoders.sfnfnet import write_standin_weights
+
+RESULTS = Path(__file__).parent / "results"
+DECODE_TIMEOUT_S = 300.0
+DECODE_MEMORY_MB = 4096.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(calls: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict[str, float]:
+    """Median seconds of each call, the calls taking turns so that a shared machine's load weighs on each alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeat):
+        for name, call in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            call()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _encoder_options(model: str, work: Path) -> dict[str, str]:
+    """Stand-in weights for MULE (the released ones are not shipped); nothing for the others."""
+    if model != "mule-sfnfnet-f0":
+        return {}
+    folder = work / "mule-standin"
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        write_standin_weights(folder)
+    return {"weights": str(folder)}
+
+
+def _windows(encoder: Encoder, batch: int) -> torch.Tensor:
+    """One window of the front end's output for seeded noise, repeated to `batch` (speed does not depend on it)."""
+    front_end = encoder.front_end().eval()
+    noise = torch.randn(front_end.window_samples, generator=torch.Generator().manual_seed(0)) * 0.1
+    with torch.inference_mode():
+        window = front_end(noise)[:1]
+    return window.expand(batch, *window.shape[1:]).contiguous()
+
+
+def _flops_per_window(encoder: Encoder, windows: torch.Tensor) -> float | None:
+    """Floating-point operations of one window, counted by PyTorch's flop counter (None when it counts none)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        encoder.embed(windows)
+    total = counter.get_total_flops()
+    return total / len(windows) if total else None
+
+
+def encoder_section(args: argparse.Namespace, device: torch.device, work: Path) -> dict:
+    """Eager and compiled windows/s of `args.model` on `device`, with memory and compile-cache figures."""
+    from workers.stages import EncoderConfig
+
+    options = _encoder_options(args.model, work)
+    eager = get_encoder(args.model, **options)
+    eager.load(device, args.precision)
+    config = EncoderConfig(model=args.model, device=str(device), precision=args.precision, batch_windows=args.batch)
+    batch = config.windows_per_batch(encoder=eager)
+    windows = _windows(eager, batch).to(device)
+    result: dict = {"batch_windows": batch}
+    if device.type == "cuda":
+        footprint = eager.measure_memory()
+        result["footprint_window_mib"] = footprint.window_bytes / 2**20
+        result["footprint_fixed_mib"] = footprint.fixed_bytes / 2**20
+    eager.embed(windows)  # warm-up (cuDNN autotuning, allocator)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        eager.embed(windows)
+        result["peak_mib_per_window"] = (torch.cuda.max_memory_allocated(device) - before) / batch / 2**20
+    flops = _flops_per_window(eager, windows[: min(batch, 8)])
+    result["gflop_per_window"] = flops / 1e9 if flops else None
+    calls = {"eager": lambda: eager.embed(windows)}
+    compiled = None
+    if args.compile:
+        compiled = get_encoder(args.model, **options)
+        compiled.load(device, args.precision)
+        compiled.compile(batch)
+        _sync(device)
+        start = time.perf_counter()
+        compiled.embed(windows)
+        _sync(device)
+        result["compile_first_call_s"] = time.perf_counter() - start
+        calls["compiled"] = lambda: compiled.embed(windows)
+    for mode, seconds in _median_seconds(calls, device, args.repeat).items():
+        result[f"{mode}_windows_per_s"] = batch / seconds
+        if flops:
+            result[f"{mode}_tflop_per_s"] = flops * batch / seconds / 1e12
+    del calls, eager, compiled  # free the device for the processes below and the sections after
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if args.compile and args.cold_warm:
+        cache = work / "inductor-cold-warm"
+        result["cold_start_s"] = _compile_start(args, device, batch, cache)
+        result["warm_start_s"] = _compile_start(args, device, batch, cache)
+    return result
+
+
+def _compile_start(args: argparse.Namespace, device: torch.device, batch: int, cache: Path) -> float:
+    """Seconds a fresh process takes from loading the encoder to its first compiled batch, with `cache`."""
+    env = {**os.environ, INDUCTOR_CACHE_ENV: str(cache)}
+    command = [sys.executable, __file__, "--compile-start", "--device", str(device), "--model", args.model,
+               "--precision", args.precision, "--batch", str(batch), "--work", str(cache.parent)]  # fmt: skip
+    output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])["seconds"]
+
+
+def compile_start(args: argparse.Namespace, device: torch.device) -> None:
+    """Child of `_compile_start`: load, compile and run one batch; print the seconds it took as JSON."""
+    start = time.perf_counter()
+    encoder = get_encoder(args.model, **_encoder_options(args.model, Path(args.work)))
+    encoder.load(device, args.precision)
+    encoder.compile(args.batch)
+    encoder.embed(_windows(encoder, args.batch).to(device))
+    _sync(device)
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def decode_section(args: argparse.Namespace, work: Path) -> tuple[dict, Path]:
+    """Windows/s of decoding on one core and in the pool; also returns the catalog's manifest."""
+    import pyarrow.parquet as pq
+
+    from schemas.manifest import WorkItem
+    from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
+    from workers.isolation import IsolatedPool
+    from workers.stages import DecodeStage, EncoderConfig, TrackFeatures
+
+    demo = DemoCatalogConfig(n_tracks=args.tracks, duration_s=args.seconds, n_broken=0)
+    catalog = render_demo_catalog(work / "catalog", demo, workers=args.workers)
+    rows = pq.read_table(catalog.manifest_path).to_pylist()
+    items = [WorkItem(track_id=row["track_id"], uri=row["uri"], fingerprint="") for row in rows]
+    stage = DecodeStage(EncoderConfig(model=args.model, device=args.device, **_encoder_options(args.model, work)))
+    stage.setup()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    decoded = [stage(item) for item in items]
+    one_core_s = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    tracks = [d for d in decoded if isinstance(d, TrackFeatures)]
+    windows = sum(t.n_windows for t in tracks)
+    audio_s = sum(t.duration_s for t in tracks)
+    start = time.perf_counter()
+    with IsolatedPool(stage, args.workers, DECODE_TIMEOUT_S, DECODE_MEMORY_MB) as pool:
+        pooled = [result for result, _seconds in pool.imap(items, ahead=2 * args.workers)]
+    pool_s = time.perf_counter() - start
+    failed = [d for d in pooled if not isinstance(d, TrackFeatures)]
+    result = {
+        "tracks": len(items),
+        "failed": len(failed),
+        "windows": windows,
+        "audio_s": audio_s,
+        "one_core_windows_per_s": windows / one_core_s,
+        "one_core_x_real_time": audio_s / one_core_s,
+        "pool_workers": args.workers,
+        "pool_windows_per_s": windows / pool_s,
+        "pool_x_real_time": audio_s / pool_s,
+    }
+    return result, catalog.manifest_path
+
+
+def end_to_end_section(args: argparse.Namespace, manifest: Path, work: Path, runner: str, compiled: bool,
+                       batch: int, windows: int) -> dict:  # fmt: skip
+    """One `run_embed` on `runner` into a fresh output root."""
+    from pipelines.embed import EmbedConfig, run_embed
+    from pipelines.runners.options import RayOptions
+    from workers.stages import EncoderConfig
+
+    encoder = EncoderConfig(
+        model=args.model,
+        device=args.device,
+        precision=args.precision,
+        batch_windows=batch,
+        compile=compiled,
+        **_encoder_options(args.model, work),
+    )
+    config = EmbedConfig(
+        catalog=str(manifest),
+        out=str(work / f"tables-{runner}"),
+        encoder=encoder,
+        runner=runner,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        ray=RayOptions(embed_actors=1),
+    )
+    summary = run_embed(config, Console(quiet=True))
+    wall = summary.wall_seconds
+    encode_s = summary.stats.stage_seconds.get("encode")
+    return {
+        "compiled": compiled,
+        "wall_s": wall,
+        "embedded": summary.stats.n_embedded,
+        "failed": summary.stats.n_failed,
+        "windows_per_s": windows / wall,
+        "x_real_time": summary.stats.audio_seconds / wall,
+        "encoder_busy_share": encode_s / wall if encode_s is not None else None,
+        "stage_seconds": summary.stats.stage_seconds,
+    }
+
+
+def _skipped(section: str, exc: ImportError) -> dict:
+    return {"skipped": f"{section} needs {exc.name or exc}, not installed here"}
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="musicnn-msd")
+    parser.add_argument("--precision", default=None, help="fp32 or bf16 (default: bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--tracks", type=int, default=64, help="demo tracks to decode and embed")
+    parser.add_argument("--seconds", type=float, default=120.0, help="seconds per track")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="decode processes")
+    parser.add_argument("--batch", type=int, help="windows per encoder call (default: sized to the device)")
+    parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=5, help="timed encoder calls per mode")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled encoder")
+    parser.add_argument("--cold-warm", action=argparse.BooleanOptionalAction, default=None,
+                        help="time a cold and a warm compile start in fresh processes (default: on CUDA)")  # fmt: skip
+    parser.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray end-to-end run")
+    parser.add_argument("--compile-start", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.cold_warm is None:  # two more compilations: seconds on a GPU, minutes on a few CPU cores
+        args.cold_warm = device.type == "cuda"
+    if args.compile_start:
+        compile_start(args, device)
+        return
+    console = Console()
+    work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    load_before = os.getloadavg()[0]
+    report: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "args": {k: v for k, v in vars(args).items() if k not in ("compile_start", "work")},
+    }
+    console.print(f"{args.model} {args.precision} on {report['device']}; work in {work}")
+
+    start = time.perf_counter()
+    report["encoder"] = encoder_section(args, device, work)
+    console.print(f"encoder section: {time.perf_counter() - start:.0f} s")
+    encoder = report["encoder"]
+    compiled_wins = encoder.get("compiled_windows_per_s", 0.0) > encoder["eager_windows_per_s"]
+    encoder_rate = max(encoder["eager_windows_per_s"], encoder.get("compiled_windows_per_s", 0.0))
+
+    start = time.perf_counter()
+    try:
+        report["decode"], manifest = decode_section(args, work)
+    except ImportError as exc:
+        report["decode"], manifest = _skipped("decoding", exc), None
+    console.print(f"decode section: {time.perf_counter() - start:.0f} s")
+
+    report["end_to_end"] = {}
+    if manifest is not None:
+        decode = report["decode"]
+        for runner in ("local", "ray") if args.ray else ("local",):
+            start = time.perf_counter()
+            try:
+                run = end_to_end_section(
+                    args, manifest, work, runner, compiled_wins, encoder["batch_windows"], decode["windows"]
+                )
+                run["efficiency"] = run["windows_per_s"] / min(decode["pool_windows_per_s"], encoder_rate)
+            except ImportError as exc:
+                run = _skipped(f"the {runner} runner", exc)
+            report["end_to_end"][runner] = run
+            console.print(f"end to end, {runner}: {time.perf_counter() - start:.0f} s")
+    report["load_average_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
+
+    table = Table(title=f"{args.model} {args.precision} on {report['device']} ({report['cpus']} CPUs), "
+                        f"{args.tracks} x {args.seconds:g} s tracks")  # fmt: skip
+    table.add_column("section")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for section in ("encoder", "decode"):
+        for key, value in report[section].items():
+            table.add_row(section, key, _fmt(value))
+    for runner, run in report["end_to_end"].items():
+        for key, value in run.items():
+            if key != "stage_seconds":
+                table.add_row(f"end to end, {runner}", key, _fmt(value))
+    table.add_row("machine", "load average (1 min) before / after", f"{load_before:.1f} / {os.getloadavg()[0]:.1f}")
+    console.print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"gpu_bench-{device.type}.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
