@@ -1,21 +1,19 @@
 """The local runner: the reference engine and the embedded default.
 
 Decoding runs in supervised child processes (`workers.isolation.IsolatedPool`), so a decoder that segfaults, hangs
-or balloons on hostile input costs one `failures` row, not the run. The encoder runs in this process, fed with
-windows batched across tracks while the children decode ahead.
+or balloons on hostile input costs one `failures` row, not the run. The shard core (`workers.shard.ShardEmbedder`)
+runs the encoder in this process, taking decoded tracks from the pool as they come while the children decode ahead.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-import time
-from collections.abc import Iterator
 
 import torch
 
 from pipelines.runners import EmbedJob, Progress, RunStats, write_shard
 from workers.isolation import IsolatedPool
-from workers.stages import DecodeStage, EmbedStage, TrackEmbedding, TrackFailure, TrackFeatures
 
 # Decoded tracks kept in flight per worker: enough to hide decode latency behind the encoder, bounded in memory.
 _AHEAD_PER_WORKER = 4
@@ -32,48 +30,18 @@ class LocalRunner:
         # descheduled by a decoder stalls the rest (on 2 cores, 2 encoder threads beside busy decoders ran the
         # encoder 2 to 4 times slower than 1 thread; see bench/embed_bench.py).
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))
-        embed = EmbedStage(job.encoder, keep_timeline=job.write_windows)
-        start = time.perf_counter()
-        embed.setup()
-        stats.add_time("load_model", time.perf_counter() - start)
-        decode = DecodeStage(job.encoder, job.decode)
-        with IsolatedPool(decode, job.workers, job.decode_timeout_s, job.decode.max_memory_mb) as pool:
-            decoded = self._decoded(pool, job, stats)
+        embedder = job.shard_embedder()
+        decode = job.decode_stage()
+        with IsolatedPool(decode, job.workers, job.decode_timeout_s, decode.resources.memory_mb) as pool:
+            # Plan order, with a bounded number of tracks read ahead across shard boundaries.
+            items = (item for _, shard in job.shards() for item in shard)
+            decoded = pool.imap(items, ahead=max(1, job.workers) * _AHEAD_PER_WORKER)
             for shard, items in job.shards():
-                results: list[TrackEmbedding | TrackFailure] = []
-                pending: list[TrackFeatures] = []
-                pending_windows = 0
-                for _ in items:
-                    result = next(decoded)
-                    if isinstance(result, TrackFailure):
-                        results.append(result)
-                        continue
-                    pending.append(result)
-                    pending_windows += result.n_windows
-                    if pending_windows >= job.encoder.batch_windows:
-                        results.extend(self._embed(embed, pending, stats))
-                        pending, pending_windows = [], 0
-                results.extend(self._embed(embed, pending, stats))
-                embedded = [r for r in results if isinstance(r, TrackEmbedding)]
-                failed = [r for r in results if isinstance(r, TrackFailure)]
-                stats.add_time("write", write_shard(job, store, shard, embedded, failed))
-                stats.record(embedded, failed)
+                output = embedder.process(shard, itertools.islice(decoded, len(items)))
+                output.stats.add_time("write", write_shard(job, store, output))
+                stats.merge(output.stats)
                 if progress:
-                    progress(len(items), sum(e.duration_s for e in embedded))
+                    progress(len(items), output.stats.audio_seconds)
                 stats.check_failure_ratio(job.max_failure_ratio)
+        embedder.teardown()
         return stats
-
-    @staticmethod
-    def _embed(embed: EmbedStage, tracks: list[TrackFeatures], stats: RunStats) -> list[TrackEmbedding]:
-        start = time.perf_counter()
-        results = embed(tracks)
-        stats.add_time("encode", time.perf_counter() - start)
-        return results
-
-    @staticmethod
-    def _decoded(pool: IsolatedPool, job: EmbedJob, stats: RunStats) -> Iterator[TrackFeatures | TrackFailure]:
-        """Decode results in plan order, with a bounded number of tracks read ahead."""
-        items = (item for _, shard in job.shards() for item in shard)
-        for result, seconds in pool.imap(items, ahead=max(1, job.workers) * _AHEAD_PER_WORKER):
-            stats.add_time("decode", seconds)
-            yield result
