@@ -2,21 +2,33 @@
 
 Decoding runs in supervised child processes (`workers.isolation.IsolatedPool`), so a decoder that segfaults, hangs
 or balloons on hostile input costs one `failures` row, not the run. The shard core (`workers.shard.ShardEmbedder`)
-runs the encoder in this process, taking decoded tracks from the pool as they come while the children decode ahead.
+runs the encoder in this process. Decoding, the encoder and writing overlap: a thread keeps the decode children
+busy and queues what they decode (at most `_AHEAD_PER_WORKER` tracks per worker), the encoder takes tracks from
+that queue, and another thread writes a finished shard's part files while the next shard is embedded (one shard
+at a time).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
 from pipelines.runners import EmbedJob, Progress, RunStats, write_shard
+from schemas.manifest import WorkItem
 from workers.isolation import IsolatedPool
+from workers.shard import Decoded, ShardOutput
 
 # Decoded tracks kept in flight per worker: enough to hide decode latency behind the encoder, bounded in memory.
 _AHEAD_PER_WORKER = 4
+# How often a blocked feeder looks whether the run is over (seconds).
+_POLL_S = 0.1
 
 
 class LocalRunner:
@@ -32,16 +44,74 @@ class LocalRunner:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))
         embedder = job.shard_embedder()
         decode = job.decode_stage()
-        with IsolatedPool(decode, job.workers, job.decode_timeout_s, decode.resources.memory_mb) as pool:
-            # Plan order, with a bounded number of tracks read ahead across shard boundaries.
-            items = (item for _, shard in job.shards() for item in shard)
-            decoded = pool.imap(items, ahead=max(1, job.workers) * _AHEAD_PER_WORKER)
-            for shard, items in job.shards():
-                output = embedder.process(shard, itertools.islice(decoded, len(items)))
-                output.stats.add_time("write", write_shard(job, store, output))
-                stats.merge(output.stats)
-                if progress:
-                    progress(len(items), output.stats.audio_seconds)
-                stats.check_failure_ratio(job.max_failure_ratio)
+        items = [item for _, shard in job.shards() for item in shard]
+        ahead = max(1, job.workers) * _AHEAD_PER_WORKER
+        with (
+            IsolatedPool(decode, job.workers, job.decode_timeout_s, decode.resources.memory_mb) as pool,
+            _DecodeFeeder(pool, items, ahead) as decoded,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-shard") as writer,
+        ):
+            writing: tuple[Future[float], ShardOutput] | None = None
+            for shard, shard_items in job.shards():
+                output = embedder.process(shard, itertools.islice(decoded, len(shard_items)))
+                if writing:
+                    self._written(*writing, stats, job, progress)
+                writing = writer.submit(write_shard, job, store, output), output
+            if writing:
+                self._written(*writing, stats, job, progress)
         embedder.teardown()
         return stats
+
+    @staticmethod
+    def _written(
+        write: Future[float], output: ShardOutput, stats: RunStats, job: EmbedJob, progress: Progress | None
+    ) -> None:
+        """Wait for a shard's parts to be written, then count it."""
+        output.stats.add_time("write", write.result())
+        stats.merge(output.stats)
+        if progress:
+            progress(output.stats.n_embedded + output.stats.n_failed, output.stats.audio_seconds)
+        stats.check_failure_ratio(job.max_failure_ratio)
+
+
+class _DecodeFeeder(Iterator[Decoded]):
+    """Iterates a decode pool in a thread into a bounded queue, so that the children decode while the encoder runs
+    (a pool only hands out work while it is iterated). Iterating the feeder yields the pool's results in order and
+    raises what the pool raised."""
+
+    def __init__(self, pool: IsolatedPool, items: Iterable[WorkItem], ahead: int) -> None:
+        self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._feed, args=(pool, items, ahead), name="decode-feeder")
+
+    def __enter__(self) -> _DecodeFeeder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __next__(self) -> Decoded:
+        ok, value = self._queue.get()
+        if not ok:
+            raise value
+        return value
+
+    def _feed(self, pool: IsolatedPool, items: Iterable[WorkItem], ahead: int) -> None:
+        try:
+            for result in pool.imap(items, ahead=ahead):
+                if not self._put((True, result)):
+                    return
+        except Exception as exc:  # noqa: BLE001 (handed to the consuming thread, which raises it)
+            self._put((False, exc))
+
+    def _put(self, entry: tuple[bool, Any]) -> bool:
+        """Queue `entry` unless the run is over; False when it is."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
