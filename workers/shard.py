@@ -35,6 +35,7 @@ from workers.rows import RowContext, embedding_rows, failure_rows, window_rows
 from workers.stages import EmbedStage, EncoderConfig, Resources, TrackEmbedding, TrackFailure, TrackFeatures
 
 Decoded = tuple[TrackFeatures | TrackFailure, float]  # a decode result and the seconds it took
+DecodedShard = tuple[str, Iterable[Decoded]]  # a shard's part name and its tracks as decoded, in plan order
 _LOG = logging.getLogger(__name__)
 # Failures described in a shard's stats, for the run summary.
 _FIRST_ERRORS = 5
@@ -149,12 +150,13 @@ class ShardEmbedder:
             self._stage.teardown()
             self._stage = None
 
-    def process(self, name: str, decoded: Iterable[Decoded]) -> ShardOutput:
-        """Embed the decoded tracks of shard `name` in batches of about `batch_windows` windows across them.
+    def process(self, shard: DecodedShard) -> ShardOutput:
+        """Embed the decoded tracks of a shard in batches of about `batch_windows` windows across them.
 
-        `decoded` may be a lazy iterator (the local runner's decode pool): tracks are taken as they come and a
-        batch is embedded as soon as it is full, while the pool decodes ahead.
+        The tracks may come from a lazy iterator (the local runner's decode queue): they are taken as they come
+        and a batch is embedded as soon as it is full, while the decoders work ahead.
         """
+        name, decoded = shard
         self.setup()
         stats = ShardStats()
         if self._unreported_load_s:  # the first shard after loading reports it

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
-from typing import Any, Protocol
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch

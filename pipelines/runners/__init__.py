@@ -119,7 +119,8 @@ class RunStats(ShardStats):
     def merge(self, other: ShardStats) -> None:
         """Fold in a shard's or another worker's stats."""
         super().merge(other)
-        self.status = getattr(other, "status", None) or self.status
+        if isinstance(other, RunStats):
+            self.status = other.status or self.status
 
     def check_failure_ratio(self, limit: float) -> None:
         """Abort when so many tracks fail that the run is broken as a whole (bad credentials, wrong bucket)."""

@@ -48,7 +48,7 @@ from schemas.manifest import WorkItem
 from schemas.store import STAGING
 from schemas.tables import FAILURES, RUNS
 from workers.isolation import IsolatedPool
-from workers.shard import Decoded, ShardEmbedder, ShardOutput, decode_shard
+from workers.shard import DecodedShard, ShardEmbedder, ShardOutput, decode_shard
 from workers.stages import DecodeStage, TrackFeatures
 
 METRICS_NAMESPACE = "catalog-embed"
@@ -174,7 +174,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedJob, shards_uri: str) -> b
     )
 
 
-class ShardModelHandler(ModelHandler[tuple[str, list[Decoded]], ShardOutput, ShardEmbedder]):
+class ShardModelHandler(ModelHandler[DecodedShard, ShardOutput, ShardEmbedder]):
     """Beam's ModelHandler around the shard core: examples are decoded shards (name, decoded tracks), predictions
     their `ShardOutput`s.
 
@@ -194,14 +194,14 @@ class ShardModelHandler(ModelHandler[tuple[str, list[Decoded]], ShardOutput, Sha
 
     def run_inference(
         self,
-        batch: Sequence[tuple[str, list[Decoded]]],
+        batch: Sequence[DecodedShard],
         model: ShardEmbedder,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[ShardOutput]:
         """Embed each decoded shard of the batch."""
-        return [model.process(shard, decoded) for shard, decoded in batch]
+        return [model.process(shard) for shard in batch]
 
-    def get_num_bytes(self, batch: Sequence[tuple[str, list[Decoded]]]) -> int:
+    def get_num_bytes(self, batch: Sequence[DecodedShard]) -> int:
         """Bytes of decoded audio or windows in a batch (the default pickles the whole batch to measure it)."""
         return sum(r.nbytes for _, decoded in batch for r, _ in decoded if isinstance(r, TrackFeatures))
 
@@ -220,7 +220,7 @@ class _DecodeShardFn(beam.DoFn):
     def setup(self) -> None:
         self._pool = IsolatedPool(self._stage, 1, self._timeout_s, self._stage.resources.memory_mb)
 
-    def process(self, row: dict[str, Any]) -> Iterator[tuple[str, list[Decoded]]]:
+    def process(self, row: dict[str, Any]) -> Iterator[DecodedShard]:
         items = [WorkItem(*fields) for fields in zip(row["track_id"], row["uri"], row["fingerprint"], strict=True)]
         yield row["shard"], decode_shard(self._pool, items)
 

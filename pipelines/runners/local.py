@@ -53,7 +53,7 @@ class LocalRunner:
         ):
             writing: tuple[Future[float], ShardOutput] | None = None
             for shard, shard_items in job.shards():
-                output = embedder.process(shard, itertools.islice(decoded, len(shard_items)))
+                output = embedder.process((shard, itertools.islice(decoded, len(shard_items))))
                 if writing:
                     self._written(*writing, stats, job, progress)
                 writing = writer.submit(write_shard, job, store, output), output

@@ -152,7 +152,7 @@ class _EmbedShard:
         self._embedder.setup()
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {"shard": row["shard"], "output": _pack(self._embedder.process(row["shard"], _unpack(row["decoded"])))}
+        return {"shard": row["shard"], "output": _pack(self._embedder.process((row["shard"], _unpack(row["decoded"]))))}
 
 
 class PartSink(Datasink[RunStats]):

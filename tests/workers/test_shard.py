@@ -35,7 +35,7 @@ def _decoded(config: EncoderConfig, catalog) -> list[Decoded]:
 
 def _process(config: EncoderConfig, decoded: list[Decoded]) -> tuple[ShardOutput, ShardEmbedder]:
     embedder = ShardEmbedder(config, ROWS)
-    return embedder.process("000-000000", decoded), embedder
+    return embedder.process(("000-000000", decoded)), embedder
 
 
 def _vectors(output: ShardOutput) -> dict[str, np.ndarray]:
@@ -137,5 +137,5 @@ def test_a_shard_reports_its_counts_and_stage_times(small_catalog, tmp_path):
     good = _good(decoded)
     assert (output.stats.n_embedded, output.stats.n_failed) == (len(good), len(decoded) - len(good))
     assert {"load_model", "decode", "encode"} <= set(output.stats.stage_seconds)
-    again = embedder.process("000-000001", decoded)
+    again = embedder.process(("000-000001", decoded))
     assert "load_model" not in again.stats.stage_seconds  # loaded once, reported once
