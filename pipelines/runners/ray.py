@@ -42,7 +42,7 @@ from schemas.errors import ConfigError
 from workers.audio import DecodeConfig
 from workers.isolation import IsolatedPool
 from workers.shard import ShardEmbedder, ShardOutput, decode_shard
-from workers.stages import DecodeStage, EncoderConfig
+from workers.stages import DecodeStage, EncoderConfig, Stage
 
 # Seconds to wait for a cluster's head to accept a connection before calling --address unreachable.
 _CONNECT_TIMEOUT_S = 3.0
@@ -95,8 +95,7 @@ class RayRunner:
 
     def _run(self, job: EmbedJob) -> RunStats:
         decode, embedder = job.decode_stage(), job.shard_embedder()
-        gpus = embedder.resources.gpus
-        if gpus and not ray.cluster_resources().get("GPU"):
+        if embedder.resources.gpus and not ray.cluster_resources().get("GPU"):
             _LOG.warning("--device %s: the Ray cluster has no GPU yet; the encoder actors wait for one",
                          job.encoder.device)
         sink = PartSink(job.without_items())
@@ -108,7 +107,7 @@ class RayRunner:
                 _decode_shard,
                 fn_kwargs={"stage": decode, "timeout_s": job.decode_timeout_s},
                 compute=ray.data.TaskPoolStrategy(size=job.workers),
-                num_cpus=decode.resources.cpus,
+                **_reserved(decode),
                 # Ray Data retries a task whose worker died forever; decoders run in child processes, so a worker
                 # dies of something else (a lost node) and a few retries suffice. (Differing from the actors'
                 # options also keeps Ray from fusing the decode tasks into the encoder actors, which would
@@ -119,12 +118,17 @@ class RayRunner:
                 _EmbedShard,
                 fn_constructor_args=(embedder,),
                 compute=ray.data.ActorPoolStrategy(size=self.options.embed_actors),
-                num_cpus=embedder.resources.cpus,
-                num_gpus=gpus,
+                **_reserved(embedder),
             )
             .write_datasink(sink)
         )
         return sink.stats
+
+
+def _reserved(stage: Stage) -> dict[str, float]:
+    """What Ray reserves for one instance of `stage`: the cores and GPUs it declares. (Its memory is not reserved:
+    the decode child caps its own, and Ray's memory reservations would idle decoders on a small machine.)"""
+    return {"num_cpus": stage.resources.cpus, "num_gpus": stage.resources.gpus}
 
 
 def _decode_shard(row: dict[str, Any], stage: DecodeStage, timeout_s: float) -> dict[str, Any]:
