@@ -34,6 +34,7 @@ from schemas.store import TableStore
 from workers.audio import DecodeConfig, load_audio
 from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 from workers.rows import RowContext
+from workers.shard import ShardOutput
 from workers.stages import EmbedStage, EncoderConfig, TrackFeatures
 
 RESULTS = Path(__file__).parent / "results" / "embed_bench.json"
@@ -103,7 +104,7 @@ def main() -> None:
         out = tempfile.mkdtemp(dir=work)
         store = TableStore(out)
         job = EmbedJob("bench", out, tuple(items), encoder_config, DecodeConfig(), ctx)
-        write_shard(job, store, "000000", embedded, [])
+        write_shard(job, store, ShardOutput.of("000000", embedded, [], ctx, with_windows=False))
 
     def naive() -> None:
         # One file at a time, one model call per track (batches never span tracks), no decode pool.

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipelines.lease import RunLease, read_lease
 from pipelines.plan import Plan, Request, plan_run, read_state, run_limits
-from pipelines.runners import RUNNERS, EmbedJob, RunStats, get_runner, write_shard
+from pipelines.runners import RUNNER_CLASSES, EmbedJob, RunStats, get_runner, write_shard
 from pipelines.storage import add_storage_option_argument, storage_options_from_args
 from pipelines.runners.options import BeamOptions, RayOptions, add_engine_arguments, engine_options_from_args
 from schemas.errors import ConfigError, RunAbortedError, RunLostError
@@ -33,6 +33,7 @@ from schemas.tables import EMBEDDINGS, RUNS
 from workers.audio import DecodeConfig
 from workers.encoders.base import Licence, resolve_device
 from workers.rows import RowContext
+from workers.shard import ShardOutput
 from workers.stages import EncoderConfig, TrackFailure
 
 
@@ -52,7 +53,7 @@ class EmbedConfig:
     Attributes:
         catalog: manifest file, directory or glob URI.
         out: output root holding the tables.
-        runner: engine name (see `pipelines.runners.RUNNERS`).
+        runner: engine name (see `pipelines.runners.RUNNER_CLASSES`).
         workers: decode worker processes (local runner) or parallelism hint (other runners).
         shard_size: tracks per part file.
         write_windows: also write the per-window timeline to the `windows` table.
@@ -126,8 +127,8 @@ class EmbedConfig:
         problem = self.run_id is not None and run_id_problem(self.run_id)
         if problem:
             raise ConfigError(f"--run-id: {problem}")
-        if self.runner not in RUNNERS:
-            msg = f"--runner {self.runner!r} is unknown; choose one of: {', '.join(RUNNERS)}"
+        if self.runner not in RUNNER_CLASSES:
+            msg = f"--runner {self.runner!r} is unknown; choose one of: {', '.join(RUNNER_CLASSES)}"
             raise ConfigError(msg)
         self.beam.validate(self.runner, self.out, self.catalog, self.encoder.device)
         self.ray.validate(self.runner)
@@ -344,8 +345,9 @@ def _run_claimed(
     stats = RunStats()
     if plan.refused:
         refused = [TrackFailure(item, "plan", "UriRefused", reason) for item, reason in plan.refused]
-        stats.add_time("write", write_shard(job, store, f"{attempt:03d}-refused", [], refused))
-        stats.record([], refused)
+        refused_shard = ShardOutput.of(f"{attempt:03d}-refused", [], refused, job.rows, job.write_windows)
+        stats.add_time("write", write_shard(job, store, refused_shard))
+        stats.merge(refused_shard.stats)
     if items:
         try:
             with _progress_bar(console) as bar:
@@ -540,7 +542,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--weights", help="weights file or folder, for encoders that need them")
     parser.add_argument("--weights-sha256", help="refuse weights whose sha256 differs")
-    parser.add_argument("--runner", default="local", help=f"engine: {', '.join(RUNNERS)} (default: local)")
+    parser.add_argument("--runner", default="local", help=f"engine: {', '.join(RUNNER_CLASSES)} (default: local)")
     parser.add_argument("--workers", type=int, default=2, help="decode worker processes (Beam: SDK workers)")
     parser.add_argument(
         "--batch-windows", type=int, help="windows per encoder call (default: 64 on a CPU, sized to a GPU's memory)"

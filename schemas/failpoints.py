@@ -1,7 +1,7 @@
 """Fault injection for the fault-tolerance suite: make a named point crash, hang, exit or raise on demand.
 
 `CATALOG_EMBED_FAILPOINTS` holds `point=action:match` entries separated by `;`, e.g.
-`decode=segfault:track-07;decode=hang:track-09;commit.embeddings=exit;write_shard=raise*1:000-000002`. When code
+`decode=segfault:track-07;encode=raise:demo-0003;commit.embeddings=exit;write_shard=raise*1:000-000002`. When code
 reaches `hit(point, key)` and `match` is a substring of `key` (or no match is given), the first such entry's action
 runs:
 
@@ -11,6 +11,10 @@ runs:
 - `raise`: `FailpointError` is raised, as a transient fault an engine retries (a preempted worker's lost bundle).
 
 An action suffixed `*N` runs on the first N matching hits in a process only, so that a retry can succeed.
+
+The points and their keys: `decode` (the track's URI, in the decode child), `encode` (the track id: the encoder
+call of a batch holding that track raises), `write_shard` (the shard's part name, between its parts) and
+`commit.<table>` (the commit's transaction id, before that table's commit).
 
 Unset (the default) it costs one dictionary lookup. Real decoders only crash on real hostile input that cannot be
 shipped as a fixture, so the suite injects the crash at the exact place a decoder would.

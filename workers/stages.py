@@ -1,8 +1,9 @@
-"""The two compute stages of the embed job, shared by every runner.
+"""The two compute stages of the embed job, shared by every runner through the shard core (`workers.shard`).
 
 `DecodeStage` (CPU: read, decode, resample, front end) turns a work item into windows or a failure.
 `EmbedStage` (the encoder's device) embeds windows batched across tracks and pools them per track.
-Both follow the stage contract: a frozen config, expensive state built once in `setup()`, no engine imports.
+Both follow the stage contract (`Stage`): a frozen config, expensive state built once in `setup()`, released in
+`teardown()`, the resources a worker needs declared in `resources`, no engine imports.
 
 Where the front end runs is the config's choice (`EncoderConfig.front_end_on`): next to the decoder, which ships
 windows to the encoder, or on the encoder's device (the default with a GPU), which ships the resampled waveform and
@@ -14,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from schemas.errors import ConfigError, EncoderError, FrontEndError, TrackError
-from schemas.manifest import WorkItem
 from schemas import failpoints
+from schemas.manifest import WorkItem
 from workers.audio import DecodeConfig, load_audio
 from workers.encoders import Encoder, FrontEnd, get_encoder
 from workers.encoders.base import MemoryFootprint, parse_device, resolve_precision
@@ -32,6 +34,39 @@ REMOTE_CUDA_BATCH_WINDOWS = 256
 # A GPU's batch: its measured footprint within this share of the free memory, at most this many windows.
 CUDA_MEMORY_SHARE = 0.5
 MAX_CUDA_BATCH_WINDOWS = 1024
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one instance of a stage needs from the worker that runs it; engines reserve it (Ray) or place it.
+
+    Attributes:
+        cpus: CPU cores.
+        gpus: accelerators (0 or 1 here: one encoder per GPU).
+        memory_mb: memory beyond the worker's own; 0 when not bounded.
+    """
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_mb: float = 0.0
+
+
+class Stage(Protocol):
+    """The unit of work every engine schedules: built from a frozen config, cheap to construct and to pickle,
+    its expensive state made once per worker in `setup()`."""
+
+    @property
+    def resources(self) -> Resources:
+        """What one instance needs."""
+
+    def setup(self) -> None:
+        """Build the expensive state (a model, a front end) once per worker; calling it again does nothing."""
+
+    def process(self, batch: Any) -> Any:
+        """Process one unit of input; per-track errors come back as `TrackFailure`s, never as exceptions."""
+
+    def teardown(self) -> None:
+        """Release what `setup()` built."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +169,11 @@ class EncoderConfig:
             return encoder.compilable and parse_device(self.device).type == "cuda"
         return self.compile
 
+    @property
+    def gpus(self) -> int:
+        """Accelerators an encoder with this config takes: one on CUDA, none on the CPU."""
+        return 1 if parse_device(self.device).type == "cuda" else 0
+
     def resolved_layers(self, encoder: Encoder) -> tuple[str, ...]:
         """The layers to write, validated against the encoder (raises EncoderError naming valid ones)."""
         layers = self.layers or (encoder.default_layer,)
@@ -219,12 +259,21 @@ class DecodeStage:
     decode: DecodeConfig = DecodeConfig()
     _front_end: FrontEnd | None = field(default=None, init=False, repr=False)
 
+    @property
+    def resources(self) -> Resources:
+        """One core and the decode memory cap (`--decode-memory-mb`)."""
+        return Resources(cpus=1.0, memory_mb=self.decode.max_memory_mb)
+
     def setup(self) -> None:
         """Build the front end once per worker."""
         if self._front_end is None:
             self._front_end = self.encoder.build().front_end().eval()
 
-    def __call__(self, item: WorkItem) -> TrackFeatures | TrackFailure:
+    def teardown(self) -> None:
+        """Drop the front end."""
+        self._front_end = None
+
+    def process(self, item: WorkItem) -> TrackFeatures | TrackFailure:
         """Decode `item`; every per-track error becomes a TrackFailure, never an exception."""
         self.setup()
         front_end = self._front_end
@@ -244,13 +293,17 @@ class DecodeStage:
             return TrackFailure.from_error(item, FrontEndError(f"front end failed: {exc}"))
         return TrackFeatures(item=item, windows=windows, starts=starts, duration_s=audio.duration_s)
 
+    __call__ = process  # a plain callable for process pools (`workers.isolation`)
+
 
 @dataclass
 class EmbedStage:
     """Embed windows batched across tracks and mean-pool them per track.
 
     Tracks that arrive as waveforms (`EncoderConfig.front_end_on_encoder`) go through the front end on the
-    encoder's device first, in float32; only the network runs in the configured precision.
+    encoder's device first, in float32; only the network runs in the configured precision. A track the front end
+    fails on, or whose embeddings are not finite (NaN, inf), comes back as a `TrackFailure`; an error of the
+    encoder itself raises, for the shard core (`workers.shard`) to find the track that causes it.
     """
 
     encoder: EncoderConfig
@@ -258,7 +311,12 @@ class EmbedStage:
     _model: Encoder | None = field(default=None, init=False, repr=False)
     _front_end: FrontEnd | None = field(default=None, init=False, repr=False)
     _layers: tuple[str, ...] = field(default=(), init=False, repr=False)
-    _batch_windows: int = field(default=0, init=False, repr=False)
+    batch_windows: int = field(default=0, init=False, repr=False)
+
+    @property
+    def resources(self) -> Resources:
+        """One core, and the GPU when the encoder runs on one."""
+        return Resources(cpus=1.0, gpus=float(self.encoder.gpus))
 
     def setup(self) -> None:
         """Load the encoder once per worker on the configured device, with its front end there if configured."""
@@ -268,10 +326,14 @@ class EmbedStage:
             model.load(self.encoder.device, self.encoder.precision)
             if self.encoder.front_end_on_encoder:
                 self._front_end = model.front_end().to(model.device).eval()
-            self._batch_windows = self.encoder.windows_per_batch(encoder=model)
+            self.batch_windows = self.encoder.windows_per_batch(encoder=model)
             if self.encoder.compiles(model):
-                model.compile(self._batch_windows)
+                model.compile(self.batch_windows)
             self._model = model
+
+    def teardown(self) -> None:
+        """Drop the encoder (and the device memory it holds)."""
+        self._model = self._front_end = None
 
     @property
     def model(self) -> Encoder:
@@ -280,22 +342,40 @@ class EmbedStage:
         return self._model
 
     def _windows(self, track: TrackFeatures) -> torch.Tensor:
-        """A track's windows: as decoded, or made from its waveform on the encoder's device."""
+        """A track's windows: as decoded, or made from its waveform on the encoder's device.
+
+        Raises:
+            FrontEndError: the front end on the encoder's device failed on this track.
+        """
         if track.windows is not None:
             return track.windows
-        with torch.inference_mode():
-            return self._front_end(track.waveform.to(self._model.device, non_blocking=True))
+        try:
+            with torch.inference_mode():
+                return self._front_end(track.waveform.to(self._model.device, non_blocking=True))
+        except torch.OutOfMemoryError:
+            raise  # the device's fault, not the track's: the shard core retries with smaller batches
+        except (RuntimeError, ValueError) as exc:
+            msg = f"front end failed: {exc}"
+            raise FrontEndError(msg) from exc
 
-    def _batches(self, tracks: list[TrackFeatures], counts: list[int]) -> Iterator[torch.Tensor]:
-        """Batches of `batch_windows` windows across `tracks`, appending each track's window count to `counts`.
+    def _batches(
+        self, tracks: list[TrackFeatures], counts: list[int], failed: dict[int, TrackFailure]
+    ) -> Iterator[torch.Tensor]:
+        """Batches of `batch_windows` windows across `tracks`, appending each track's window count to `counts`
+        (0 for a track the front end failed on, which goes to `failed` by its index).
 
         Windows are made one track at a time, so at most a batch plus one track's windows are held at once
         (which matters on a GPU, where the front end may run: a shard of long tracks is many windows).
         """
-        size = self._batch_windows
+        size = self.batch_windows
         pending: torch.Tensor | None = None
-        for track in tracks:
-            windows = self._windows(track)
+        for i, track in enumerate(tracks):
+            try:
+                windows = self._windows(track)
+            except FrontEndError as exc:
+                failed[i] = TrackFailure.from_error(track.item, exc)
+                counts.append(0)
+                continue
             counts.append(len(windows))
             pending = windows if pending is None else torch.cat([pending, windows])
             while len(pending) >= size:
@@ -304,31 +384,54 @@ class EmbedStage:
         if pending is not None and len(pending):
             yield pending
 
-    def __call__(self, tracks: list[TrackFeatures]) -> list[TrackEmbedding]:
-        """Embed every window of `tracks` in batches of `batch_windows`, then pool per track."""
+    def process(self, tracks: list[TrackFeatures]) -> list[TrackEmbedding | TrackFailure]:
+        """Embed every window of `tracks` in batches of `batch_windows`, then pool per track.
+
+        Returns:
+            One result per track, in order.
+
+        Raises:
+            Exception: whatever the encoder raised on a batch (torch.OutOfMemoryError on a full GPU, a
+                bring-your-own network's own error, an injected `encode` failpoint).
+        """
         if not tracks:
             return []
         model = self.model
+        for track in tracks:
+            failpoints.hit("encode", track.item.track_id)  # as if a batch holding this track made the encoder raise
         counts: list[int] = []
+        failed: dict[int, TrackFailure] = {}
         outputs: dict[str, list[torch.Tensor]] = {layer: [] for layer in self._layers}
-        for batch in self._batches(tracks, counts):
+        for batch in self._batches(tracks, counts, failed):
             for layer, values in model.embed(batch, self._layers).items():
                 outputs[layer].append(values.cpu())
-        per_layer = {layer: torch.cat(chunks).numpy() for layer, chunks in outputs.items()}
-        results = []
+        per_layer = {
+            layer: torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)
+            for layer, chunks in outputs.items()
+        }
+        results: list[TrackEmbedding | TrackFailure] = []
         offset = 0
-        for track, n in zip(tracks, counts, strict=True):
-            pooled = {layer: values[offset : offset + n].mean(axis=0) for layer, values in per_layer.items()}
-            timeline = per_layer[self._layers[0]][offset : offset + n] if self.keep_timeline else None
+        for i, (track, n) in enumerate(zip(tracks, counts, strict=True)):
+            window_values = {layer: values[offset : offset + n] for layer, values in per_layer.items()}
+            offset += n
+            if i in failed:
+                results.append(failed[i])
+                continue
+            not_finite = [layer for layer, values in window_values.items() if not np.isfinite(values).all()]
+            if not_finite:
+                msg = f"the encoder returned non-finite values (NaN or inf) in layer(s) {', '.join(not_finite)}"
+                results.append(TrackFailure(track.item, "encode", "NonFiniteEmbedding", msg))
+                continue
             results.append(
                 TrackEmbedding(
                     item=track.item,
                     duration_s=track.duration_s,
                     n_windows=n,
-                    pooled=pooled,
-                    timeline=timeline,
+                    pooled={layer: values.mean(axis=0) for layer, values in window_values.items()},
+                    timeline=window_values[self._layers[0]] if self.keep_timeline else None,
                     starts=track.starts,
                 )
             )
-            offset += n
         return results
+
+    __call__ = process

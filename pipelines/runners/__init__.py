@@ -1,9 +1,11 @@
 """Runners execute a planned embed job on one engine; all of them write the same part files.
 
-A runner receives an `EmbedJob` (picklable: it travels to remote workers), runs `DecodeStage` and `EmbedStage`
-over its work items, and writes each shard's rows with `write_shard`. The job then commits once on the driver.
-A new engine is a module here with a class exposing `run(job, progress) -> RunStats`, plus a line in `RUNNERS`;
-engine imports (apache_beam, ray) stay in that module.
+A runner receives an `EmbedJob` (picklable: it travels to remote workers) and only schedules: it decodes each
+shard's work items with `DecodeStage` in supervised processes, hands the decoded shard to the shard core
+(`workers.shard.ShardEmbedder`: batching, failure routing and counting live there), writes the core's rows with
+`write_shard` and merges the shards' stats. The job then commits once on the driver. A new engine is a module here
+with a class exposing `run(job, progress) -> RunStats`, plus a line in `RUNNER_CLASSES`; engine imports
+(apache_beam, ray) stay in that module.
 
 A runner whose driver may exit before its job ends (Beam: a Dataflow Flex Template launcher only builds the
 graph) commits from its graph's last step through `job.commit` and says so in `RunStats.status`.
@@ -13,8 +15,8 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 
@@ -24,10 +26,12 @@ from schemas.manifest import WorkItem
 from schemas.store import TableStore
 from schemas.tables import EMBEDDINGS, FAILURES, WINDOWS
 from workers.audio import DecodeConfig
-from workers.rows import RowContext, embedding_rows, failure_rows, window_rows
-from workers.stages import EncoderConfig, TrackEmbedding, TrackFailure
+from workers.rows import RowContext
+from workers.shard import ShardEmbedder, ShardOutput, ShardStats
+from workers.stages import DecodeStage, EncoderConfig
 
-RUNNERS: dict[str, str] = {
+# Runner name -> "module:class" of its engine adapter, imported only when that runner is chosen.
+RUNNER_CLASSES: dict[str, str] = {
     "local": "pipelines.runners.local:LocalRunner",
     "beam": "pipelines.runners.beam:BeamRunner",
     "dataflow": "pipelines.runners.beam:DataflowRunner",
@@ -70,15 +74,16 @@ class EmbedJob:
             (f"{self.attempt:03d}-{i // size:06d}", self.items[i : i + size]) for i in range(0, len(self.items), size)
         ]
 
-    def work_items(self) -> pa.Table:
-        """The work items with their shard, one row per track, for engines that read their input as a table."""
-        rows = [(shard, item) for shard, items in self.shards() for item in items]
+    def shard_table(self) -> pa.Table:
+        """The shards as a table for engines that read their input as one: one row per shard, holding its work
+        items' fields as lists in plan order."""
+        shards = self.shards()
         return pa.table(
             {
-                "shard": pa.array([shard for shard, _ in rows], pa.string()),
-                "track_id": pa.array([item.track_id for _, item in rows], pa.string()),
-                "uri": pa.array([item.uri for _, item in rows], pa.string()),
-                "fingerprint": pa.array([item.fingerprint for _, item in rows], pa.string()),
+                "shard": pa.array([shard for shard, _ in shards], pa.string()),
+                "track_id": pa.array([[i.track_id for i in items] for _, items in shards], pa.list_(pa.string())),
+                "uri": pa.array([[i.uri for i in items] for _, items in shards], pa.list_(pa.string())),
+                "fingerprint": pa.array([[i.fingerprint for i in items] for _, items in shards], pa.list_(pa.string())),
             }
         )
 
@@ -90,10 +95,18 @@ class EmbedJob:
         """The output store (cheap; build one per worker)."""
         return TableStore(self.out, self.storage_options)
 
+    def decode_stage(self) -> DecodeStage:
+        """The decode stage every runner runs in its supervised decode processes."""
+        return DecodeStage(self.encoder, self.decode)
+
+    def shard_embedder(self) -> ShardEmbedder:
+        """The shard core every runner hands its decoded shards to (built cheaply; it loads in `setup()`)."""
+        return ShardEmbedder(self.encoder, self.rows, self.write_windows)
+
 
 @dataclass
-class RunStats:
-    """Counts and stage timings a runner reports back.
+class RunStats(ShardStats):
+    """Counts and stage timings a runner reports back: the shards' stats merged, and how the run ended.
 
     Attributes:
         status: None when the job is to commit the run (most runners). A runner that committed the run from its
@@ -101,34 +114,13 @@ class RunStats:
             Dataflow Flex Template launch, whose job commits from its last step) sets 'launched'.
     """
 
-    n_embedded: int = 0
-    n_failed: int = 0
-    audio_seconds: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    first_errors: list[str] = field(default_factory=list)
     status: str | None = None
 
-    def add_time(self, stage: str, seconds: float) -> None:
-        """Accumulate time spent in a stage."""
-        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
-
-    def record(self, embedded: list[TrackEmbedding], failed: list[TrackFailure]) -> None:
-        """Count a finished shard."""
-        self.n_embedded += len(embedded)
-        self.n_failed += len(failed)
-        self.audio_seconds += sum(e.duration_s for e in embedded)
-        for failure in failed[: max(0, 5 - len(self.first_errors))]:
-            self.first_errors.append(f"{failure.item.track_id}: {failure.error_type}: {failure.message}")
-
-    def merge(self, other: RunStats) -> None:
-        """Fold in another worker's stats."""
-        self.n_embedded += other.n_embedded
-        self.n_failed += other.n_failed
-        self.audio_seconds += other.audio_seconds
-        for stage, seconds in other.stage_seconds.items():
-            self.add_time(stage, seconds)
-        self.first_errors.extend(other.first_errors[: max(0, 5 - len(self.first_errors))])
-        self.status = other.status or self.status
+    def merge(self, other: ShardStats) -> None:
+        """Fold in a shard's or another worker's stats."""
+        super().merge(other)
+        if isinstance(other, RunStats):
+            self.status = other.status or self.status
 
     def check_failure_ratio(self, limit: float) -> None:
         """Abort when so many tracks fail that the run is broken as a whole (bad credentials, wrong bucket)."""
@@ -146,9 +138,7 @@ class RunStats:
         return RunAbortedError(msg)
 
 
-def write_shard(
-    job: EmbedJob, store: TableStore, shard: str, embedded: list[TrackEmbedding], failed: list[TrackFailure]
-) -> float:
+def write_shard(job: EmbedJob, store: TableStore, shard: ShardOutput) -> float:
     """Write one shard's part files, always all of them and the embeddings part last: its presence marks the
     shard complete when a crashed run is resumed (see `TableStore.staged_progress`).
 
@@ -156,23 +146,12 @@ def write_shard(
         Seconds spent writing.
     """
     start = time.perf_counter()
-    store.write_part(job.run_id, FAILURES, shard, failure_rows(failed, job.rows))
-    if job.write_windows:
-        store.write_part(job.run_id, WINDOWS, shard, window_rows(embedded, job.rows))
-    failpoints.hit("write_shard", shard)  # a worker lost mid-shard: some parts written, not the last
-    store.write_part(job.run_id, EMBEDDINGS, shard, embedding_rows(embedded, job.rows))
+    store.write_part(job.run_id, FAILURES, shard.name, shard.failures)
+    if shard.windows is not None:
+        store.write_part(job.run_id, WINDOWS, shard.name, shard.windows)
+    failpoints.hit("write_shard", shard.name)  # a worker lost mid-shard: some parts written, not the last
+    store.write_part(job.run_id, EMBEDDINGS, shard.name, shard.embeddings)
     return time.perf_counter() - start
-
-
-def split_results(
-    results: Iterator[TrackEmbedding | TrackFailure] | list[TrackEmbedding | TrackFailure],
-) -> tuple[list[TrackEmbedding], list[TrackFailure]]:
-    """Separate embeddings from failures."""
-    embedded: list[TrackEmbedding] = []
-    failed: list[TrackFailure] = []
-    for result in results:
-        (failed if isinstance(result, TrackFailure) else embedded).append(result)
-    return embedded, failed
 
 
 def get_runner(name: str, **options: object) -> object:
@@ -182,9 +161,9 @@ def get_runner(name: str, **options: object) -> object:
         ConfigError: unknown runner; the message lists the valid ones.
     """
     try:
-        target = RUNNERS[name]
+        target = RUNNER_CLASSES[name]
     except KeyError:
-        msg = f"unknown runner {name!r}; choose one of: {', '.join(RUNNERS)}"
+        msg = f"unknown runner {name!r}; choose one of: {', '.join(RUNNER_CLASSES)}"
         raise ConfigError(msg) from None
     module_name, class_name = target.split(":")
     return getattr(importlib.import_module(module_name), class_name)(**options)

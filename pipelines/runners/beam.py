@@ -1,22 +1,23 @@
 """The Beam runner: the embed job as an Apache Beam pipeline, on Beam's local runners or on Dataflow.
 
-    work items (Parquet) | Reshuffle
+    shards (Parquet, one row per shard) | Reshuffle
       | Decode        DecodeStage in a supervised child process with a timeout and a memory cap (CPU)
-      | RunInference  TrackModelHandler: EmbedStage, one model per worker process, batches across tracks
-      | GroupByKey(shard) | WriteShard (write_shard: deterministic part names)
+      | RunInference  ShardModelHandler: the shard core (`workers.shard.ShardEmbedder`), one model per worker
+                      process; it batches across the shard's tracks, routes failures and counts
+      | WriteShard    write_shard: deterministic part names
       | CombineGlobally(RunStats) | Commit (once, through `EmbedJob.commit`)
 
-The work items are staged as one Parquet file under the run's staging folder rather than inlined into the graph,
-which Dataflow caps at a few megabytes. Each worker process decodes in a child of its own
-(`workers.isolation.IsolatedPool`, as the other runners do): a decoder that raises, crashes, hangs past
-`--decode-timeout` or balloons costs one `failures` row, and the child ends with its worker even under kill -9. A
-batch the encoder fails on goes to Beam's dead-letter output (`with_exception_handling`) and becomes `failures`
-rows. No track fails a bundle.
+The shards are staged as one Parquet file under the run's staging folder rather than inlined into the graph,
+which Dataflow caps at a few megabytes. An element is a shard from the first step to the write, as on Ray, so each
+shard's part files are the product of exactly one write without a shuffle. Each worker process decodes in a child
+of its own (`workers.isolation.IsolatedPool`, as the other runners do): a decoder that raises, crashes, hangs past
+`--decode-timeout` or balloons costs one `failures` row, and the child ends with its worker even under kill -9.
+An encoder that raises costs the tracks that make it raise (the shard core's dead letters). No track fails a bundle.
 
 The commit is the graph's last step because a Dataflow Flex Template launcher only builds the graph and exits:
 nothing after `run()` would ever commit. Where the driver does wait (DirectRunner, Prism, Dataflow launched
 from this CLI), it reports the counts of the `runs` row the job committed, and stage times from Beam metrics in
-the namespace `catalog-embed`: distributions `decode_ms`, `encode_ms`, `write_ms`, next to counters
+the namespace `catalog-embed`: distributions `load_model_ms`, `decode_ms`, `encode_ms`, `write_ms`, next to counters
 `tracks_embedded`, `tracks_failed` and `audio_milliseconds` for monitoring. Counts are not taken from metrics: a
 runner that repeats a failed bundle may count that bundle's increments twice (Beam's bundle-based DirectRunner
 does), while the committed row counts each staged track once.
@@ -27,8 +28,8 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
-import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import apache_beam as beam
@@ -39,20 +40,20 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.prism_runner import PrismJobServer
-from apache_beam.transforms.window import GlobalWindows
 
-from pipelines.runners import EmbedJob, Progress, RunStats, split_results, write_shard
+from pipelines.runners import EmbedJob, Progress, RunStats, write_shard
 from pipelines.runners.options import BeamOptions
 from schemas.errors import ConfigError, TableError
 from schemas.manifest import WorkItem
 from schemas.store import STAGING
 from schemas.tables import FAILURES, RUNS
 from workers.isolation import IsolatedPool
-from workers.stages import DecodeStage, EmbedStage, TrackEmbedding, TrackFailure, TrackFeatures
+from workers.shard import DecodedShard, ShardEmbedder, ShardOutput, decode_shard
+from workers.stages import DecodeStage, TrackFeatures
 
 METRICS_NAMESPACE = "catalog-embed"
-_FAILED = "failed"
-_STATS = "stats"
+# Stage times reported as distributions `<stage>_ms`.
+_TIMED_STAGES = ("load_model", "decode", "encode", "write")
 _LOG = logging.getLogger(__name__)
 
 
@@ -97,9 +98,9 @@ class BeamRunner:
         if job.commit is None:
             msg = "the Beam runner commits from its pipeline and needs EmbedJob.commit (run it through run_embed)"
             raise ConfigError(msg)
-        items_uri = _stage_work_items(job)
+        shards_uri = _stage_shards(job)
         pipeline = beam.Pipeline(options=self.pipeline_options(job))
-        build_pipeline(pipeline, job, items_uri)
+        build_pipeline(pipeline, job, shards_uri)
         result = pipeline.run()
         # A Flex Template launcher gets a result without a job (it only built the graph); a detached submission
         # does not wait. Either way the job commits the run from its last step.
@@ -154,140 +155,81 @@ class DataflowRunner(BeamRunner):
         return PipelineOptions(list(o.pipeline_args), **settings)
 
 
-def build_pipeline(pipeline: beam.Pipeline, job: EmbedJob, items_uri: str) -> beam.PCollection:
+def build_pipeline(pipeline: beam.Pipeline, job: EmbedJob, shards_uri: str) -> beam.PCollection:
     """Add the embed graph (see the module docstring) to `pipeline`.
 
     Returns:
         The single-element PCollection of the status the run was committed with.
     """
     lean = job.without_items()
-    decoded = (
-        pipeline
-        | "WorkItems" >> beam.io.ReadFromParquet(items_uri)
-        | "Reshuffle" >> beam.Reshuffle()
-        | "Decode" >> beam.ParDo(_DecodeFn(lean)).with_outputs(_FAILED, _STATS, main="features")
-    )
-    inferred, inference_dead = decoded.features | "Embed" >> RunInference(
-        TrackModelHandler(lean), metrics_namespace=METRICS_NAMESPACE
-    ).with_exception_handling()
-    pooled = inferred | "Pooled" >> beam.ParDo(_PooledFn()).with_outputs(_STATS, main="embedded")
-    results = (
-        pooled.embedded,
-        decoded[_FAILED],
-        inference_dead.failed_inferences | "EmbedDeadLetters" >> beam.FlatMap(_inference_dead_letter),
-    ) | "Results" >> beam.Flatten()
-    written = (
-        results
-        | "ByShard" >> beam.GroupByKey()
-        | "WriteShard" >> beam.ParDo(_WriteShardFn(lean))
-    )
     return (
-        (decoded[_STATS], pooled[_STATS], written)
-        | "AllStats" >> beam.Flatten()
+        pipeline
+        | "Shards" >> beam.io.ReadFromParquet(shards_uri)
+        | "Reshuffle" >> beam.Reshuffle()
+        | "Decode" >> beam.ParDo(_DecodeShardFn(job.decode_stage(), job.decode_timeout_s))
+        | "Embed" >> RunInference(ShardModelHandler(job.shard_embedder()), metrics_namespace=METRICS_NAMESPACE)
+        | "WriteShard" >> beam.ParDo(_WriteShardFn(lean))
         | "RunStats" >> beam.CombineGlobally(_MergeStats())
         | "Commit" >> beam.Map(_commit, lean)
     )
 
 
-class TrackModelHandler(ModelHandler[tuple[str, TrackFeatures], tuple[str, TrackEmbedding, float], EmbedStage]):
-    """Beam's ModelHandler around `EmbedStage`: examples are (shard, TrackFeatures), predictions are
-    (shard, TrackEmbedding, encode seconds of that track's share of the batch).
+class ShardModelHandler(ModelHandler[DecodedShard, ShardOutput, ShardEmbedder]):
+    """Beam's ModelHandler around the shard core: examples are decoded shards (name, decoded tracks), predictions
+    their `ShardOutput`s.
 
-    RunInference loads the model once per worker process and feeds it batches of about `batch_windows` windows,
-    assembled across tracks (BatchElements weighs each track by its number of windows).
+    RunInference loads the model once per worker process and shares it between the process's threads; a batch is
+    one shard, within which the core batches windows across tracks.
     """
 
-    def __init__(self, job: EmbedJob) -> None:
-        super().__init__(
-            min_batch_size=job.encoder.batch_windows,
-            max_batch_size=job.encoder.batch_windows,
-            element_size_fn=_n_windows,
-        )
-        self._encoder = job.encoder
-        self._keep_timeline = job.write_windows
+    def __init__(self, embedder: ShardEmbedder) -> None:
+        super().__init__(min_batch_size=1, max_batch_size=1)
+        self._embedder = embedder
 
-    def load_model(self) -> EmbedStage:
+    def load_model(self) -> ShardEmbedder:
         """Build the encoder on the configured device (once per worker process)."""
-        stage = EmbedStage(self._encoder, keep_timeline=self._keep_timeline)
-        stage.setup()
-        return stage
+        embedder = replace(self._embedder)
+        embedder.setup()
+        return embedder
 
     def run_inference(
         self,
-        batch: Sequence[tuple[str, TrackFeatures]],
-        model: EmbedStage,
+        batch: Sequence[DecodedShard],
+        model: ShardEmbedder,
         inference_args: dict[str, Any] | None = None,
-    ) -> Iterable[tuple[str, TrackEmbedding, float]]:
-        """Embed and pool one batch of tracks."""
-        start = time.perf_counter()
-        embedded = model([features for _, features in batch])
-        share = (time.perf_counter() - start) / len(batch)
-        return [(shard, embedding, share) for (shard, _), embedding in zip(batch, embedded, strict=True)]
+    ) -> Iterable[ShardOutput]:
+        """Embed each decoded shard of the batch."""
+        return [model.process(shard) for shard in batch]
 
-    def get_num_bytes(self, batch: Sequence[tuple[str, TrackFeatures]]) -> int:
-        """Bytes of window data in a batch (the default pickles the whole batch to measure it)."""
-        return sum(features.nbytes for _, features in batch)
+    def get_num_bytes(self, batch: Sequence[DecodedShard]) -> int:
+        """Bytes of decoded audio or windows in a batch (the default pickles the whole batch to measure it)."""
+        return sum(r.nbytes for _, decoded in batch for r, _ in decoded if isinstance(r, TrackFeatures))
 
     def get_metrics_namespace(self) -> str:
         """Beam's inference metrics go next to ours."""
         return METRICS_NAMESPACE
 
 
-class _BundleStatsFn(beam.DoFn):
-    """A DoFn that sums stage time over a bundle and emits it once, to the `stats` output."""
+class _DecodeShardFn(beam.DoFn):
+    """Decode a shard's work items in this worker's supervised child process."""
 
-    stage = ""
-
-    def start_bundle(self) -> None:
-        self._stats = RunStats()
-
-    def finish_bundle(self) -> Iterator[Any]:
-        if self._stats.stage_seconds:
-            yield beam.pvalue.TaggedOutput(_STATS, GlobalWindows.windowed_value(self._stats))
-
-    def _timed(self, seconds: float) -> None:
-        self._stats.add_time(self.stage, seconds)
-        Metrics.distribution(METRICS_NAMESPACE, f"{self.stage}_ms").update(int(seconds * 1000))
-
-
-class _DecodeFn(_BundleStatsFn):
-    """Decode work items in this worker's supervised child process: decoded tracks to the main output, tracks
-    that failed to decode to `failed`; records decode time."""
-
-    stage = "decode"
-
-    def __init__(self, job: EmbedJob) -> None:
-        self._stage = DecodeStage(job.encoder, job.decode)
-        self._timeout_s = job.decode_timeout_s
+    def __init__(self, stage: DecodeStage, timeout_s: float) -> None:
+        self._stage = stage
+        self._timeout_s = timeout_s
 
     def setup(self) -> None:
-        self._pool = IsolatedPool(self._stage, 1, self._timeout_s, self._stage.decode.max_memory_mb)
+        self._pool = IsolatedPool(self._stage, 1, self._timeout_s, self._stage.resources.memory_mb)
 
-    def process(self, row: dict[str, str]) -> Iterator[Any]:
-        [(result, seconds)] = self._pool.imap([_work_item(row)], ahead=1)
-        self._timed(seconds)
-        if isinstance(result, TrackFailure):
-            yield beam.pvalue.TaggedOutput(_FAILED, (row["shard"], result))
-        else:
-            yield row["shard"], result
+    def process(self, row: dict[str, Any]) -> Iterator[DecodedShard]:
+        items = [WorkItem(*fields) for fields in zip(row["track_id"], row["uri"], row["fingerprint"], strict=True)]
+        yield row["shard"], decode_shard(self._pool, items)
 
     def teardown(self) -> None:
         self._pool.close()
 
 
-class _PooledFn(_BundleStatsFn):
-    """Drop the encode-time share from each prediction, recording it."""
-
-    stage = "encode"
-
-    def process(self, element: tuple[str, TrackEmbedding, float]) -> Iterator[tuple[str, TrackEmbedding]]:
-        shard, embedding, seconds = element
-        self._timed(seconds)
-        yield shard, embedding
-
-
 class _WriteShardFn(beam.DoFn):
-    """Write one shard's part files; count what it holds."""
+    """Write one shard's part files; report its stats as Beam metrics too."""
 
     def __init__(self, job: EmbedJob) -> None:
         self._job = job
@@ -297,22 +239,17 @@ class _WriteShardFn(beam.DoFn):
         self._embedded = Metrics.counter(METRICS_NAMESPACE, "tracks_embedded")
         self._failed = Metrics.counter(METRICS_NAMESPACE, "tracks_failed")
         self._audio_ms = Metrics.counter(METRICS_NAMESPACE, "audio_milliseconds")
-        self._write_ms = Metrics.distribution(METRICS_NAMESPACE, "write_ms")
+        self._stage_ms = {stage: Metrics.distribution(METRICS_NAMESPACE, f"{stage}_ms") for stage in _TIMED_STAGES}
 
-    def process(self, element: tuple[str, Iterable[TrackEmbedding | TrackFailure]]) -> Iterator[RunStats]:
-        shard, results = element
-        embedded, failed = split_results(results)
-        # Rows arrive in whatever order the engine chose; sorting keeps a retried shard's file identical.
-        embedded.sort(key=lambda e: e.item.track_id)
-        failed.sort(key=lambda f: f.item.track_id)
-        seconds = write_shard(self._job, self._store, shard, embedded, failed)
+    def process(self, output: ShardOutput) -> Iterator[RunStats]:
         stats = RunStats()
-        stats.record(embedded, failed)
-        stats.add_time("write", seconds)
+        stats.merge(output.stats)
+        stats.add_time("write", write_shard(self._job, self._store, output))
         self._embedded.inc(stats.n_embedded)
         self._failed.inc(stats.n_failed)
         self._audio_ms.inc(round(stats.audio_seconds * 1000))
-        self._write_ms.update(int(seconds * 1000))
+        for stage, seconds in stats.stage_seconds.items():
+            self._stage_ms[stage].update(int(seconds * 1000))
         yield stats
 
 
@@ -345,31 +282,14 @@ def _commit(stats: RunStats, job: EmbedJob) -> str:
     return status
 
 
-def _inference_dead_letter(
-    bad: tuple[Sequence[tuple[str, TrackFeatures]], tuple[type, str, list[str]]],
-) -> Iterator[tuple[str, TrackFailure]]:
-    """Every track of a batch the encoder raised on."""
-    batch, (error_type, error_repr, _traceback) = bad
-    for shard, features in batch:
-        yield shard, TrackFailure(features.item, "encode", error_type.__name__, error_repr)
-
-
-def _n_windows(element: tuple[str, TrackFeatures]) -> int:
-    return element[1].n_windows
-
-
-def _work_item(row: dict[str, str]) -> WorkItem:
-    return WorkItem(track_id=row["track_id"], uri=row["uri"], fingerprint=row["fingerprint"])
-
-
-def _stage_work_items(job: EmbedJob) -> str:
-    """Write the work items next to the run's staged parts; returns the URI Beam reads them from."""
+def _stage_shards(job: EmbedJob) -> str:
+    """Write the shards next to the run's staged parts; returns the URI Beam reads them from."""
     store = job.store()
     folder = store.staging_dir(job.run_id)
     store.fs.makedirs(folder, exist_ok=True)
-    with store.fs.open(posixpath.join(folder, "work-items.parquet"), "wb") as fh:
-        pq.write_table(job.work_items(), fh)
-    return f"{store.root}/{STAGING}/{job.run_id}/work-items.parquet"
+    with store.fs.open(posixpath.join(folder, "shards.parquet"), "wb") as fh:
+        pq.write_table(job.shard_table(), fh)
+    return f"{store.root}/{STAGING}/{job.run_id}/shards.parquet"
 
 
 def _committed_run(job: EmbedJob) -> dict[str, Any]:
@@ -393,7 +313,7 @@ def _stage_times(result: beam.runners.runner.PipelineResult) -> RunStats:
     stats = RunStats(status="succeeded")
     for metric in metrics["distributions"]:
         name = metric.key.metric.name
-        if name in ("decode_ms", "encode_ms", "write_ms") and metric.committed is not None:
+        if name.removesuffix("_ms") in _TIMED_STAGES and metric.committed is not None:
             stats.add_time(name.removesuffix("_ms"), metric.committed.sum / 1000)
     return stats
 

@@ -1,24 +1,34 @@
 """The local runner: the reference engine and the embedded default.
 
 Decoding runs in supervised child processes (`workers.isolation.IsolatedPool`), so a decoder that segfaults, hangs
-or balloons on hostile input costs one `failures` row, not the run. The encoder runs in this process, fed with
-windows batched across tracks while the children decode ahead.
+or balloons on hostile input costs one `failures` row, not the run. The shard core (`workers.shard.ShardEmbedder`)
+runs the encoder in this process. Decoding, the encoder and writing overlap: a thread keeps the decode children
+busy and queues what they decode (at most `_AHEAD_PER_WORKER` tracks per worker), the encoder takes tracks from
+that queue, and another thread writes a finished shard's part files while the next shard is embedded (one shard
+at a time).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-import time
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
 from pipelines.runners import EmbedJob, Progress, RunStats, write_shard
+from schemas.manifest import WorkItem
 from workers.isolation import IsolatedPool
-from workers.stages import DecodeStage, EmbedStage, TrackEmbedding, TrackFailure, TrackFeatures
+from workers.shard import Decoded, ShardOutput
 
 # Decoded tracks kept in flight per worker: enough to hide decode latency behind the encoder, bounded in memory.
 _AHEAD_PER_WORKER = 4
+# How often a blocked feeder looks whether the run is over (seconds).
+_POLL_S = 0.1
 
 
 class LocalRunner:
@@ -32,48 +42,76 @@ class LocalRunner:
         # descheduled by a decoder stalls the rest (on 2 cores, 2 encoder threads beside busy decoders ran the
         # encoder 2 to 4 times slower than 1 thread; see bench/embed_bench.py).
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))
-        embed = EmbedStage(job.encoder, keep_timeline=job.write_windows)
-        start = time.perf_counter()
-        embed.setup()
-        stats.add_time("load_model", time.perf_counter() - start)
-        decode = DecodeStage(job.encoder, job.decode)
-        with IsolatedPool(decode, job.workers, job.decode_timeout_s, job.decode.max_memory_mb) as pool:
-            decoded = self._decoded(pool, job, stats)
-            for shard, items in job.shards():
-                results: list[TrackEmbedding | TrackFailure] = []
-                pending: list[TrackFeatures] = []
-                pending_windows = 0
-                for _ in items:
-                    result = next(decoded)
-                    if isinstance(result, TrackFailure):
-                        results.append(result)
-                        continue
-                    pending.append(result)
-                    pending_windows += result.n_windows
-                    if pending_windows >= job.encoder.batch_windows:
-                        results.extend(self._embed(embed, pending, stats))
-                        pending, pending_windows = [], 0
-                results.extend(self._embed(embed, pending, stats))
-                embedded = [r for r in results if isinstance(r, TrackEmbedding)]
-                failed = [r for r in results if isinstance(r, TrackFailure)]
-                stats.add_time("write", write_shard(job, store, shard, embedded, failed))
-                stats.record(embedded, failed)
-                if progress:
-                    progress(len(items), sum(e.duration_s for e in embedded))
-                stats.check_failure_ratio(job.max_failure_ratio)
+        embedder = job.shard_embedder()
+        decode = job.decode_stage()
+        items = [item for _, shard in job.shards() for item in shard]
+        ahead = max(1, job.workers) * _AHEAD_PER_WORKER
+        with (
+            IsolatedPool(decode, job.workers, job.decode_timeout_s, decode.resources.memory_mb) as pool,
+            _DecodeFeeder(pool, items, ahead) as decoded,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-shard") as writer,
+        ):
+            writing: tuple[Future[float], ShardOutput] | None = None
+            for shard, shard_items in job.shards():
+                output = embedder.process((shard, itertools.islice(decoded, len(shard_items))))
+                if writing:
+                    self._written(*writing, stats, job, progress)
+                writing = writer.submit(write_shard, job, store, output), output
+            if writing:
+                self._written(*writing, stats, job, progress)
+        embedder.teardown()
         return stats
 
     @staticmethod
-    def _embed(embed: EmbedStage, tracks: list[TrackFeatures], stats: RunStats) -> list[TrackEmbedding]:
-        start = time.perf_counter()
-        results = embed(tracks)
-        stats.add_time("encode", time.perf_counter() - start)
-        return results
+    def _written(
+        write: Future[float], output: ShardOutput, stats: RunStats, job: EmbedJob, progress: Progress | None
+    ) -> None:
+        """Wait for a shard's parts to be written, then count it."""
+        output.stats.add_time("write", write.result())
+        stats.merge(output.stats)
+        if progress:
+            progress(output.stats.n_embedded + output.stats.n_failed, output.stats.audio_seconds)
+        stats.check_failure_ratio(job.max_failure_ratio)
 
-    @staticmethod
-    def _decoded(pool: IsolatedPool, job: EmbedJob, stats: RunStats) -> Iterator[TrackFeatures | TrackFailure]:
-        """Decode results in plan order, with a bounded number of tracks read ahead."""
-        items = (item for _, shard in job.shards() for item in shard)
-        for result, seconds in pool.imap(items, ahead=max(1, job.workers) * _AHEAD_PER_WORKER):
-            stats.add_time("decode", seconds)
-            yield result
+
+class _DecodeFeeder(Iterator[Decoded]):
+    """Iterates a decode pool in a thread into a bounded queue, so that the children decode while the encoder runs
+    (a pool only hands out work while it is iterated). Iterating the feeder yields the pool's results in order and
+    raises what the pool raised."""
+
+    def __init__(self, pool: IsolatedPool, items: Iterable[WorkItem], ahead: int) -> None:
+        self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._feed, args=(pool, items, ahead), name="decode-feeder")
+
+    def __enter__(self) -> _DecodeFeeder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __next__(self) -> Decoded:
+        ok, value = self._queue.get()
+        if not ok:
+            raise value
+        return value
+
+    def _feed(self, pool: IsolatedPool, items: Iterable[WorkItem], ahead: int) -> None:
+        try:
+            for result in pool.imap(items, ahead=ahead):
+                if not self._put((True, result)):
+                    return
+        except Exception as exc:  # noqa: BLE001 (handed to the consuming thread, which raises it)
+            self._put((False, exc))
+
+    def _put(self, entry: tuple[bool, Any]) -> bool:
+        """Queue `entry` unless the run is over; False when it is."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False

@@ -1,16 +1,18 @@
 """The Ray runner: the embed job as a streaming Ray Data pipeline, on a local Ray instance or a cluster.
 
-    shards | map(decode: DecodeStage, CPU tasks) | map(EmbedStage actor pool, GPUs with CUDA)
+    shards | map(decode_shard: DecodeStage, CPU tasks) | map(ShardEmbedder actor pool, GPUs with CUDA)
            | write_datasink(PartSink: write_shard per shard; stats gathered on the driver)
 
 Each decode task runs DecodeStage in a supervised child process (`workers.isolation.IsolatedPool`, as the local
-runner does): a decoder that crashes, hangs past `--decode-timeout` or balloons costs one `failures` row.
+runner does): a decoder that crashes, hangs past `--decode-timeout` or balloons costs one `failures` row. The
+encoder actors run the shard core (`workers.shard.ShardEmbedder`), which batches, routes failures and counts; this
+module only places the stages (with the resources they declare) and moves shards between them.
 
 A row is a shard, from the first operator to the sink: each shard's part files are then the product of exactly one
-write, under their deterministic name, without a shuffle. Shards stream: the encoder actors embed one shard
-(batching windows across its tracks) while CPU tasks decode the next ones. A shard's decoded windows travel as one
-row, so `--shard-size` bounds the memory in flight. The sink's `on_write_complete` runs on the driver and gathers
-the shards' stats; `run_embed` then commits the run there.
+write, under their deterministic name, without a shuffle. Shards stream: the encoder actors embed one shard while
+CPU tasks decode the next ones. A shard's decoded windows travel as one row, so `--shard-size` bounds the memory in
+flight. The sink's `on_write_complete` runs on the driver and gathers the shards' stats; `run_embed` then commits
+the run there.
 
 `--address` reaches an existing cluster; under `ray job submit` the entrypoint runs on the cluster with
 RAY_ADDRESS set, so the same command line works with or without `--address auto`. Without either, a local Ray
@@ -23,7 +25,6 @@ import logging
 import os
 import pickle
 import socket
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,12 +36,13 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
 
-from pipelines.runners import EmbedJob, Progress, RunStats, split_results, write_shard
+from pipelines.runners import EmbedJob, Progress, RunStats, write_shard
 from pipelines.runners.options import RayOptions
 from schemas.errors import ConfigError
 from workers.audio import DecodeConfig
 from workers.isolation import IsolatedPool
-from workers.stages import DecodeStage, EmbedStage, EncoderConfig, TrackFeatures
+from workers.shard import ShardEmbedder, ShardOutput, decode_shard
+from workers.stages import DecodeStage, EncoderConfig, Stage
 
 # Seconds to wait for a cluster's head to accept a connection before calling --address unreachable.
 _CONNECT_TIMEOUT_S = 3.0
@@ -92,21 +94,20 @@ class RayRunner:
         return stats
 
     def _run(self, job: EmbedJob) -> RunStats:
-        gpus = 1 if job.encoder.device.startswith("cuda") else 0
-        if gpus and not ray.cluster_resources().get("GPU"):
+        decode, embedder = job.decode_stage(), job.shard_embedder()
+        if embedder.resources.gpus and not ray.cluster_resources().get("GPU"):
             _LOG.warning("--device %s: the Ray cluster has no GPU yet; the encoder actors wait for one",
                          job.encoder.device)
-        lean = job.without_items()
-        sink = PartSink(lean)
+        sink = PartSink(job.without_items())
         shards = [{"shard": shard, "items": _pack(list(items))} for shard, items in job.shards()]
         (
             # One block per shard, so that every decode task starts on its own shard.
             ray.data.from_items(shards, override_num_blocks=len(shards))
             .map(
                 _decode_shard,
-                fn_kwargs={"stage": DecodeStage(job.encoder, job.decode), "timeout_s": job.decode_timeout_s},
+                fn_kwargs={"stage": decode, "timeout_s": job.decode_timeout_s},
                 compute=ray.data.TaskPoolStrategy(size=job.workers),
-                num_cpus=1,
+                **_reserved(decode),
                 # Ray Data retries a task whose worker died forever; decoders run in child processes, so a worker
                 # dies of something else (a lost node) and a few retries suffice. (Differing from the actors'
                 # options also keeps Ray from fusing the decode tasks into the encoder actors, which would
@@ -115,24 +116,26 @@ class RayRunner:
             )
             .map(
                 _EmbedShard,
-                fn_constructor_args=(lean,),
+                fn_constructor_args=(embedder,),
                 compute=ray.data.ActorPoolStrategy(size=self.options.embed_actors),
-                num_cpus=1,
-                num_gpus=gpus,
+                **_reserved(embedder),
             )
             .write_datasink(sink)
         )
         return sink.stats
 
 
+def _reserved(stage: Stage) -> dict[str, float]:
+    """What Ray reserves for one instance of `stage`: the cores and GPUs it declares. (Its memory is not reserved:
+    the decode child caps its own, and Ray's memory reservations would idle decoders on a small machine.)"""
+    return {"num_cpus": stage.resources.cpus, "num_gpus": stage.resources.gpus}
+
+
 def _decode_shard(row: dict[str, Any], stage: DecodeStage, timeout_s: float) -> dict[str, Any]:
     """Decode a shard's tracks in one CPU task, each in a supervised child process: a decoder that crashes, hangs
     or balloons on a file costs that track a `failures` row, as on the local runner, not the task."""
-    results, seconds = [], 0.0
-    for result, took in _decode_pool(stage, timeout_s).imap(_unpack(row["items"]), ahead=1):
-        results.append(result)
-        seconds += took
-    return {"shard": row["shard"], "results": _pack(results), "decode_s": seconds}
+    decoded = decode_shard(_decode_pool(stage, timeout_s), _unpack(row["items"]))
+    return {"shard": row["shard"], "decoded": _pack(decoded)}
 
 
 def _decode_pool(stage: DecodeStage, timeout_s: float) -> IsolatedPool:
@@ -141,29 +144,19 @@ def _decode_pool(stage: DecodeStage, timeout_s: float) -> IsolatedPool:
     The child exits with the worker: its pipe to the worker closes."""
     key = (stage.encoder, stage.decode, timeout_s)
     if key not in _DECODE_POOLS:
-        _DECODE_POOLS[key] = IsolatedPool(stage, 1, timeout_s, stage.decode.max_memory_mb)
+        _DECODE_POOLS[key] = IsolatedPool(stage, 1, timeout_s, stage.resources.memory_mb)
     return _DECODE_POOLS[key]
 
 
 class _EmbedShard:
-    """An encoder actor: embeds the decoded tracks of a shard in batches across them; passes failures through."""
+    """An encoder actor: the shard core, loaded once per actor."""
 
-    def __init__(self, job: EmbedJob) -> None:
-        self._stage = EmbedStage(job.encoder, keep_timeline=job.write_windows)
-        self._stage.setup()
+    def __init__(self, embedder: ShardEmbedder) -> None:
+        self._embedder = embedder
+        self._embedder.setup()
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        results = _unpack(row["results"])
-        decoded = [i for i, result in enumerate(results) if isinstance(result, TrackFeatures)]
-        start = time.perf_counter()
-        for i, embedding in zip(decoded, self._stage([results[i] for i in decoded]), strict=True):
-            results[i] = embedding
-        return {
-            "shard": row["shard"],
-            "results": _pack(results),
-            "decode_s": row["decode_s"],
-            "encode_s": time.perf_counter() - start,
-        }
+        return {"shard": row["shard"], "output": _pack(self._embedder.process((row["shard"], _unpack(row["decoded"]))))}
 
 
 class PartSink(Datasink[RunStats]):
@@ -183,11 +176,9 @@ class PartSink(Datasink[RunStats]):
         stats = RunStats()
         for block in blocks:
             for row in BlockAccessor.for_block(block).iter_rows(public_row_format=False):
-                embedded, failed = split_results(_unpack(row["results"]))
-                stats.add_time("write", write_shard(self._job, store, row["shard"], embedded, failed))
-                stats.add_time("decode", float(row["decode_s"]))
-                stats.add_time("encode", float(row["encode_s"]))
-                stats.record(embedded, failed)
+                output: ShardOutput = _unpack(row["output"])
+                output.stats.add_time("write", write_shard(self._job, store, output))
+                stats.merge(output.stats)
         return stats
 
     def on_write_complete(self, write_result: WriteResult[RunStats]) -> None:
@@ -196,13 +187,13 @@ class PartSink(Datasink[RunStats]):
             self.stats.merge(stats)
 
 
-def _pack(values: list[Any]) -> bytes:
+def _pack(values: Any) -> bytes:
     """Stage objects as one binary cell. Ray would pickle them anyway, after failing to make Arrow of them and
     logging a warning for every block."""
     return pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _unpack(blob: bytes) -> list[Any]:
+def _unpack(blob: bytes) -> Any:
     return pickle.loads(blob)  # noqa: S301 (our own rows, written by this job's tasks)
 
 

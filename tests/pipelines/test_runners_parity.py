@@ -1,5 +1,7 @@
 """Every runner writes the same tables: one catalog (every codec, every kind of broken file) through local, Beam's
-DirectRunner and a local Ray instance, each into its own output root, compared row by row."""
+DirectRunner and a local Ray instance, each into its own output root, compared row by row. The encoder raises on
+one track (the `encode` failpoint) in the main runs; a second set of runs uses an encoder that returns NaN on half
+the tracks. Each fault costs its own tracks a `failures` row, the same on every runner."""
 
 from __future__ import annotations
 
@@ -11,10 +13,13 @@ import pytest
 from rich.console import Console
 
 from pipelines.embed import EmbedConfig, RunSummary, run_embed
+from schemas import failpoints
 from schemas.store import STAGING, TableStore
 from schemas.tables import EMBEDDINGS, FAILURES, RUNS, WINDOWS
+from tests.byo_encoders import loud_half, loud_nan_encoder
+from workers.stages import EncoderConfig
 
-RUNNERS = ("local", "beam", "ray")
+RUNNER_NAMES = ("local", "beam", "ray")
 QUIET = Console(quiet=True)
 # Encoder batches are assembled differently by each engine; float32 convolutions over differently sized batches
 # agree to about 1e-6.
@@ -23,20 +28,52 @@ ATOL = 1e-5
 pytestmark = pytest.mark.slow
 
 
+def _good_and_bad(small_labels) -> tuple[list[str], list[str]]:
+    good = sorted(label["track_id"] for label in small_labels if label["broken"] is None)
+    return good, sorted(label["track_id"] for label in small_labels if label["broken"] is not None)
+
+
+def _encode_victim(small_labels) -> str:
+    """The good track whose encoder call raises in the main runs."""
+    return _good_and_bad(small_labels)[0][2]
+
+
 @pytest.fixture(scope="module")
-def runs(small_catalog, tmp_path_factory) -> dict[str, tuple[EmbedConfig, RunSummary]]:
+def runs(small_catalog, small_labels, tmp_path_factory) -> dict[str, tuple[EmbedConfig, RunSummary]]:
     results = {}
-    for runner in RUNNERS:
-        config = EmbedConfig(
-            catalog=str(small_catalog.manifest_path),
-            out=str(tmp_path_factory.mktemp(f"tables-{runner}")),
-            runner=runner,
-            workers=2,
-            shard_size=4,
-            write_windows=True,
-        )
-        results[runner] = (config, run_embed(config, QUIET))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv(failpoints.ENV, f"encode=raise:{_encode_victim(small_labels)}")
+        for runner in RUNNER_NAMES:
+            config = EmbedConfig(
+                catalog=str(small_catalog.manifest_path),
+                out=str(tmp_path_factory.mktemp(f"tables-{runner}")),
+                runner=runner,
+                workers=2,
+                shard_size=4,
+                write_windows=True,
+            )
+            results[runner] = (config, run_embed(config, QUIET))
     return results
+
+
+@pytest.fixture(scope="module")
+def nan_runs(small_catalog, tmp_path_factory) -> tuple[list[str], dict[str, EmbedConfig]]:
+    """The louder half's track ids, and each runner's config of a run with an encoder that returns NaN on them."""
+    folder = tmp_path_factory.mktemp("loud-nan")
+    threshold, loud = loud_half(small_catalog.manifest_path, folder)
+    encoder = EncoderConfig(model=str(loud_nan_encoder(folder, threshold)))
+    configs = {}
+    for runner in RUNNER_NAMES:
+        configs[runner] = EmbedConfig(
+            catalog=str(small_catalog.manifest_path),
+            out=str(tmp_path_factory.mktemp(f"nan-{runner}")),
+            encoder=encoder,
+            runner=runner,
+            workers=1,
+            shard_size=4,
+        )
+        run_embed(configs[runner], QUIET)
+    return loud, configs
 
 
 def _table(config: EmbedConfig, spec) -> pa.Table:
@@ -44,13 +81,16 @@ def _table(config: EmbedConfig, spec) -> pa.Table:
 
 
 def test_every_runner_writes_the_same_embeddings_failures_and_windows(runs, small_labels):
-    good = sorted(label["track_id"] for label in small_labels if label["broken"] is None)
-    bad = sorted(label["track_id"] for label in small_labels if label["broken"] is not None)
+    good, bad = _good_and_bad(small_labels)
+    victim = _encode_victim(small_labels)
+    good.remove(victim)
     reference, _ = runs["local"]
     expected = {spec.name: _table(reference, spec) for spec in (EMBEDDINGS, FAILURES, WINDOWS)}
     assert expected["embeddings"]["track_id"].to_pylist() == good
-    assert expected["failures"]["track_id"].to_pylist() == bad
-    for runner in RUNNERS[1:]:
+    assert expected["failures"]["track_id"].to_pylist() == sorted([*bad, victim])
+    failed = {row["track_id"]: (row["stage"], row["error_type"]) for row in expected["failures"].to_pylist()}
+    assert failed[victim] == ("encode", "FailpointError")
+    for runner in RUNNER_NAMES[1:]:
         config, _ = runs[runner]
         embeddings = _table(config, EMBEDDINGS)
         assert embeddings["track_id"].to_pylist() == good, runner
@@ -75,7 +115,7 @@ def test_every_runner_writes_the_same_embeddings_failures_and_windows(runs, smal
 
 
 def test_every_runner_commits_one_runs_row_with_the_counts_it_reports(runs, small_labels):
-    n_good = sum(label["broken"] is None for label in small_labels)
+    n_good = sum(label["broken"] is None for label in small_labels) - 1  # the encode failpoint's victim
     for runner, (config, summary) in runs.items():
         # Beam's summary comes back through Beam metrics, Ray's through its Datasink: both must count right.
         assert (summary.status, summary.stats.n_embedded, summary.stats.n_failed) == (
@@ -91,3 +131,26 @@ def test_every_runner_commits_one_runs_row_with_the_counts_it_reports(runs, smal
         assert json.loads(row["config_json"])["runner"] == runner
         store = TableStore(config.out)
         assert not store.fs.exists(f"{store.staging_dir(summary.run_id)}"), f"{runner} left {STAGING} behind"
+
+
+def test_non_finite_embeddings_are_the_same_failures_rows_on_every_runner(nan_runs, small_labels):
+    loud, configs = nan_runs
+    good, bad = _good_and_bad(small_labels)
+    assert loud and len(loud) < len(good)
+    reference = {spec.name: _table(configs["local"], spec) for spec in (EMBEDDINGS, FAILURES)}
+    assert reference["embeddings"]["track_id"].to_pylist() == sorted(set(good) - set(loud))
+    assert np.isfinite(np.array(reference["embeddings"]["embedding"].to_pylist())).all()
+    failed = {row["track_id"]: (row["stage"], row["error_type"]) for row in reference["failures"].to_pylist()}
+    assert sorted(failed) == sorted([*bad, *loud])
+    assert {failed[track_id] for track_id in loud} == {("encode", "NonFiniteEmbedding")}
+    for runner in RUNNER_NAMES[1:]:
+        embeddings = _table(configs[runner], EMBEDDINGS)
+        assert embeddings["track_id"].to_pylist() == reference["embeddings"]["track_id"].to_pylist(), runner
+        np.testing.assert_allclose(
+            np.array(embeddings["embedding"].to_pylist()),
+            np.array(reference["embeddings"]["embedding"].to_pylist()),
+            atol=ATOL,
+            err_msg=runner,
+        )
+        columns = ["track_id", "stage", "error_type", "message"]
+        assert _table(configs[runner], FAILURES).select(columns) == reference["failures"].select(columns), runner
