@@ -41,6 +41,22 @@ def vacuum(out: str, staging_hours: float, retention_hours: int, dry_run: bool) 
     return stale, removed
 
 
+# Delta's default `delta.deletedFileRetentionDuration`, which our tables keep: deltalake refuses to vacuum files
+# replaced more recently, as a reader or writer still on an older table version could lose the files it reads.
+MIN_RETENTION_HOURS = 168
+
+
+def _retention_hours(text: str) -> int:
+    hours = int(text)
+    if hours < MIN_RETENTION_HOURS:
+        msg = (
+            f"{text} is below the tables' minimum of {MIN_RETENTION_HOURS} hours (one week): files "
+            f"replaced more recently may still be read; pass {MIN_RETENTION_HOURS} or more"
+        )
+        raise argparse.ArgumentTypeError(msg)
+    return hours
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `vacuum` subcommand."""
     parser = subparsers.add_parser(
@@ -50,7 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="output root given to `embed`")
     parser.add_argument("--staging-hours", type=float, default=24.0, help="age of abandoned uncommitted staging")
-    parser.add_argument("--retention-hours", type=int, default=168, help="keep replaced files this long (time travel)")
+    parser.add_argument(
+        "--retention-hours",
+        type=_retention_hours,
+        default=MIN_RETENTION_HOURS,
+        help=f"keep replaced files this long (time travel); at least {MIN_RETENTION_HOURS}",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list, delete nothing")
     parser.set_defaults(handler=_handle)
 
