@@ -25,6 +25,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from schemas.errors import ConfigError, LabelsError, ProbeError, TableError
+from schemas.store import arrow_dataset
 from schemas.tables import EMBEDDINGS, EXTRA_LAYER_PREFIX
 from workers.probes.tasks import KEY_CLASSES, TaskKind
 
@@ -91,7 +92,7 @@ class EmbeddingsSource:
                 "(or the --out folder given to it)"
             )
             raise TableError(msg) from exc
-        self._dataset = table.to_pyarrow_dataset()
+        self._dataset = arrow_dataset(table)
         names = set(self._dataset.schema.names)
         missing = [c for c in ("model", "track_id", "layer", "embedding", "embedded_at", "deleted") if c not in names]
         if missing:
@@ -202,7 +203,7 @@ def read_labels(uri: str) -> pa.Table:
             with fsspec.open(uri, "rb") as fh:
                 table = pq.read_table(fh)
         elif DeltaTable.is_deltatable(uri):
-            table = DeltaTable(uri).to_pyarrow_table()
+            table = arrow_dataset(DeltaTable(uri)).to_table()
         else:
             msg = f"cannot tell the format of labels {uri!r}: use a .csv, .tsv or .parquet file or a Delta table"
             raise LabelsError(msg)
