@@ -6,8 +6,7 @@ import argparse
 import json
 import time
 
-from rich.console import Console
-
+from pipelines.output import console
 from schemas.store import TableStore
 from schemas.tables import TABLES
 
@@ -79,5 +78,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _handle(args: argparse.Namespace) -> int:
     stale, removed = vacuum(args.out, args.staging_hours, args.retention_hours, args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    Console().print(json.dumps({f"staging {verb}": stale, f"table files {verb}": len(removed)}, indent=2))
+    console(markup=False).print(json.dumps({f"staging {verb}": stale, f"table files {verb}": len(removed)}, indent=2))
     return 0

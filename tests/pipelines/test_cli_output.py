@@ -104,7 +104,8 @@ def test_query_reads_only_the_tables_by_default(tables, small_catalog, tmp_path,
 
 
 @pytest.mark.parametrize(
-    ("sql", "message"), [("", "the SQL statement is empty"), (" ; ", "the SQL statement is empty"), ("SELEC 1", "the SQL failed")]
+    ("sql", "message"),
+    [("", "the SQL statement is empty"), (" ; ", "the SQL statement is empty"), ("SELEC 1", "the SQL failed")],
 )
 def test_bad_sql_is_one_line(tables, capsys, sql, message):
     code, out, err = _run(capsys, "query", "--out", tables, sql)

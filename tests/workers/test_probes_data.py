@@ -166,7 +166,8 @@ def test_empty_and_nan_label_cells_are_missing_not_classes(tmp_path, table):
     blank = {3: "", 10: "NaN", 17: "nan", 24: " "}
     rows = ["track_id,genre"] + [f"t{i:05d},{blank.get(i, g)}" for i, g in enumerate(genre)]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    parquet = pa.table({"track_id": [f"t{i:05d}" for i in range(N)], "genre": [blank.get(i, g) for i, g in enumerate(genre)]})
+    genres = [blank.get(i, g) for i, g in enumerate(genre)]
+    parquet = pa.table({"track_id": [f"t{i:05d}" for i in range(N)], "genre": genres})
     for labels in (read_labels(str(tmp_path / "labels.csv")), parquet):
         data = _dataset(uri, labels, LabelSpec(TaskKind.MULTICLASS))
         assert data.label_names == ("blues", "jazz", "pop", "rock")
