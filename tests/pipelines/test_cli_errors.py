@@ -46,8 +46,8 @@ def probe_tables(tmp_path_factory):
     z = latent(120)
     write_embeddings(root / "tables" / "embeddings", embeddings_rows(z, dim=8))
     pq.write_table(labels_for("multiclass", z), root / "labels.parquet")
-    argv = ["probe", "--embeddings", str(root / "tables"), "--labels", str(root / "labels.parquet"), "--task", "g",
-            "--kind", "multiclass", "--max-epochs", "2", "--out", str(root / "probe")]
+    argv = ["probe", "--embeddings", str(root / "tables" / "embeddings"), "--labels", str(root / "labels.parquet"),
+            "--task", "g", "--kind", "multiclass", "--max-epochs", "2", "--out", str(root / "probe")]
     assert main(argv) == 0
     return root
 
@@ -59,7 +59,7 @@ def test_output_folder_that_is_a_file(small_catalog, probe_tables, tmp_path, cap
     assert "is a file, not a folder" in err
     err = _one_line_error(
         capsys,
-        ["tag", "--probe", str(probe_tables / "probe"), "--embeddings", str(probe_tables / "tables"),
+        ["tag", "--probe", str(probe_tables / "probe"), "--embeddings", str(probe_tables / "tables" / "embeddings"),
          "--out", str(a_file / "predictions")],
     )
     assert "--out" in err and "is a file" in err
@@ -67,7 +67,8 @@ def test_output_folder_that_is_a_file(small_catalog, probe_tables, tmp_path, cap
 
 def test_tag_options_and_errors_name_what_tag_has(probe_tables, tmp_path, capsys):
     tag = ["tag", "--probe", str(probe_tables / "probe"), "--out", str(tmp_path / "pred")]
-    err = _one_line_error(capsys, [*tag, "--embeddings", str(probe_tables / "tables"), "--batch-rows", "0"])
+    embeddings = str(probe_tables / "tables" / "embeddings")
+    err = _one_line_error(capsys, [*tag, "--embeddings", embeddings, "--batch-rows", "0"])
     assert "--batch-rows must be at least 1, got 0" in err
     other = write_embeddings(tmp_path / "other", embeddings_rows(latent(10), model="other-model", dim=8))
     err = _one_line_error(capsys, [*tag, "--embeddings", other])
@@ -102,7 +103,7 @@ def test_device_errors_echo_the_device_typed(small_catalog, tmp_path, capsys):
     ],
 )
 def test_a_missing_extra_is_named(small_catalog, probe_tables, tmp_path, module, argv, extra):
-    values = {"tables": str(probe_tables / "tables"), "labels": str(probe_tables / "labels.parquet"),
+    values = {"tables": str(probe_tables / "tables" / "embeddings"), "labels": str(probe_tables / "labels.parquet"),
               "catalog": str(small_catalog.manifest_path), "out": str(tmp_path / "out")}
     code = f"""
         import sys
