@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -149,3 +153,18 @@ def test_probe_and_tag_read_the_tables_folder_like_every_other_command(tmp_path,
         capsys, "tag", "--probe", str(tmp_path / "p0"), "--embeddings", str(root), "--out", str(tmp_path / "pred")
     )
     assert code == 0 and "120 tagged" in err
+
+
+def test_a_reader_that_stops_early_is_no_error(tables):
+    # `catalog-embed query --json ... | head -c 100`: the reader leaves; the command ends quietly, no traceback.
+    root = Path(__file__).resolve().parents[2]
+    sql = "SELECT * FROM range(300000)"  # megabytes: far more than a pipe holds
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "query", "--out", tables, "--json", "--limit", "0", sql],
+        env=dict(os.environ, PYTHONPATH=str(root)), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout.read(100)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
