@@ -65,6 +65,23 @@ def test_output_folder_that_is_a_file(small_catalog, probe_tables, tmp_path, cap
     assert "--out" in err and "is a file" in err
 
 
+def _read_only_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if not os.access(folder, os.W_OK):
+        return folder
+    if not os.access("/proc/sys", os.W_OK):  # root writes anywhere but on a read-only mount
+        return Path("/proc/sys")
+    pytest.skip("no folder here is read-only for this user")
+
+
+def test_output_folder_that_cannot_be_written(small_catalog, tmp_path, capsys):
+    out = _read_only_folder(tmp_path) / "tables"
+    err = _one_line_error(capsys, ["embed", "--catalog", str(small_catalog.manifest_path), "--out", str(out)])
+    assert "cannot be written" in err and "pass a writable folder" in err
+
+
 def test_tag_options_and_errors_name_what_tag_has(probe_tables, tmp_path, capsys):
     tag = ["tag", "--probe", str(probe_tables / "probe"), "--out", str(tmp_path / "pred")]
     embeddings = str(probe_tables / "tables" / "embeddings")
