@@ -22,7 +22,7 @@ $(DEMO)/catalog/manifest.parquet: | setup
 
 demo: setup $(DEMO)/catalog/manifest.parquet
 	$(BIN)/catalog-embed embed --catalog $(DEMO)/catalog/manifest.parquet --out $(DEMO)/tables
-	$(BIN)/catalog-embed query --out $(DEMO)/tables \
+	$(BIN)/catalog-embed query --out $(DEMO)/tables --allow-files \
 	  "SELECT l.instrument_family, count(*) AS tracks, round(avg(e.n_windows), 1) AS windows, \
 	          round(sum(e.duration_s) / 60, 1) AS minutes \
 	   FROM embeddings e JOIN '$(DEMO)/catalog/labels.parquet' l USING (track_id) \

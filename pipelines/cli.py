@@ -2,15 +2,23 @@
 
 Each subcommand lives in its own module under `pipelines/` and exposes `register(subparsers)`, which adds its
 parser and sets `handler` to a function taking the parsed namespace and returning an exit code.
+
+Exit codes: 0 on success, 2 on an error the user can fix (printed as one line `catalog-embed: error: ...`, never a
+traceback), 130 when interrupted (Ctrl-C) and 143 when terminated (SIGTERM), both without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
+from pathlib import Path
+from typing import NoReturn
 
-from schemas.errors import CatalogEmbedError
+from schemas.errors import CatalogEmbedError, ConfigError, MissingExtraError
 
 # Modules providing subcommands, in the order `--help` lists them.
 _COMMAND_MODULES = (
@@ -22,10 +30,54 @@ _COMMAND_MODULES = (
     "pipelines.probe",
 )
 
+# Top-level modules of the optional dependencies (pyproject.toml) -> the extra that installs them.
+EXTRAS = {
+    "apache_beam": "beam",
+    "ray": "ray",
+    "sklearn": "probe",
+    "mir_eval": "probe",
+    "matplotlib": "probe",
+    "gcsfs": "gcs",
+    "s3fs": "s3",
+    "h5py": "mule",
+    "onnxruntime": "onnx",
+    "pretty_midi": "demo",
+    "tinysoundfont": "demo",
+}
+
+# Subcommand -> the option naming the local folder it writes into, checked before any work.
+_WRITES_INTO = {"embed": "out", "tag": "out", "probe": "out", "vacuum": "out"}
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a process Ctrl-C ended
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if "default" in help_text or action.default in (None, False, [], "", argparse.SUPPRESS):
+            return help_text
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose subcommands (built with this class too) show defaults in `--help`."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """Report a command-line mistake in one line, like every other error the user can fix."""
+        self.exit(EXIT_USER_ERROR, f"catalog-embed: error: {message} (see `{self.prog} --help`)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="catalog-embed",
         description="Turn a music catalog into embeddings: decode, log-mel, frozen encoder, Delta tables.",
     )
@@ -35,14 +87,88 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a run stops as it does on Ctrl-C: cleanly, resumable."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
+    command = None
+    try:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        _check_output_folder(args)
         return int(args.handler(args) or 0)
+    except KeyboardInterrupt as exc:
+        print("catalog-embed: interrupted; run again to resume", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except CatalogEmbedError as exc:
-        print(f"catalog-embed: error: {exc}", file=sys.stderr)
-        return 2
+        return _user_error(exc)
+    except ImportError as exc:
+        missing = missing_extra(exc, command)
+        if missing is None:
+            raise
+        return _user_error(missing)
+    except BrokenPipeError:
+        # The reader went away (`| head`): what it wanted was printed. Python would report the failed flush of
+        # stdout at exit; point stdout at /dev/null so it does not.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _user_error(exc: Exception) -> int:
+    message = " ".join(str(exc).split("\n"))
+    print(f"catalog-embed: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def missing_extra(exc: ImportError, command: str | None = None) -> MissingExtraError | None:
+    """The error naming the extra to install when `exc` (or what caused it) is a missing optional dependency."""
+    seen: Exception | None = exc
+    while seen is not None:
+        if isinstance(seen, ModuleNotFoundError) and seen.name:
+            root = seen.name.partition(".")[0]
+            if root in EXTRAS:
+                extra = EXTRAS[root]
+                needs = f"`{command}`" if command else "this command"
+                msg = (
+                    f"{needs} needs the [{extra}] extra (module {root!r} is not installed): "
+                    f"pip install 'catalog-embed[{extra}]'"
+                )
+                return MissingExtraError(msg)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _check_output_folder(args: argparse.Namespace) -> None:
+    """Refuse a local output that is a file or cannot be written, before any work (remote URIs pass through)."""
+    option = _WRITES_INTO.get(args.command)
+    value = getattr(args, option, None) if option else None
+    if not value or "://" in value and not value.startswith("file://"):
+        return
+    path = Path(value.removeprefix("file://"))
+    flag = f"--{option.replace('_', '-')}"
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        msg = f"{flag} {value!r}: {existing} is a file, not a folder: pass a folder (it is created when missing)"
+        raise ConfigError(msg)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        msg = f"{flag} {value!r} cannot be written ({existing} is read-only for this user): pass a writable folder"
+        raise ConfigError(msg)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipelines.lease import RunLease, read_lease
+from pipelines.output import console as output_console
+from pipelines.output import print_json
 from pipelines.plan import Plan, Request, plan_run, read_state, run_limits
 from pipelines.runners import RUNNER_CLASSES, EmbedJob, RunStats, get_runner, write_shard
 from pipelines.storage import add_storage_option_argument, storage_options_from_args
@@ -243,7 +245,7 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
         RunAbortedError: too many tracks failed; nothing but an `aborted` runs row is committed.
         RunLostError: another process took the run's staging over or removed it; this run committed nothing.
     """
-    console = console or Console(stderr=True)
+    console = console or output_console(stderr=True)
     started = datetime.now(UTC)
     clock = time.perf_counter()
     config.validate()
@@ -514,6 +516,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Plan a run like `embed` (same options) and print it: nothing is embedded or committed.",
     )
     _add_run_arguments(plan)
+    plan.add_argument("--json", action="store_true", help="print the whole plan (every track) as one JSON object")
     plan.set_defaults(handler=_handle_plan)
 
 
@@ -617,7 +620,27 @@ def _handle(args: argparse.Namespace) -> int:
 def _handle_plan(args: argparse.Namespace) -> int:
     prepared = prepare_run(config_from_args(args), create_tables=False)
     plan = prepared.plan
-    console = Console()
+    if args.json:
+        print_json(
+            {
+                "model": prepared.model,
+                "model_version": prepared.model_version,
+                "counts": {
+                    "catalog": plan.n_catalog,
+                    "new": plan.n_new,
+                    "changed": plan.n_changed,
+                    "unchanged": plan.n_unchanged,
+                    "known_bad": plan.n_known_bad,
+                    "refused": len(plan.refused),
+                    "gone": len(plan.gone),
+                },
+                "embed": [{"track_id": item.track_id, "uri": item.uri} for item in plan.items],
+                "refuse": [{"track_id": item.track_id, "uri": item.uri, "reason": r} for item, r in plan.refused],
+                "prune" if prepared.config.prune else "delete": list(plan.gone),
+            }
+        )
+        return 0
+    console = output_console(markup=False)
     console.print(f"{prepared.model} {prepared.model_version}: {plan.describe()}")
     for item in plan.items[:20]:
         console.print(f"  embed  {item.track_id}  {item.uri}")

@@ -42,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Join an embeddings table with labels, train a linear/MLP probe (a preset or the grid), "
         "evaluate it on the test split, and write a report, the probe and test predictions.",
     )
-    p.add_argument("--embeddings", required=True, metavar="URI", help="embeddings Delta table")
+    p.add_argument(
+        "--embeddings", required=True, metavar="URI", help="embeddings Delta table, or the --out folder of `embed`"
+    )
     p.add_argument("--labels", required=True, metavar="URI", help="labels: .csv/.tsv/.parquet or a Delta table")
     p.add_argument("--task", required=True, metavar="NAME", help="task name, e.g. genre (names the probe)")
     p.add_argument("--kind", required=True, choices=[str(k) for k in TaskKind])
@@ -95,7 +97,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tracks already tagged by this probe (same embedding) are skipped.",
     )
     t.add_argument("--probe", required=True, metavar="DIR", help="a probe's --out directory (or its probe/)")
-    t.add_argument("--embeddings", required=True, metavar="URI", help="embeddings Delta table")
+    t.add_argument(
+        "--embeddings", required=True, metavar="URI", help="embeddings Delta table, or the --out folder of `embed`"
+    )
     t.add_argument("--out", required=True, metavar="URI", help="predictions Delta table")
     t.add_argument("--batch-rows", type=int, default=65536, help="rows scored and committed per batch")
     t.add_argument("--top-k", type=int, default=3, help="labels kept in each prediction's top_labels")

@@ -102,6 +102,9 @@ def run_probe_job(job: ProbeJobConfig, log: Callable[[str], None] = print) -> di
         f"probe {job.task}: {source.model}/{source.layer}, {dataset.info['n_train']} train / "
         f"{dataset.info['n_valid']} valid / {dataset.info['n_test']} test, {len(configs)} trial(s)"
     )
+    if dataset.info["rows_missing_label"]:
+        counts = ", ".join(f"{n} in {c!r}" for c, n in dataset.info["missing_by_column"].items() if n)
+        log(f"  left out {dataset.info['rows_missing_label']} track(s) without a label (empty, null or NaN: {counts})")
     finished = 0
 
     def on_trial(result: TrialResult) -> None:
@@ -268,8 +271,12 @@ def probe_command(args: argparse.Namespace) -> int:
 
 def tag_command(args: argparse.Namespace) -> int:
     """`catalog-embed tag`."""
+    for flag, value in (("--batch-rows", args.batch_rows), ("--top-k", args.top_k)):
+        if value < 1:
+            msg = f"{flag} must be at least 1, got {value}"
+            raise ConfigError(msg)
     probe = Probe.load(args.probe)
-    source = EmbeddingsSource(args.embeddings, probe.spec.model, probe.spec.layer)
+    source = EmbeddingsSource(args.embeddings, probe.spec.model, probe.spec.layer, probe=probe.probe_id)
     summary = tag(probe, source, args.out, batch_rows=args.batch_rows, top_k=args.top_k)
     _log(
         f"tag {summary.probe_id}: {summary.embedded} embedded tracks, {summary.already_tagged} already tagged, "

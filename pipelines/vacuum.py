@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 
-from rich.console import Console
-
 from pipelines.lease import read_lease
+from pipelines.output import print_json
 from pipelines.storage import add_storage_option_argument, storage_options_from_args
 from schemas.errors import ConfigError
 from schemas.store import RUN_META, TableStore, run_id_problem
 from schemas.tables import TABLES
+
+# Delta's default `delta.deletedFileRetentionDuration`, which our tables keep: a file replaced more recently may
+# still be read by a reader on an older version, or be a running commit's new file not yet referenced.
+MIN_RETENTION_HOURS = 168
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,15 @@ def vacuum(
         dry_run: report, delete nothing.
         storage_options: deltalake storage options for `out`.
     """
-    if staging_hours < 0 or retention_hours < 0:
-        msg = f"--staging-hours and --retention-hours must be >= 0, got {staging_hours:g} and {retention_hours}"
+    if staging_hours < 0:
+        msg = f"--staging-hours must be >= 0, got {staging_hours:g}"
+        raise ConfigError(msg)
+    if retention_hours < MIN_RETENTION_HOURS:
+        msg = (
+            f"--retention-hours {retention_hours} is below the tables' minimum of {MIN_RETENTION_HOURS} (one week): "
+            f"files replaced more recently may still be read, or belong to a commit in flight; pass "
+            f"{MIN_RETENTION_HOURS} or more"
+        )
         raise ConfigError(msg)
     store = TableStore(out, storage_options)
     store.check_root()
@@ -77,9 +86,7 @@ def vacuum(
     files: list[str] = []
     for spec in TABLES.values():
         if store.exists(spec):
-            files += store.table(spec).vacuum(
-                retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False
-            )
+            files += store.table(spec).vacuum(retention_hours=retention_hours, dry_run=dry_run)
     return VacuumReport(removed, live, foreign, files)
 
 
@@ -94,8 +101,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output root given to `embed`")
     parser.add_argument("--staging-hours", type=float, default=24.0, help="age of abandoned uncommitted staging")
     parser.add_argument(
-        "--retention-hours", type=int, default=168,
-        help="keep replaced files this long (time travel); 0 removes every unreferenced file now",
+        "--retention-hours", type=int, default=MIN_RETENTION_HOURS,
+        help=f"keep replaced files this long (time travel); at least {MIN_RETENTION_HOURS}",
     )
     parser.add_argument("--dry-run", action="store_true", help="list, delete nothing")
     add_storage_option_argument(parser)
@@ -107,15 +114,12 @@ def _handle(args: argparse.Namespace) -> int:
         args.out, args.staging_hours, args.retention_hours, args.dry_run, storage_options_from_args(args)
     )
     verb = "would remove" if args.dry_run else "removed"
-    print(
-        json.dumps(
-            {
-                f"staging {verb}": report.staging_removed,
-                "staging of running runs, left alone": report.staging_live,
-                "folders under _staging not written by catalog-embed, left alone": report.staging_foreign,
-                f"table files {verb}": len(report.table_files),
-            },
-            indent=2,
-        )
+    print_json(
+        {
+            f"staging {verb}": report.staging_removed,
+            "staging of running runs, left alone": report.staging_live,
+            "folders under _staging not written by catalog-embed, left alone": report.staging_foreign,
+            f"table files {verb}": len(report.table_files),
+        }
     )
     return 0

@@ -86,3 +86,11 @@ class LabelsError(CatalogEmbedError):
 
 class ProbeError(CatalogEmbedError):
     """A probe cannot be trained or applied: unusable data, a diverged search, a missing or mismatching probe."""
+
+
+class MissingExtraError(ConfigError):
+    """An optional dependency is not installed; the message names the extra (`pip install 'catalog-embed[x]'`)."""
+
+
+class QueryError(CatalogEmbedError):
+    """A `catalog-embed query` statement is empty, malformed, or reaches beyond the tables it may read."""

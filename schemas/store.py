@@ -18,6 +18,7 @@ import json
 import posixpath
 import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake import Schema as DeltaSchema
@@ -373,7 +375,7 @@ class TableStore:
         schema = pa.schema(table.schema())
         views = pa.schema([f.with_type(pa.string_view()) if f.type == pa.string() else f for f in schema])
         pruning = [(key, "=", value) for key, value in (partition or {}).items()] or None
-        return table.to_pyarrow_dataset(file_pruning_predicate=pruning, schema=views)
+        return arrow_dataset(table, file_pruning_predicate=pruning, schema=views)
 
     def read(
         self,
@@ -481,4 +483,19 @@ def _merge_failures(table: DeltaTable, staged: pa.Table, resolved: pa.Table, txn
         .when_not_matched_insert(updates=columns, predicate="NOT s._resolved")
         .execute()
     )
+
+
+def arrow_dataset(table: DeltaTable, **options: Any) -> pads.Dataset:
+    """`table.to_pyarrow_dataset(**options)`, read through Arrow's own filesystem when the table is local.
+
+    deltalake's default filesystem is a Python object that Arrow's I/O threads call into. A thread still inside it
+    when the interpreter finalizes is stopped mid-call, which aborts the process ("terminate called without an
+    active exception", exit 134) or hangs it, after the command has done its work. Arrow's local filesystem runs
+    no Python. Object stores keep deltalake's filesystem (it carries their storage options).
+    """
+    parsed = urllib.parse.urlparse(table.table_uri)  # deltalake spells local tables file:///...
+    if parsed.scheme == "file":
+        local = pa_fs.SubTreeFileSystem(urllib.parse.unquote(parsed.path), pa_fs.LocalFileSystem())
+        options.setdefault("filesystem", local)
+    return table.to_pyarrow_dataset(**options)
 

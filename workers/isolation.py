@@ -69,7 +69,15 @@ class IsolatedPool:
         process = self._context.Process(
             target=_child_main, args=(child, self._stage, self._memory_mb), daemon=True, name="catalog-embed-decode"
         )
-        process.start()
+        # Ctrl-C reaches the whole process group. The supervisor stops the run and its children end with it; a
+        # child taking the signal itself would print a traceback. The child ignores SIGINT once it runs; until then
+        # it starts with SIGINT blocked: a signal mask survives fork and exec (a handler would not), and blocking
+        # works on any thread (Beam runs bundles on threads).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         child.close()
         return _Child(process, parent)
 
@@ -180,6 +188,7 @@ def _exit_reason(code: int | None) -> str:
 
 
 def _child_main(conn: Connection, stage: Any, memory_mb: float) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # see IsolatedPool._start
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
     torch.set_num_threads(1)
     stage.setup()

@@ -164,7 +164,7 @@ def test_vacuum_during_a_run_skips_its_staging_and_folders_it_did_not_write(smal
     foreign = Path(out, STAGING, "notes")
     foreign.mkdir()
     (foreign / "todo.txt").write_text("mine")
-    report = vacuum(out, staging_hours=0, retention_hours=0, dry_run=False)
+    report = vacuum(out, staging_hours=0, retention_hours=168, dry_run=False)
     assert report.staging_removed == [] and report.staging_live == [run_id] and report.staging_foreign == ["notes"]
     assert (foreign / "todo.txt").read_text() == "mine"
     log = finish(proc)

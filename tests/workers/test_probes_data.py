@@ -158,3 +158,50 @@ def test_labels_only_on_unembedded_tracks_are_left_out(table):
     data = _dataset(uri, pa.Table.from_pylist(genres), LabelSpec(TaskKind.MULTICLASS))
     assert data.label_names == ("blues", "jazz", "pop", "rock")
     assert data.splits["train"].y.max() == 3
+
+
+def test_empty_and_nan_label_cells_are_missing_not_classes(tmp_path, table):
+    z, uri = table
+    genre = labels_for("multiclass", z)["genre"].to_pylist()
+    blank = {3: "", 10: "NaN", 17: "nan", 24: " "}
+    rows = ["track_id,genre"] + [f"t{i:05d},{blank.get(i, g)}" for i, g in enumerate(genre)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    genres = [blank.get(i, g) for i, g in enumerate(genre)]
+    parquet = pa.table({"track_id": [f"t{i:05d}" for i in range(N)], "genre": genres})
+    for labels in (read_labels(str(tmp_path / "labels.csv")), parquet):
+        data = _dataset(uri, labels, LabelSpec(TaskKind.MULTICLASS))
+        assert data.label_names == ("blues", "jazz", "pop", "rock")
+        assert data.info["rows_missing_label"] == len(blank)
+        assert data.info["missing_by_column"] == {"genre": len(blank)}
+        used = {t for s in data.splits.values() for t in s.track_ids}
+        assert not used & {f"t{i:05d}" for i in blank}
+
+
+def test_nan_regression_targets_are_missing_and_infinite_ones_named(table):
+    z, uri = table
+    labels = labels_for("regression", z)
+    arousal = labels["arousal"].to_numpy().copy()
+    arousal[[5, 6, 7]] = np.nan
+    labels = labels.set_column(1, "arousal", pa.array(arousal))
+    data = _dataset(uri, labels, LabelSpec(TaskKind.REGRESSION))
+    assert data.info["missing_by_column"] == {"arousal": 3, "valence": 0}
+    assert all(np.isfinite(s.y).all() for s in data.splits.values())
+    arousal[9] = np.inf
+    with pytest.raises(LabelsError, match=r"infinite for 1 track\(s\) \(e.g. \['t00009'\]\)"):
+        _dataset(uri, labels.set_column(1, "arousal", pa.array(arousal)), LabelSpec(TaskKind.REGRESSION))
+
+
+@pytest.mark.parametrize(
+    ("kind", "column", "message"),
+    [
+        ("multiclass", ["rock"] * (N - 2) + ["", None], r"single class \('rock'\).*needs at least two classes"),
+        ("key", ["C major"] * N, r"single class \('C major'\)"),
+        ("multilabel", [["rock"]] * N, "no tag .* both applies to some and not to other"),
+        ("regression", [1.0] * N, "constant"),
+    ],
+)
+def test_a_task_without_two_classes_is_refused(table, kind, column, message):
+    _, uri = table
+    labels = pa.table({"track_id": [f"t{i:05d}" for i in range(N)], "label": column})
+    with pytest.raises(LabelsError, match=message):
+        _dataset(uri, labels, LabelSpec(TaskKind(kind)))

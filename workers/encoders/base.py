@@ -333,26 +333,28 @@ def parse_device(device: str | torch.device) -> torch.device:
     Raises:
         EncoderError: not a device string, or a device type other than CPU and CUDA.
     """
+    requested = str(device)
     try:
         device = torch.device(device)
     except RuntimeError as exc:
-        msg = f"unknown device {str(device)!r}: use 'cpu', 'cuda' or 'cuda:N'"
+        msg = f"unknown device {requested!r}: use 'cpu', 'cuda' or 'cuda:N'"
         raise EncoderError(msg) from exc
     if device.type not in ("cpu", "cuda"):
-        msg = f"device type {device.type!r} is not supported: use 'cpu' or 'cuda'"
+        msg = f"device {requested!r} is not supported (type {device.type!r}): use 'cpu' or 'cuda'"
         raise EncoderError(msg)
     return device
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """Parse a device string, failing when the device is not present."""
+    """Parse a device string, failing when the device is not present; errors name the device as given."""
+    requested = str(device)
     device = parse_device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            msg = "device 'cuda' was requested but no CUDA GPU is available here: use --device cpu"
+            msg = f"device {requested!r} was requested but no CUDA GPU is available here: use --device cpu"
             raise EncoderError(msg)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            msg = f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
+            msg = f"device {requested!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
             raise EncoderError(msg)
     return device
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import fsspec
@@ -25,6 +25,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from schemas.errors import ConfigError, LabelsError, ProbeError, TableError
+from schemas.store import arrow_dataset
 from schemas.tables import EMBEDDINGS, EXTRA_LAYER_PREFIX
 from workers.probes.tasks import KEY_CLASSES, TaskKind
 
@@ -40,6 +41,8 @@ _SPLIT_ALIASES = {
     "testing": "test",
 }
 GROUP_COLUMNS = ("artist", "group")
+# pyarrow's (and pandas') CSV null markers (NaN, NA, N/A, null, ...), less the empty cell.
+_CSV_NULLS = [v for v in pacsv.ConvertOptions().null_values if v]
 
 
 @dataclass(frozen=True)
@@ -61,24 +64,35 @@ class EmbeddingsSource:
     """One model and one layer of an embeddings Delta table, resolved and checked on construction.
 
     Args:
-        uri: the embeddings table (any URI deltalake reads).
+        uri: the embeddings table (any URI deltalake reads), or the `--out` folder of `catalog-embed embed`
+            holding it.
         model: the model to read; may be omitted only when the table holds a single model.
         layer: the layer to read: the `layer` of the `embedding` column, or an extra layer stored in
             `embedding_<layer>`; may be omitted when the model's rows carry a single layer.
+        probe: the probe whose model and layer these are (`tag`), named in errors instead of --model/--layer.
 
     Raises:
         TableError: the URI is not a Delta table, lacks the embeddings columns, or has no live rows.
         ConfigError: the model or layer is ambiguous or absent; the message lists the choices.
     """
 
-    def __init__(self, uri: str, model: str | None = None, layer: str | None = None) -> None:
+    def __init__(
+        self, uri: str, model: str | None = None, layer: str | None = None, probe: str | None = None
+    ) -> None:
+        tables_root = f"{uri.rstrip('/')}/{EMBEDDINGS.name}"
+        if not DeltaTable.is_deltatable(uri) and DeltaTable.is_deltatable(tables_root):
+            uri = tables_root
         self.uri = uri
+        self._probe = probe
         try:
             table = DeltaTable(uri)
         except TableNotFoundError as exc:
-            msg = f"no Delta table at {uri!r}: pass the embeddings table written by `catalog-embed embed`"
+            msg = (
+                f"no Delta table at {uri!r}: pass the embeddings table written by `catalog-embed embed` "
+                "(or the --out folder given to it)"
+            )
             raise TableError(msg) from exc
-        self._dataset = table.to_pyarrow_dataset()
+        self._dataset = arrow_dataset(table)
         names = set(self._dataset.schema.names)
         missing = [c for c in ("model", "track_id", "layer", "embedding", "embedded_at", "deleted") if c not in names]
         if missing:
@@ -102,7 +116,12 @@ class EmbeddingsSource:
                 raise ConfigError(msg)
             return models[0]
         if model not in models:
-            msg = f"model {model!r} has no live rows in {self.uri!r}; it holds: {', '.join(models)} (fix --model)"
+            fix = (
+                f"pass the embeddings of the model probe {self._probe} was trained on"
+                if self._probe
+                else "fix --model"
+            )
+            msg = f"model {model!r} has no live rows in {self.uri!r}; it holds: {', '.join(models)} ({fix})"
             raise ConfigError(msg)
         return model
 
@@ -122,7 +141,14 @@ class EmbeddingsSource:
         if layer in extra:
             column = EXTRA_LAYER_PREFIX + layer
             return layer, column, live & pc.field(column).is_valid()
-        msg = f"model {self.model!r} has no layer {layer!r} in {self.uri!r}; choose one of: {', '.join(layers + extra)}"
+        held = ", ".join(layers + extra)
+        if self._probe:
+            msg = (
+                f"probe {self._probe} reads layer {layer!r} of model {self.model!r}, which {self.uri!r} lacks (it "
+                f"holds: {held}): embed the catalog with --layer {layer} first"
+            )
+        else:
+            msg = f"model {self.model!r} has no layer {layer!r} in {self.uri!r}; choose one of: {held}"
         raise ConfigError(msg)
 
     def batches(self, rows: int = 65536) -> Iterator[Embeddings]:
@@ -168,15 +194,16 @@ def read_labels(uri: str) -> pa.Table:
             # Read ids and split/group columns as strings: numeric-looking ids must not become integers.
             as_text = {name: pa.string() for name in ("track_id", "split", *GROUP_COLUMNS)}
             parse = pacsv.ParseOptions(delimiter="\t" if lowered.endswith(".tsv") else ",")
+            # NaN/NA cells are missing labels in text columns too (as pandas reads them), not classes. Empty text
+            # stays text: an empty tag list is no tags, an empty class is missing (see `_missing_cells`).
+            convert = pacsv.ConvertOptions(column_types=as_text, strings_can_be_null=True, null_values=_CSV_NULLS)
             with fsspec.open(uri, "rb", compression="infer") as fh:
-                table = pacsv.read_csv(
-                    fh, parse_options=parse, convert_options=pacsv.ConvertOptions(column_types=as_text)
-                )
+                table = pacsv.read_csv(fh, parse_options=parse, convert_options=convert)
         elif lowered.endswith((".parquet", ".pq")):
             with fsspec.open(uri, "rb") as fh:
                 table = pq.read_table(fh)
         elif DeltaTable.is_deltatable(uri):
-            table = DeltaTable(uri).to_pyarrow_table()
+            table = arrow_dataset(DeltaTable(uri)).to_table()
         else:
             msg = f"cannot tell the format of labels {uri!r}: use a .csv, .tsv or .parquet file or a Delta table"
             raise LabelsError(msg)
@@ -214,12 +241,14 @@ class LabelSpec:
 
 @dataclass(frozen=True)
 class Targets:
-    """Encoded labels: `y` for the rows where `present` is true, and the names of its outputs."""
+    """Encoded labels: `y` for the rows where `present` is true, the names of its outputs, and how many rows each
+    label column left without a label (null, empty, NaN)."""
 
     y: np.ndarray
     names: tuple[str, ...]
     present: np.ndarray
     columns: tuple[str, ...]
+    missing: dict[str, int] = field(default_factory=dict)
 
 
 def _wrong_type(column: str, dtype: pa.DataType, kind: TaskKind, expected: str, fix: str) -> LabelsError:
@@ -246,20 +275,38 @@ def _label_columns(labels: pa.Table, spec: LabelSpec) -> tuple[str, ...]:
     return columns
 
 
+def _missing_cells(column: pa.ChunkedArray, kind: TaskKind) -> np.ndarray:
+    """Where a label cell holds no label: null, NaN, text reading "nan" (pandas writes it), or empty text, except
+    in a multilabel tag string, where empty text is an empty set of tags (like an empty list)."""
+    missing = column.is_null()
+    if pa.types.is_floating(column.type):
+        missing = pc.or_(missing, pc.fill_null(pc.is_nan(column), False))
+    elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        blank = ["nan"] if kind is TaskKind.MULTILABEL else ["", "nan"]
+        text = pc.utf8_lower(pc.utf8_trim_whitespace(column))
+        missing = pc.or_(missing, pc.fill_null(pc.is_in(text, value_set=pa.array(blank)), False))
+    return missing.to_numpy(zero_copy_only=False)
+
+
 def encode_targets(labels: pa.Table, spec: LabelSpec) -> Targets:
     """Encode the label columns into the probe's target array.
 
     multilabel: one list<string> column of tags, one string column split on `label_sep`, or one bool/0-1
     column per tag; multiclass: one string, integer or bool column; regression: one or more numeric columns;
-    key: one string column of mir_eval keys ("C major", "A minor"). Rows with a null label are left out.
+    key: one string column of mir_eval keys ("C major", "A minor"). Rows with a missing label (null, empty text,
+    NaN) are left out and counted per column, never taken for a class or a target.
 
     Raises:
-        LabelsError: a column has the wrong type or invalid values; the message says what to change.
+        LabelsError: a column has the wrong type or invalid values (infinite targets, naming the tracks); the
+            message says what to change.
     """
     columns = _label_columns(labels, spec)
     present = np.ones(labels.num_rows, dtype=bool)
+    missing = {}
     for name in columns:
-        present &= labels[name].is_valid().to_numpy(zero_copy_only=False)
+        cells = _missing_cells(labels[name], spec.kind)
+        missing[name] = int(cells.sum())
+        present &= ~cells
     kind = spec.kind
     if kind is TaskKind.REGRESSION:
         for name in columns:
@@ -267,16 +314,25 @@ def encode_targets(labels: pa.Table, spec: LabelSpec) -> Targets:
             if not (pa.types.is_integer(dtype) or pa.types.is_floating(dtype)):
                 raise _wrong_type(name, dtype, kind, "numbers", "cast it to float or pick the right --label-column")
         y = np.stack([labels[n].to_numpy(zero_copy_only=False) for n in columns], axis=1)[present]
-        return Targets(y.astype(np.float32), columns, present, columns)
+        infinite = ~np.isfinite(y).all(axis=1)
+        if infinite.any():
+            ids = np.asarray(labels["track_id"].to_pylist(), dtype=object)[present][infinite]
+            msg = (
+                f"regression targets {list(columns)} are infinite for {int(infinite.sum())} track(s) (e.g. "
+                f"{list(ids[:5])}): fix or empty those cells (empty and NaN cells count as missing labels)"
+            )
+            raise LabelsError(msg)
+        return Targets(y.astype(np.float32), columns, present, columns, missing)
     if kind is TaskKind.MULTILABEL:
-        return _encode_multilabel(labels, spec, columns, present)
+        targets = _encode_multilabel(labels, spec, columns, present)
+        return replace(targets, missing=missing)
     (name,) = columns
     dtype = labels.schema.field(name).type
     values = labels[name].to_numpy(zero_copy_only=False)[present]
     if kind is TaskKind.KEY:
         if not pa.types.is_string(dtype) and not pa.types.is_large_string(dtype):
             raise _wrong_type(name, dtype, kind, "strings like 'C major' or 'A minor'", "fix the column")
-        return Targets(_encode_keys(name, values), KEY_CLASSES, present, columns)
+        return Targets(_encode_keys(name, values), KEY_CLASSES, present, columns, missing)
     if not (
         pa.types.is_string(dtype)
         or pa.types.is_large_string(dtype)
@@ -292,7 +348,7 @@ def encode_targets(labels: pa.Table, spec: LabelSpec) -> Targets:
             "use --kind regression for numeric targets, or pick the right --label-column",
         )
     classes, y = np.unique(values, return_inverse=True)
-    return Targets(y.astype(np.int64), tuple(str(c) for c in classes), present, columns)
+    return Targets(y.astype(np.int64), tuple(str(c) for c in classes), present, columns, missing)
 
 
 def _encode_keys(column: str, values: np.ndarray) -> np.ndarray:
@@ -464,6 +520,7 @@ def build_dataset(embeddings: Embeddings, labels: pa.Table, spec: LabelSpec, mod
         )
         raise LabelsError(msg)
     y, label_names, unseen = _drop_unseen(spec.kind, targets.y[matched], targets.names)
+    _check_learnable(spec.kind, y, label_names, targets.columns)
     # Split only the tracks that can be used, so the fractions hold for them.
     label_rows = np.flatnonzero(targets.present)[matched]
     assignment = _assign_splits(labels, spec, y, label_rows)
@@ -481,7 +538,8 @@ def build_dataset(embeddings: Embeddings, labels: pa.Table, spec: LabelSpec, mod
     _check_training_covers(spec.kind, label_names, splits)
     info = {
         "labelled_rows": labels.num_rows,
-        "rows_with_null_label": int((~targets.present).sum()),
+        "rows_missing_label": int((~targets.present).sum()),
+        "missing_by_column": targets.missing,
         "labelled_not_embedded": int((~matched).sum()),
         "embedded": len(embeddings.track_ids),
         "split": assignment.describe,
@@ -585,6 +643,36 @@ def _grouped_split(groups: np.ndarray, fractions: tuple[float, float, float], rn
         group_split[g] = "train" if filled < bounds[0] else "valid" if filled < bounds[1] else "test"
         filled += counts[g]
     return group_split[inverse]
+
+
+def _check_learnable(kind: TaskKind, y: np.ndarray, names: tuple[str, ...], columns: tuple[str, ...]) -> None:
+    """Refuse targets a probe cannot learn anything from: one class, no tag that varies, a constant target.
+
+    Such a task "succeeds" with a perfect score (every track is the one class) and means nothing.
+    """
+    where = f"label column(s) {list(columns)}"
+    if kind in (TaskKind.MULTICLASS, TaskKind.KEY):
+        seen = np.unique(y)
+        if len(seen) < 2:
+            only = names[int(seen[0])] if len(seen) else "none"
+            msg = (
+                f"{where} hold(s) a single class ({only!r}) over the {len(y)} labelled, embedded tracks: a {kind} "
+                "probe needs at least two classes; label tracks of other classes or pick another --label-column"
+            )
+            raise LabelsError(msg)
+    elif kind is TaskKind.MULTILABEL:
+        if not (y.min(axis=0, initial=1) < y.max(axis=0, initial=0)).any():
+            msg = (
+                f"no tag of {where} both applies to some and not to other labelled, embedded tracks: a multilabel "
+                "probe needs tags that vary; check --label-column / --label-sep"
+            )
+            raise LabelsError(msg)
+    elif len(y) and (y.min(axis=0) == y.max(axis=0)).all():
+        msg = (
+            f"the regression targets of {where} are constant over the {len(y)} labelled, embedded tracks: a probe "
+            "has nothing to learn; pick another --label-column"
+        )
+        raise LabelsError(msg)
 
 
 def _check_training_covers(kind: TaskKind, names: tuple[str, ...], splits: dict[str, Split]) -> None:

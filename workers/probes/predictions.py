@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
 
 from schemas.errors import TableError
+from schemas.store import arrow_dataset
 from schemas.tables import PREDICTIONS
 from workers.probes.data import Embeddings, EmbeddingsSource
 from workers.probes.models import Probe
@@ -127,7 +128,7 @@ def _tagged(out_uri: str, probe: Probe) -> dict[str, np.datetime64]:
     if set(schema.names) != set(PREDICTIONS.schema.names):
         msg = f"{out_uri!r} is not a predictions table (columns {schema.names}): pass another --out"
         raise TableError(msg)
-    rows = table.to_pyarrow_dataset().to_table(
+    rows = arrow_dataset(table).to_table(
         columns=["track_id", "embedded_at"],
         filter=(pc.field("probe_id") == probe.probe_id) & (pc.field("model") == probe.spec.model),
     )

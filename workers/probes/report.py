@@ -184,7 +184,7 @@ def _markdown(report: dict[str, Any]) -> str:
         (
             f"Data: {data['n_train']} train, {data['n_valid']} valid, {data['n_test']} test tracks "
             f"(split: {data['split']}); {data['labelled_not_embedded']} labelled tracks had no embedding, "
-            f"{data['rows_with_null_label']} had no label."
+            f"{data['rows_missing_label']} had no label (empty, null or NaN)."
         ),
     ]
     if report.get("excluded_labels"):
