@@ -20,6 +20,10 @@ _COMMAND_MODULES = (
     "pipelines.models",
     "pipelines.demo",
     "pipelines.probe",
+    "pipelines.similar",
+    "pipelines.index",
+    "pipelines.catalog_map",
+    "pipelines.compare",
 )
 
 
