@@ -25,19 +25,20 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from usearch.index import Index
-
 from pipelines.vectors import ModelLayer, Vectors, add_table_arguments, store_from_args
 from schemas.errors import ConfigError, TableError
 from schemas.store import TableStore
 from workers.analysis import exact_neighbours, recall_at_k
+
+if TYPE_CHECKING:
+    from usearch.index import Index
 
 INDEXES = "_indexes"
 META = "index.json"
@@ -94,6 +95,8 @@ class AnnIndex:
     @classmethod
     def build(cls, vectors: Vectors, files: list[str], config: IndexConfig) -> AnnIndex:
         """Index every vector of `vectors` (the snapshot whose data files are `files`)."""
+        from usearch.index import Index  # the [analysts] extra; imported when an index is used, not by every command
+
         started = time.perf_counter()
         graph = Index(ndim=vectors.dim, metric="cos", dtype="f32", connectivity=config.connectivity,
                       expansion_add=config.expansion_add, expansion_search=config.expansion_search)
@@ -241,6 +244,8 @@ class AnnIndex:
     @classmethod
     def load(cls, store: TableStore, folder: str, meta: dict[str, Any]) -> AnnIndex:
         """The graph and keys `meta` names."""
+        from usearch.index import Index
+
         with store.fs.open(posixpath.join(folder, meta["graph"]), "rb") as fh:
             graph = Index.restore(fh.read())
         with store.fs.open(posixpath.join(folder, meta["keys"]), "rb") as fh:

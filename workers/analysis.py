@@ -7,7 +7,6 @@ Similarity is cosine throughout: rows are L2-normalised once (`unit_rows`) and c
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import spearmanr
 
 # Rows of the candidate matrix scored per block: bounds the (queries x block) score matrix.
 _BLOCK_ROWS = 65536
@@ -87,6 +86,8 @@ def neighbour_rank_correlation(
     Returns:
         (q,) correlations (NaN where a neighbourhood has constant similarities in one space).
     """
+    from scipy.stats import spearmanr  # scipy comes with the [analysts] extra; the rest of this module needs numpy only
+
     out = np.empty(len(rows), dtype=np.float64)
     for i, row in enumerate(rows):
         union = np.union1d(a_neighbours[i], b_neighbours[i])
