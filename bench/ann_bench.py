@@ -153,9 +153,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for n, (_, dim) in zip(sizes, SHAPES, strict=False):
             truth = Path(tmp) / f"truth-{n}-{dim}.npy"
+            data, queries = mixture(n, dim, args.seed), mixture(1000, dim, args.seed + 1)
             started = time.perf_counter()
-            np.save(truth, exact_top_k(mixture(n, dim, args.seed), mixture(1000, dim, args.seed + 1), K))
+            np.save(truth, exact_top_k(data, queries, K))
             exact_qps = 1000 / (time.perf_counter() - started)
+            del data, queries
             for name in args.library or CANDIDATES:
                 child = subprocess.run(
                     [sys.executable, __file__, "--child", name, str(n), str(dim), str(truth),

@@ -227,10 +227,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--labels", metavar="FILE", help="labels (CSV, Parquet, Delta) for probe deltas")
     parser.add_argument("--task", action="append", default=[], metavar="COLUMN",
                         help="label column to probe; repeatable, one --kind each")
-    parser.add_argument("--kind", action="append", default=[], choices=("multilabel", "multiclass", "regression", "key"))
+    parser.add_argument("--kind", action="append", default=[],
+                        choices=("multilabel", "multiclass", "regression", "key"))
     parser.add_argument("--fail-under", action="append", default=[], metavar="METRIC=VALUE",
                         help="gate: overlap, cka, rank_corr (median) or probe_delta:TASK; repeatable")
-    parser.add_argument("--report", metavar="DIR", help="folder for report.json and report.md (default: compare/A-vs-B)")
+    parser.add_argument("--report", metavar="DIR",
+                        help="folder for report.json and report.md (default: compare/A-vs-B)")
     parser.set_defaults(handler=_handle)
 
 

@@ -185,8 +185,8 @@ class AnnIndex:
         wanted = pa.concat_arrays([pc.filter(now["track_id"], pc.invert(known)).combine_chunks(),
                                    replaced["track_id"].combine_chunks()])
         files = model_files(source)
-        fresh = sorted(set(files) - set(self.meta["files"]))
-        fragments = [f for f in source.dataset.get_fragments() if f.path in set(fresh)]
+        fresh = set(files) - set(self.meta["files"])
+        fragments = [f for f in source.dataset.get_fragments() if f.path in fresh]
         added = source.read(wanted, pads.FileSystemDataset(
             fragments, source.dataset.schema, source.dataset.format, source.dataset.filesystem))
         if len(added.track_ids) != len(wanted):

@@ -23,7 +23,7 @@ from rich.table import Table
 from pipelines.index import AnnIndex, check_fits, index_folder, staleness
 from pipelines.vectors import ModelLayer, add_table_arguments, require_tracks, store_from_args
 from schemas.errors import ConfigError
-from workers.analysis import exact_neighbours, recall_at_k
+from workers.analysis import exact_neighbours
 
 # Below this many live rows exact search is cheap (a few ms per query): no index needed.
 EXACT_BELOW = 100_000
@@ -40,9 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="embedding model (required when the table holds several)")
     parser.add_argument("--layer", help="embedding layer (default: the model's only layer)")
     parser.add_argument("--track", action="append", default=[], metavar="ID", help="query track id; repeatable")
-    parser.add_argument("--tracks", metavar="FILE", help="query track ids: one per line, or a CSV/Parquet track_id column")
+    parser.add_argument("--tracks", metavar="FILE",
+                        help="query track ids: one per line, or a CSV/Parquet track_id column")
     parser.add_argument("--k", type=int, default=10, help="neighbours per track (default: 10)")
-    parser.add_argument("--where", metavar="SQL", help="only candidates matching this predicate, e.g. \"duration_s > 60\"")
+    parser.add_argument("--where", metavar="SQL",
+                        help="only candidates matching this SQL predicate, e.g. \"duration_s > 60\"")
     parser.add_argument(
         "--search", choices=("auto", "exact", "index"), default="auto",
         help="auto: exact below --exact-below live rows, else the index (default: auto)",

@@ -107,4 +107,5 @@ def distribution(values: np.ndarray) -> dict[str, float]:
         return {"count": 0}
     q = np.quantile(finite, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
     names = ("min", "p10", "p25", "median", "p75", "p90", "max")
-    return {"count": int(len(finite)), "mean": float(finite.mean()), **{n: float(v) for n, v in zip(names, q, strict=True)}}
+    quantiles = {name: float(value) for name, value in zip(names, q, strict=True)}
+    return {"count": int(len(finite)), "mean": float(finite.mean()), **quantiles}

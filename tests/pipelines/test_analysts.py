@@ -11,6 +11,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -37,8 +38,6 @@ def mixture(n: int, dim: int, seed: int) -> np.ndarray:
 
 def commit(store: TableStore, run_id: str, model: str, vectors: dict[str, np.ndarray], gone: list[str] = ()) -> None:
     """Commit `vectors` (track id -> vector) as one run of `model`, retiring `gone`."""
-    import pyarrow as pa
-
     ctx = RowContext(run_id, model, ("pooled",), "v1", "h1")
     rows = [TrackEmbedding(WorkItem(t, f"/audio/{t}.wav", "size=1"), 6.0, 2, {"pooled": v}) for t, v in vectors.items()]
     if rows:
@@ -185,8 +184,8 @@ def test_bad_input_fails_in_one_line_naming_the_fix(tables, capsys, tmp_path):
 
 def test_compare_identical_rotated_and_shuffled(tables, capsys, tmp_path):
     out, _ = tables
-    code, printed, _ = cli(capsys, "compare", "--out", str(out), "--a", "synth", "--b", "synth-rotated",
-                           "--report", str(tmp_path / "same"), "--fail-under", "overlap=0.99", "--fail-under", "cka=0.99")
+    code, printed, _ = cli(capsys, "compare", "--out", str(out), "--a", "synth", "--b", "synth-rotated", "--report",
+                           str(tmp_path / "same"), "--fail-under", "overlap=0.99", "--fail-under", "cka=0.99")
     assert code == 0, printed
     report = json.loads((tmp_path / "same" / "report.json").read_text())
     assert report["overlap"]["mean"] == pytest.approx(1.0)
