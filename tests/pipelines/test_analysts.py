@@ -91,7 +91,9 @@ def test_exact_similar_matches_numpy_and_writes_the_neighbours(tables, capsys, t
 def test_where_restricts_the_candidates(tables, capsys, tmp_path):
     out, _ = tables
     written = tmp_path / "n.csv"
-    code, _, _ = cli(capsys, "similar", "--out", str(out), "--model", "synth", "--track", "t0001",
+    queries = tmp_path / "queries.txt"
+    queries.write_text("t0001\n")
+    code, _, _ = cli(capsys, "similar", "--out", str(out), "--model", "synth", "--tracks", str(queries),
                      "--where", "track_id >= 't0300'", "--output", str(written))
     assert code == 0
     found = [line.split(",")[2].strip('"') for line in written.read_text().splitlines()[1:]]
@@ -112,6 +114,10 @@ def test_the_index_answers_like_exact_search_and_records_what_it_was_built_from(
     code, _, err = cli(capsys, "similar", "--out", str(out), "--model", "synth", "--search", "index", "--recall",
                        *[a for t in queries for a in ("--track", t)], "--output", str(written))
     assert code == 0 and "recall@10 against exact search" in err
+    # Above --exact-below live rows, auto search goes through the index.
+    code, printed, _ = cli(capsys, "similar", "--out", str(out), "--model", "synth", "--track", "t0000",
+                           "--exact-below", "100")
+    assert code == 0 and "index (usearch" in printed
     got = pq.read_table(written).to_pylist()
     unit = unit_rows(x)
     truth, _ = exact_neighbours(unit[:40], unit, 10, exclude=np.arange(40))
