@@ -137,7 +137,7 @@ def run_candidate(name: str, n: int, dim: int, seed: int, truth_path: str, threa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, action="append",
-                        help="vectors per shape, given once per shape in order 200-d, 1728-d (default 1e6, 1e5)")
+                        help="vectors per shape, once per shape: 200-d, then 1728-d; 0 skips (default 1e6, 1e5)")
     parser.add_argument("--threads", type=int, default=2, help="threads for building (queries use one)")
     parser.add_argument("--library", action="append", choices=CANDIDATES, help="default: all")
     parser.add_argument("--seed", type=int, default=0)
@@ -150,8 +150,12 @@ def main() -> int:
 
     sizes = args.n or [n for n, _ in SHAPES]
     rows = []
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"ann_bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     with tempfile.TemporaryDirectory() as tmp:
         for n, (_, dim) in zip(sizes, SHAPES, strict=False):
+            if n == 0:  # --n 0 skips a shape
+                continue
             truth = Path(tmp) / f"truth-{n}-{dim}.npy"
             data, queries = mixture(n, dim, args.seed), mixture(1000, dim, args.seed + 1)
             started = time.perf_counter()
@@ -166,16 +170,17 @@ def main() -> int:
                 )
                 row = json.loads(child.stdout.strip().splitlines()[-1])
                 row["exact_queries_per_s_blas"] = exact_qps
+                row["load_avg_1m"] = os.getloadavg()[0]
                 rows.append(row)
                 print(f"{name:18} {n:>9,} x {dim:<5} build {row['build_s']:7.1f}s  index {row['index_mb']:7.0f} MB  "
                       f"peak {row['peak_rss_mb']:7.0f} MB  {row['queries_per_s_one_core']:8.0f} q/s  "
-                      f"recall@10 {row['recall_at_10']:.3f}", flush=True)
-    print(f"\n(exact search, numpy BLAS: {rows[0]['exact_queries_per_s_blas']:.0f} q/s on the first shape)")
+                      f"recall@10 {row['recall_at_10']:.3f}  (exact {exact_qps:.0f} q/s, load "
+                      f"{row['load_avg_1m']:.1f})",
+                      flush=True)
+                # Written after every row: a long run that is stopped keeps what it measured.
+                out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+                                           "cpus": os.cpu_count(), "rows": rows}, indent=2))
     load = os.getloadavg()
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"ann_bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                               "load_avg": load, "rows": rows}, indent=2))
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; results -> {out}")
     return 0
 
