@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# Rows of the candidate matrix scored per block: bounds the (queries x block) score matrix.
+# Queries and candidate rows scored per block: the (queries x rows) score matrix stays under 256 MiB.
+_QUERY_ROWS = 1024
 _BLOCK_ROWS = 65536
 
 
@@ -33,8 +34,22 @@ def exact_neighbours(
     Returns:
         (indices, similarities), each (q, k'), k' = min(k, rows available).
     """
-    q = len(queries)
     k = min(k, len(data) - (1 if exclude is not None else 0))
+    found = [
+        _exact_block(queries[start : start + _QUERY_ROWS], data, k,
+                     None if exclude is None else exclude[start : start + _QUERY_ROWS])
+        for start in range(0, len(queries), _QUERY_ROWS)
+    ]
+    if not found:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+
+
+def _exact_block(
+    queries: np.ndarray, data: np.ndarray, k: int, exclude: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`exact_neighbours` for one block of queries, scanning `data` in blocks of rows."""
+    q = len(queries)
     best_s = np.full((q, k), -np.inf, dtype=np.float32)
     best_i = np.zeros((q, k), dtype=np.int64)
     for start in range(0, len(data), _BLOCK_ROWS):
@@ -84,7 +99,8 @@ def neighbour_rank_correlation(
         b_neighbours: (q, k) their neighbours' rows in `b`.
 
     Returns:
-        (q,) correlations (NaN where a neighbourhood has constant similarities in one space).
+        (q,) correlations (NaN where a neighbourhood has constant similarities in one space). Unrelated spaces
+        score below 0: each space's own neighbours are strangers in the other.
     """
     from scipy.stats import spearmanr  # scipy comes with the [analysts] extra; the rest of this module needs numpy only
 
