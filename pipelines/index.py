@@ -149,7 +149,8 @@ class AnnIndex:
             for q in range(len(queries)):
                 row_ids, row_s = [], []
                 for key, sim in zip(keys[q], sims[q], strict=True):
-                    row = self._row_of_key.get(int(key))
+                    # A batch pads queries that found fewer than `count` with key 0 and a NaN distance.
+                    row = self._row_of_key.get(int(key)) if np.isfinite(sim) else None
                     if row is None:
                         continue
                     track = self._track_of[row]

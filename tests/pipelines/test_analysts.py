@@ -224,3 +224,17 @@ def test_compare_reaches_earlier_versions_through_time_travel(tmp_path, capsys):
     assert report["a"]["table_version"] == before and report["b"]["table_version"] > before
     assert 0.0 < report["overlap"]["mean"] < 1.0
     assert report["cka"] == pytest.approx(linear_cka(unit_rows(x), unit_rows(noisy)), rel=1e-6)
+
+
+def test_an_index_asked_for_more_neighbours_than_it_holds_returns_each_track_once(tmp_path, capsys):
+    out = tmp_path / "tables"
+    store = TableStore(str(out))
+    store.ensure_tables()
+    commit(store, "a", "m", dict(zip(ids(30), mixture(30, 8, 4), strict=True)))
+    assert cli(capsys, "index", "--out", str(out), "--model", "m")[0] == 0
+    written = tmp_path / "n.parquet"
+    code, _, _ = cli(capsys, "similar", "--out", str(out), "--model", "m", "--track", "t0003", "--k", "50",
+                     "--search", "index", "--output", str(written))
+    assert code == 0
+    found = pq.read_table(written)["track_id"].to_pylist()
+    assert sorted(found) == sorted(set(ids(30)) - {"t0003"})
