@@ -5,11 +5,12 @@ version), compared on the tracks both hold:
 
 - overlap@k: per track, the share of its k nearest neighbours (cosine, exact) in A that are also its k nearest in
   B; 1.0 when both spaces agree on every neighbourhood.
-- CKA: linear centred kernel alignment of the two matrices; 1.0 when one is a rotation/scaling of the other.
+- CKA: linear centred kernel alignment of the two matrices (as stored); 1.0 when one is a rotation/scaling of
+  the other.
 - rank correlation: per track, Spearman's correlation of its similarities to the union of its neighbours in A and
   B, measured in each space; its distribution says whether neighbourhoods were reordered or replaced.
-- probe delta: given labels, a linear probe (the `probe` command's `linear` preset and its training) per task on
-  each side, on the same split; B's test score minus A's.
+- probe delta: given labels, a linear probe (the `probe` command's `linear` preset and its training, on the
+  vectors as stored) per task on each side, on the same split; B's test score minus A's.
 
 Writes report.json and report.md; each `--fail-under METRIC=VALUE` that fails makes the command exit 1 (2 stays
 for a usage error), so a nightly schedule can hold a new encoder version back before it replaces the catalog's rows.
@@ -96,7 +97,7 @@ def compare(config: CompareConfig, a_source: ModelLayer, b_source: ModelLayer) -
         )
         raise ConfigError(msg)
     labels = _labels(config, shared)
-    a, b = a_source.read(shared), b_source.read(shared)
+    a, b = a_source.read(shared, raw=True), b_source.read(shared, raw=True)
     n = len(a.track_ids)
     rng = np.random.default_rng(config.seed)
     rows = np.sort(rng.permutation(n)[: config.sample])
@@ -109,7 +110,7 @@ def compare(config: CompareConfig, a_source: ModelLayer, b_source: ModelLayer) -
         "shared_tracks": n, "only_a": len(a_keys) - n, "only_b": len(b_keys) - n,
         "k": int(a_nn.shape[1]), "query_tracks": len(rows),
         "overlap": distribution(overlap),
-        "cka": linear_cka(a.vectors[rows], b.vectors[rows]),
+        "cka": linear_cka(a.raw[rows], b.raw[rows]),
         "cka_rows": len(rows),
         "rank_corr": distribution(rank_corr),
         "worst_tracks": [
@@ -167,7 +168,7 @@ def _probe_delta(task: str, kind: str, labels: pa.Table, a: Vectors, b: Vectors,
     spec = LabelSpec(kind=TaskKind(kind), columns=(task,), seed=seed)
     scores = {}
     for side, v in (("a", a), ("b", b)):
-        embeddings = Embeddings(v.track_ids, v.vectors, v.embedded_at.astype("datetime64[us]"))
+        embeddings = Embeddings(v.track_ids, v.raw, v.embedded_at.astype("datetime64[us]"))
         dataset = build_dataset(embeddings, labels, spec, v.model, v.layer)
         result = run_trial(dataset, replace(preset("linear"), seed=seed), threads=1)
         test = dataset.splits["test"]

@@ -22,7 +22,7 @@ import json
 import posixpath
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from typing import TYPE_CHECKING, Any
@@ -113,7 +113,7 @@ class AnnIndex:
             "files": files,
             "count": len(keys),
             "next_key": len(keys),
-            "config": config.__dict__,
+            "config": asdict(config),
             "built_at": datetime.now(UTC).isoformat(),
             "build_seconds": time.perf_counter() - started,
             "refreshes": [],

@@ -69,6 +69,7 @@ class Vectors:
         track_ids: (n,) object array of track ids.
         vectors: (n, dim) float32, unit rows (cosine similarity is their inner product).
         embedded_at: (n,) int64 microseconds since the epoch, which changes whenever a row is replaced.
+        raw: (n, dim) float32 as stored, when asked for (probes and CKA use the encoder's own scale).
     """
 
     model: str
@@ -77,6 +78,7 @@ class Vectors:
     track_ids: np.ndarray
     vectors: np.ndarray
     embedded_at: np.ndarray
+    raw: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -85,7 +87,7 @@ class Vectors:
     def take(self, rows: np.ndarray) -> Vectors:
         """The subset at `rows`, in that order."""
         return Vectors(self.model, self.layer, self.table_version, self.track_ids[rows], self.vectors[rows],
-                       self.embedded_at[rows])
+                       self.embedded_at[rows], None if self.raw is None else self.raw[rows])
 
 
 class ModelLayer:
@@ -175,9 +177,10 @@ class ModelLayer:
         msg = f"model {self.model!r} has no live rows of layer {self.layer!r}: embed some tracks first"
         raise TableError(msg)
 
-    def read(self, track_ids: pa.Array | None = None, dataset: pads.Dataset | None = None) -> Vectors:
+    def read(self, track_ids: pa.Array | None = None, dataset: pads.Dataset | None = None,
+             raw: bool = False) -> Vectors:
         """Live vectors, all of them or those of `track_ids`, from this snapshot or from `dataset` (a subset of
-        its files); rows come sorted by track id."""
+        its files), with the stored vectors too when `raw`; rows come sorted by track id."""
         source = dataset if dataset is not None else self.dataset
         filter_ = self.live
         parts = []
@@ -199,11 +202,13 @@ class ModelLayer:
             msg = f"embeddings of {self.model!r}/{self.layer!r} differ in length ({sorted(set(lengths.tolist()))})"
             raise TableError(msg)
         matrix = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), lengths[0])
+        matrix = matrix[order]
         return Vectors(
             self.model, self.layer, self.version,
             np.asarray(ids.to_pylist(), dtype=object)[order],
-            unit_rows(matrix[order]),
+            unit_rows(matrix),
             pa.concat_arrays([p[1] for p in parts]).to_numpy()[order],
+            matrix if raw else None,
         )
 
     def matching(self, where: str) -> pa.Array:
