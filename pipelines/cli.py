@@ -28,6 +28,10 @@ _COMMAND_MODULES = (
     "pipelines.models",
     "pipelines.demo",
     "pipelines.probe",
+    "pipelines.similar",
+    "pipelines.index",
+    "pipelines.catalog_map",
+    "pipelines.compare",
 )
 
 # Top-level modules of the optional dependencies (pyproject.toml) -> the extra that installs them.
