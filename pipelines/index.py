@@ -65,7 +65,7 @@ class IndexConfig:
 
 def index_folder(store: TableStore, model: str, layer: str) -> str:
     """The fsspec path of an index's folder under the output root."""
-    return posixpath.join(store._root_path, INDEXES, model, layer)
+    return posixpath.join(store.root_path, INDEXES, model, layer)
 
 
 def model_files(source: ModelLayer) -> list[str]:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from deltalake import DeltaTable
 
-from pipelines.embed import _key_values
+from pipelines.storage import add_storage_option_argument, storage_options_from_args
 from schemas.errors import ConfigError, TableError
 from schemas.store import TableStore
 from schemas.tables import EMBEDDINGS, EXTRA_LAYER_PREFIX
@@ -28,15 +28,12 @@ from workers.analysis import unit_rows
 def add_table_arguments(parser: argparse.ArgumentParser) -> None:
     """`--out` and `--storage-option`, as `embed` takes them."""
     parser.add_argument("--out", required=True, metavar="URI", help="output root given to `embed`")
-    parser.add_argument(
-        "--storage-option", action="append", default=[], metavar="KEY=VALUE",
-        help="deltalake storage option for --out, e.g. AWS_ENDPOINT_URL=http://127.0.0.1:9000; repeatable",
-    )
+    add_storage_option_argument(parser)
 
 
 def store_from_args(args: argparse.Namespace, out: str | None = None) -> TableStore:
     """The table store under `--out` (or `out`) with the parsed storage options."""
-    return TableStore(out or args.out, _key_values(args.storage_option) or None)
+    return TableStore(out or args.out, storage_options_from_args(args))
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,10 @@ def read_catalog(uri: str, policy: UriPolicy = UriPolicy()) -> pa.Table:
 
 def validate_catalog(table: pa.Table, uri: str) -> pa.Table:
     """Check the manifest contract; see `read_catalog`."""
+    repeated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+    if repeated:
+        msg = f"{uri}: column(s) {', '.join(repeated)} appear more than once in the header: rename or drop the copies"
+        raise ManifestError(msg)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         msg = f"{uri}: missing column(s) {', '.join(missing)}; a manifest needs `track_id` and `uri` columns"

@@ -80,7 +80,7 @@ class TableStore:
         self.storage_options = storage_options or None
         # No listings cache: workers in other processes (Ray, Beam, a second run) add parts after this process
         # listed a folder, and a commit that trusted a cached listing would silently leave their rows out.
-        self.fs, self._root_path = fsspec.core.url_to_fs(
+        self.fs, self.root_path = fsspec.core.url_to_fs(
             self.root, use_listings_cache=False, **_fsspec_options(self.root, self.storage_options)
         )
 
@@ -103,7 +103,7 @@ class TableStore:
         Raises:
             TableError: naming what is there and what --out should be instead.
         """
-        path = self._root_path.rstrip("/")
+        path = self.root_path.rstrip("/")
         try:
             if self.fs.isfile(path):
                 msg = f"--out {self.root} is a file: give a folder (new or written by catalog-embed)"
@@ -198,7 +198,7 @@ class TableStore:
         problem = run_id_problem(run_id)
         if problem is not None:
             raise TableError(problem)
-        base = posixpath.join(self._root_path, STAGING, run_id)
+        base = posixpath.join(self.root_path, STAGING, run_id)
         return posixpath.join(base, spec.name) if spec else base
 
     @contextmanager
@@ -264,7 +264,7 @@ class TableStore:
     def staged_runs(self) -> list[str]:
         """Names of the folders under `_staging/`, sorted: runs' staging, and anything else someone put there
         (callers touch only folders that hold a run's `run.json`)."""
-        root = posixpath.join(self._root_path, STAGING)
+        root = posixpath.join(self.root_path, STAGING)
         if not self.fs.exists(root):
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(root, detail=False))

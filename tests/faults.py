@@ -18,7 +18,7 @@ from schemas.failpoints import ENV as FAILPOINTS
 from schemas.store import STAGING
 from schemas.tables import EMBEDDINGS
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def table_tracks(out: str) -> tuple[list[str], list[str]]:

@@ -161,3 +161,10 @@ def test_existing_paths_with_glob_characters_are_not_globs(tmp_path):
     # A path that does not exist is still a glob, brackets included.
     globbed = read_catalog(f"{tmp_path}/live [[]2024]/[a].mp3")
     assert globbed["track_id"].to_pylist() == ["live [2024]/a.mp3"]  # ids are relative to the fixed part
+
+
+def test_a_repeated_header_column_is_one_clear_error(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("track_id,uri,uri\nt1,a.mp3,b.mp3\n")
+    with pytest.raises(ManifestError, match="uri appear more than once in the header"):
+        read_catalog(str(manifest))
