@@ -27,11 +27,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.embed import EmbedConfig, run_embed
+from pipelines.config import EmbedConfig
+from pipelines.embed import run_embed
 from pipelines.runners import EmbedJob, write_shard
 from schemas.manifest import WorkItem, fingerprints
 from schemas.store import TableStore
-from workers.audio import DecodeConfig, load_audio
+from workers.audio import load_audio
 from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 from workers.rows import RowContext
 from workers.shard import ShardOutput
@@ -103,7 +104,7 @@ def main() -> None:
     def write_all() -> None:
         out = tempfile.mkdtemp(dir=work)
         store = TableStore(out)
-        job = EmbedJob("bench", out, tuple(items), encoder_config, DecodeConfig(), ctx)
+        job = EmbedJob("bench", EmbedConfig(catalog="", out=out, encoder=encoder_config), tuple(items), ctx)
         write_shard(job, store, ShardOutput.of("000000", embedded, [], ctx, with_windows=False))
 
     def naive() -> None:

@@ -229,7 +229,8 @@ def decode_section(args: argparse.Namespace, work: Path) -> tuple[dict, Path]:
 def end_to_end_section(args: argparse.Namespace, manifest: Path, work: Path, runner: str, compiled: bool,
                        batch: int, windows: int) -> dict:  # fmt: skip
     """One `run_embed` on `runner` into a fresh output root."""
-    from pipelines.embed import EmbedConfig, run_embed
+    from pipelines.config import EmbedConfig
+    from pipelines.embed import run_embed
     from pipelines.runners.options import RayOptions
     from workers.stages import EncoderConfig
 

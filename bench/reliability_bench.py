@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.embed import EmbedConfig, run_embed
+from pipelines.config import EmbedConfig
+from pipelines.embed import run_embed
 from pipelines.query import connect
 from pipelines.vacuum import vacuum
 from schemas.failpoints import ENV as FAILPOINTS

@@ -31,7 +31,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.embed import EmbedConfig, run_embed
+from pipelines.config import EmbedConfig
+from pipelines.embed import run_embed
 from pipelines.runners.options import RayOptions
 from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 

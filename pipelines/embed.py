@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 
@@ -21,137 +20,25 @@ import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipelines.config import EmbedConfig, add_run_arguments, config_from_args
 from pipelines.lease import RunLease, read_lease
 from pipelines.output import console as output_console
 from pipelines.output import print_json
 from pipelines.plan import Plan, Request, plan_run, read_state, run_limits
-from pipelines.runners import RUNNER_CLASSES, EmbedJob, RunStats, get_runner, write_shard
-from pipelines.storage import add_storage_option_argument, storage_options_from_args
-from pipelines.runners.options import BeamOptions, RayOptions, add_engine_arguments, engine_options_from_args
+from pipelines.runners import EmbedJob, RunStats, get_runner, write_shard
 from schemas.errors import ConfigError, RunAbortedError, RunLostError
-from schemas.manifest import UriPolicy, catalog_fingerprints, read_catalog
+from schemas.manifest import catalog_fingerprints, read_catalog
 from schemas.store import RUN_META, TableStore, run_id_problem
 from schemas.tables import EMBEDDINGS, RUNS
-from workers.audio import DecodeConfig
 from workers.encoders.base import Licence, resolve_device
 from workers.rows import RowContext
 from workers.shard import ShardOutput
-from workers.stages import EncoderConfig, TrackFailure
+from workers.stages import TrackFailure
 
 
 _KEYS = pa.schema([pa.field("model", pa.string()), pa.field("track_id", pa.string())])
-# Decode processes per core beyond which --workers is a typo, not a plan (each process holds a decoder and memory).
-_WORKERS_PER_CORE = 4
-# Parallelism hint of the distributed runners: far above any one job's useful fan-out.
-_MAX_ENGINE_WORKERS = 4096
 # A run launched on Dataflow keeps its lease this long after the launcher exits: its job commits it meanwhile.
 _LAUNCHED_LEASE_S = 48 * 3600.0
-
-
-@dataclass(frozen=True)
-class EmbedConfig:
-    """A whole embed run; saved as JSON with its `runs` row.
-
-    Attributes:
-        catalog: manifest file, directory or glob URI.
-        out: output root holding the tables.
-        runner: engine name (see `pipelines.runners.RUNNER_CLASSES`).
-        workers: decode worker processes (local runner) or parallelism hint (other runners).
-        shard_size: tracks per part file.
-        write_windows: also write the per-window timeline to the `windows` table.
-        decode_timeout_s: a track whose decode takes longer fails (the worker is replaced).
-        max_failure_ratio: abort the run when more than this fraction of tracks fail.
-        retry_failed: retry tracks that failed before even if their file is unchanged.
-        run_id: explicit run id (letters, digits, '.', '_', '-'); an id already committed is refused. When None, an
-            interrupted run (its process dead) that planned the same work is resumed, else a new id is made.
-        prune: delete the rows of tracks gone from the catalog instead of marking them `deleted`.
-        policy: which URIs the manifest may point at.
-        storage_options: deltalake storage options for --out (an S3 endpoint, locking); credentials come from
-            the environment's default chain, never from here.
-        beam: options of `--runner beam` and `--runner dataflow`.
-        ray: options of `--runner ray`.
-    """
-
-    catalog: str
-    out: str
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    runner: str = "local"
-    workers: int = 2
-    shard_size: int = 64
-    write_windows: bool = False
-    decode_timeout_s: float = 300.0
-    max_failure_ratio: float = 0.5
-    retry_failed: bool = False
-    run_id: str | None = None
-    prune: bool = False
-    policy: UriPolicy = field(default_factory=UriPolicy)
-    storage_options: dict[str, str] | None = None
-    beam: BeamOptions = field(default_factory=BeamOptions)
-    ray: RayOptions = field(default_factory=RayOptions)
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the option to change."""
-        max_workers = self.max_workers()
-        checks = [
-            (self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
-            (
-                self.workers <= max_workers,
-                f"--workers {self.workers} is more than {max_workers}"
-                + (
-                    f" ({_WORKERS_PER_CORE} decode processes per core of this machine): lower it"
-                    if self.runner == "local" else ": lower it"
-                ),
-            ),
-            (self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}"),
-            (
-                self.encoder.batch_windows is None or self.encoder.batch_windows >= 1,
-                f"--batch-windows must be at least 1, got {self.encoder.batch_windows}",
-            ),
-            (0.0 <= self.max_failure_ratio <= 1.0, f"--max-failure-ratio must be in [0, 1], got {self.max_failure_ratio}"),
-            (self.decode_timeout_s > 0, f"--decode-timeout must be positive, got {self.decode_timeout_s}"),
-            (self.decode.max_duration_s > 0, f"--max-duration must be positive, got {self.decode.max_duration_s}"),
-            (self.decode.min_duration_s >= 0, f"--min-duration must be >= 0, got {self.decode.min_duration_s}"),
-            (
-                self.decode.min_duration_s <= self.decode.max_duration_s,
-                f"--min-duration {self.decode.min_duration_s:g} is above --max-duration {self.decode.max_duration_s:g}: "
-                "every track would fail; lower --min-duration or raise --max-duration",
-            ),
-            (self.decode.max_file_mb > 0, f"--max-file-mb must be positive, got {self.decode.max_file_mb}"),
-            (
-                self.decode.max_memory_mb >= 64,
-                f"--decode-memory-mb must be at least 64 (decoding needs working memory), got {self.decode.max_memory_mb}",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
-        problem = self.run_id is not None and run_id_problem(self.run_id)
-        if problem:
-            raise ConfigError(f"--run-id: {problem}")
-        if self.runner not in RUNNER_CLASSES:
-            msg = f"--runner {self.runner!r} is unknown; choose one of: {', '.join(RUNNER_CLASSES)}"
-            raise ConfigError(msg)
-        self.beam.validate(self.runner, self.out, self.catalog, self.encoder.device)
-        self.ray.validate(self.runner)
-
-    def max_workers(self) -> int:
-        """The largest --workers accepted: decode processes are local to this machine on the local runner."""
-        if self.runner == "local":
-            return _WORKERS_PER_CORE * len(os.sched_getaffinity(0))
-        return _MAX_ENGINE_WORKERS
-
-    def runner_options(self) -> dict[str, object]:
-        """Keyword arguments of the selected runner's constructor: its engine options."""
-        engine = {"beam": self.beam, "dataflow": self.beam, "ray": self.ray}
-        return {"options": engine[self.runner]} if self.runner in engine else {}
-
-    def encoder_runs_here(self) -> bool:
-        """Whether the encoder runs on this machine, so that its device can be checked before any work.
-
-        On Dataflow and on a Ray cluster the device is the workers' (the Ray runner checks the cluster's GPUs).
-        """
-        return self.runner != "dataflow" and not (self.runner == "ray" and self.ray.uses_cluster())
 
 
 @dataclass(frozen=True)
@@ -330,17 +217,9 @@ def _run_claimed(
     )
     job = EmbedJob(
         run_id=run_id,
-        out=config.out,
+        config=config,
         items=items,
-        encoder=config.encoder,
-        decode=config.decode,
         rows=RowContext(run_id, prepared.model, prepared.layers, prepared.model_version, prepared.feature_hash),
-        workers=config.workers,
-        shard_size=config.shard_size,
-        write_windows=config.write_windows,
-        decode_timeout_s=config.decode_timeout_s,
-        max_failure_ratio=config.max_failure_ratio,
-        storage_options=config.storage_options,
         commit=commit.finish,
         attempt=attempt,
     )
@@ -508,108 +387,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="embed a catalog into Delta tables",
         description="Embed every new or changed track of a catalog and commit the rows to Delta tables under --out.",
     )
-    _add_run_arguments(embed)
+    add_run_arguments(embed)
     embed.set_defaults(handler=_handle)
     plan = subparsers.add_parser(
         "plan",
         help="print what `embed` would do, without doing it",
         description="Plan a run like `embed` (same options) and print it: nothing is embedded or committed.",
     )
-    _add_run_arguments(plan)
+    add_run_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print the whole plan (every track) as one JSON object")
     plan.set_defaults(handler=_handle_plan)
-
-
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--catalog", required=True, help="manifest (.csv/.parquet/.jsonl), directory or glob; any fsspec URI")
-    parser.add_argument("--out", required=True, help="output root for the tables (local path, s3://, gs://)")
-    parser.add_argument(
-        "--model",
-        default="musicnn-msd",
-        help="encoder name (see `catalog-embed models`), or a bring-your-own encoder's config: a path or URI *.json",
-    )
-    parser.add_argument("--layer", default="", help="layer(s) to write, comma-separated; default: the encoder's")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="network precision (fp16: GPU only)"
-    )
-    parser.add_argument(
-        "--front-end-on",
-        default="auto",
-        choices=("auto", "decoder", "encoder"),
-        help="where spectrograms are made: decode workers, the encoder's device, or auto (the GPU when there is one)",
-    )
-    parser.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, default=None,
-        help="torch.compile the network (musicnn, MULE) in fixed-shape batches, code cached (default: on a GPU)",
-    )
-    parser.add_argument("--weights", help="weights file or folder, for encoders that need them")
-    parser.add_argument("--weights-sha256", help="refuse weights whose sha256 differs")
-    parser.add_argument("--runner", default="local", help=f"engine: {', '.join(RUNNER_CLASSES)} (default: local)")
-    parser.add_argument("--workers", type=int, default=2, help="decode worker processes (Beam: SDK workers)")
-    parser.add_argument(
-        "--batch-windows", type=int, help="windows per encoder call (default: 64 on a CPU, sized to a GPU's memory)"
-    )
-    parser.add_argument("--shard-size", type=int, default=64, help="tracks per part file")
-    parser.add_argument("--windows", action="store_true", help="also write per-window embeddings (windows table)")
-    parser.add_argument("--max-duration", type=float, default=1800.0, help="seconds; longer tracks fail")
-    parser.add_argument("--min-duration", type=float, default=1.0, help="seconds; shorter tracks fail")
-    parser.add_argument("--max-file-mb", type=float, default=512.0, help="larger files fail without being read")
-    parser.add_argument("--decode-timeout", type=float, default=300.0, help="seconds per track before it fails")
-    parser.add_argument(
-        "--decode-memory-mb", type=float, default=DecodeConfig.max_memory_mb,
-        help="memory a decode process may add while decoding one track; beyond it that track fails",
-    )
-    parser.add_argument("--max-failure-ratio", type=float, default=0.5, help="abort when more tracks fail")
-    parser.add_argument("--retry-failed", action="store_true", help="retry tracks that failed before")
-    parser.add_argument("--run-id", help="explicit run id (default: resume an interrupted run, else a new id)")
-    parser.add_argument("--prune", action="store_true", help="delete rows of tracks gone from the catalog")
-    parser.add_argument(
-        "--allow-prefix", action="append", default=[], metavar="URI",
-        help="also allow manifest URIs under this prefix (default: only under the catalog's folder); repeatable",
-    )
-    parser.add_argument("--allow-http", action="store_true", help="allow http(s) URIs in the manifest")
-    add_storage_option_argument(parser)
-    add_engine_arguments(parser)
-
-
-def config_from_args(args: argparse.Namespace) -> EmbedConfig:
-    """Parse the namespace into the config dataclasses (no other logic)."""
-    beam, ray = engine_options_from_args(args)
-    return EmbedConfig(
-        catalog=args.catalog,
-        out=args.out,
-        encoder=EncoderConfig(
-            model=args.model,
-            layers=tuple(name.strip() for name in args.layer.split(",") if name.strip()),
-            device=args.device,
-            batch_windows=args.batch_windows,
-            weights=args.weights,
-            weights_sha256=args.weights_sha256,
-            precision=args.precision,
-            front_end_on=args.front_end_on,
-            compile=args.compile,
-        ),
-        decode=DecodeConfig(
-            max_file_mb=args.max_file_mb,
-            max_duration_s=args.max_duration,
-            min_duration_s=args.min_duration,
-            max_memory_mb=args.decode_memory_mb,
-        ),
-        runner=args.runner,
-        workers=args.workers,
-        shard_size=args.shard_size,
-        write_windows=args.windows,
-        decode_timeout_s=args.decode_timeout,
-        max_failure_ratio=args.max_failure_ratio,
-        retry_failed=args.retry_failed,
-        run_id=args.run_id,
-        prune=args.prune,
-        policy=UriPolicy(allow_prefixes=tuple(args.allow_prefix), allow_http=args.allow_http),
-        storage_options=storage_options_from_args(args),
-        beam=beam,
-        ray=ray,
-    )
 
 
 def _handle(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ A runner receives an `EmbedJob` (picklable: it travels to remote workers) and on
 shard's work items with `DecodeStage` in supervised processes, hands the decoded shard to the shard core
 (`workers.shard.ShardEmbedder`: batching, failure routing and counting live there), writes the core's rows with
 `write_shard` and merges the shards' stats. The job then commits once on the driver. A new engine is a module here
-with a class exposing `run(job, progress) -> RunStats`, plus a line in `RUNNER_CLASSES`; engine imports
+with a class exposing `run(job, progress) -> RunStats`, plus a line in `options.RUNNER_CLASSES`; engine imports
 (apache_beam, ray) stay in that module.
 
 A runner whose driver may exit before its job ends (Beam: a Dataflow Flex Template launcher only builds the
@@ -17,26 +17,22 @@ import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from pipelines.runners.options import RUNNER_CLASSES
 from schemas import failpoints
 from schemas.errors import ConfigError, RunAbortedError
 from schemas.manifest import WorkItem
 from schemas.store import TableStore
 from schemas.tables import EMBEDDINGS, FAILURES, WINDOWS
-from workers.audio import DecodeConfig
 from workers.rows import RowContext
 from workers.shard import ShardEmbedder, ShardOutput, ShardStats
-from workers.stages import DecodeStage, EncoderConfig
+from workers.stages import DecodeStage
 
-# Runner name -> "module:class" of its engine adapter, imported only when that runner is chosen.
-RUNNER_CLASSES: dict[str, str] = {
-    "local": "pipelines.runners.local:LocalRunner",
-    "beam": "pipelines.runners.beam:BeamRunner",
-    "dataflow": "pipelines.runners.beam:DataflowRunner",
-    "ray": "pipelines.runners.ray:RayRunner",
-}
+if TYPE_CHECKING:  # the config imports the engines' options from this package: no import at run time
+    from pipelines.config import EmbedConfig
 
 # Below this many finished tracks the failure ratio is too noisy to abort a run on.
 _MIN_TRACKS_FOR_ABORT = 20
@@ -46,22 +42,32 @@ Progress = Callable[[int, float], None]  # (tracks finished since last call, aud
 
 @dataclass(frozen=True)
 class EmbedJob:
-    """A planned run: what to embed, how, and where its parts go."""
+    """A planned run: its config, what to embed, and the identity its rows carry.
+
+    Attributes:
+        run_id: the run.
+        config: the run's configuration (a `pipelines.config.EmbedConfig`), as the user gave it, its batch sized.
+        items: the tracks to embed, in plan order.
+        rows: what every row of the run records (model, version, layers, feature hash).
+        commit: commits the run, for runners whose graph commits it (Beam).
+        attempt: how often the run was resumed; it leads the part names.
+    """
 
     run_id: str
-    out: str
+    config: EmbedConfig
     items: tuple[WorkItem, ...]
-    encoder: EncoderConfig
-    decode: DecodeConfig
     rows: RowContext
-    workers: int = 2
-    shard_size: int = 64
-    write_windows: bool = False
-    decode_timeout_s: float = 300.0
-    max_failure_ratio: float = 0.5
-    storage_options: dict[str, str] | None = None
     commit: Callable[[RunStats], str] | None = None
     attempt: int = 0
+
+    # What the runners read of the config, by the names they use.
+    encoder = property(lambda self: self.config.encoder)
+    decode = property(lambda self: self.config.decode)
+    workers = property(lambda self: self.config.workers)
+    shard_size = property(lambda self: self.config.shard_size)
+    write_windows = property(lambda self: self.config.write_windows)
+    decode_timeout_s = property(lambda self: self.config.decode_timeout_s)
+    max_failure_ratio = property(lambda self: self.config.max_failure_ratio)
 
     def shards(self) -> list[tuple[str, tuple[WorkItem, ...]]]:
         """Deterministic shards: the same plan and attempt always yield the same part names.
@@ -93,7 +99,7 @@ class EmbedJob:
 
     def store(self) -> TableStore:
         """The output store (cheap; build one per worker)."""
-        return TableStore(self.out, self.storage_options)
+        return TableStore(self.config.out, self.config.storage_options)
 
     def decode_stage(self) -> DecodeStage:
         """The decode stage every runner runs in its supervised decode processes."""

@@ -13,7 +13,8 @@ import argparse
 import sys
 from dataclasses import replace
 
-from pipelines.embed import config_from_args, register, run_embed
+from pipelines.config import config_from_args
+from pipelines.embed import register, run_embed
 
 
 def parse_launcher_args(argv: list[str]) -> argparse.Namespace:

@@ -1,19 +1,25 @@
-"""Engine options of the distributed runners: what the CLI parses for `--runner beam|dataflow|ray`.
+"""The engines (`RUNNER_CLASSES`) and the options of the distributed ones (`--runner beam|dataflow|ray`).
 
-The options are frozen dataclasses held by `EmbedConfig`, so they are validated with the rest of the config before
-any work and saved with the run. This module imports neither Beam nor Ray: checks that need the engine (is the
+The options are frozen dataclasses held by `EmbedConfig` (their flags are declared in `pipelines.config.OPTIONS`),
+so they are validated with the rest of the config before any work and saved with the run. This module imports neither Beam nor Ray: checks that need the engine (is the
 Prism binary there, does a Ray cluster answer at `--address`) run when the runner is constructed, which
 `run_embed` does before it reads the catalog.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from schemas.errors import ConfigError
 
+# Runner name -> "module:class" of its engine adapter, imported only when that runner is chosen.
+RUNNER_CLASSES: dict[str, str] = {
+    "local": "pipelines.runners.local:LocalRunner",
+    "beam": "pipelines.runners.beam:BeamRunner",
+    "dataflow": "pipelines.runners.beam:DataflowRunner",
+    "ray": "pipelines.runners.ray:RayRunner",
+}
 BEAM_RUNNERS = ("direct", "prism")
 # A Dataflow worker accelerator as Dataflow spells it, e.g. "type:nvidia-l4;count:1;install-nvidia-driver".
 _ACCELERATOR_EXAMPLE = "type:nvidia-l4;count:1;install-nvidia-driver"
@@ -165,36 +171,3 @@ class RayOptions:
         if self.address is not None and not self.address.strip():
             msg = "--address is empty: pass 'auto', the head's host:port, or ray://host:10001"
             raise ConfigError(msg)
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the Beam, Dataflow and Ray options to the `embed` parser."""
-    beam = parser.add_argument_group("Beam and Dataflow (--runner beam, --runner dataflow)")
-    beam.add_argument("--beam-runner", choices=BEAM_RUNNERS, default="direct",
-                      help="local Beam runner of --runner beam: direct (default) or prism")
-    beam.add_argument("--project", help="Dataflow: Google Cloud project")
-    beam.add_argument("--region", help="Dataflow: region, e.g. us-central1")
-    beam.add_argument("--temp-location", help="Dataflow: gs:// folder for temporary files")
-    beam.add_argument("--staging-location", help="Dataflow: gs:// folder for staged files (default: temp location)")
-    beam.add_argument("--sdk-container-image", help="Dataflow: worker image built from infra/Dockerfile")
-    beam.add_argument("--worker-accelerator", help=f"Dataflow: GPUs per worker, e.g. '{_ACCELERATOR_EXAMPLE}'")
-    beam.add_argument("--machine-type", help="Dataflow: worker machine type, e.g. g2-standard-8")
-    beam.add_argument("--max-num-workers", type=int, help="Dataflow: autoscaling limit")
-    beam.add_argument("--job-name", help="Dataflow: job name (default: derived from the run id)")
-    beam.add_argument("--detach", action="store_true",
-                      help="Dataflow: return once the job is submitted (it commits the run when it finishes)")
-    beam.add_argument("--beam-option", action="append", default=[], metavar="KEY=VALUE",
-                      help="any other Beam pipeline option, e.g. network=default (repeatable)")
-    ray = parser.add_argument_group("Ray (--runner ray)")
-    ray.add_argument("--address", help="existing Ray cluster: auto, host:port or ray://host:10001 (default: local)")
-    ray.add_argument("--embed-actors", type=int, default=1, help="encoder actors (one GPU each with --device cuda)")
-
-
-def engine_options_from_args(args: argparse.Namespace) -> tuple[BeamOptions, RayOptions]:
-    """Parse the namespace into the engine option dataclasses (no other logic)."""
-    beam_fields = {f.name for f in fields(BeamOptions)} - {"pipeline_args"}
-    beam = BeamOptions(
-        **{name: getattr(args, name) for name in beam_fields},
-        pipeline_args=tuple(option if option.startswith("--") else f"--{option}" for option in args.beam_option),
-    )
-    return beam, RayOptions(address=args.address, embed_actors=args.embed_actors)

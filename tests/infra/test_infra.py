@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipelines.cli import build_parser
-from pipelines.embed import EmbedConfig, config_from_args
+from pipelines.config import EmbedConfig, config_from_args
 from pipelines.runners.flex_template import parse_launcher_args
 
 ROOT = Path(__file__).resolve().parents[2]

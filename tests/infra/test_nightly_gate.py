@@ -11,7 +11,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipelines.embed import EmbedConfig, run_embed
+from pipelines.config import EmbedConfig
+from pipelines.embed import run_embed
 from schemas.store import TableStore
 from schemas.tables import RUNS
 from workers.stages import EncoderConfig

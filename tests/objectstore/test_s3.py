@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import s3fs
 from rich.console import Console
 
-from pipelines.embed import EmbedConfig, run_embed
+from pipelines.config import EmbedConfig
+from pipelines.embed import run_embed
 from pipelines.query import connect
 from schemas.manifest import UriPolicy, WorkItem, catalog_fingerprints, read_catalog
 from schemas.store import TableStore

@@ -12,7 +12,8 @@ import pytest
 from rich.console import Console
 
 from pipelines.cli import main
-from pipelines.embed import EmbedConfig, run_embed
+from pipelines.config import EmbedConfig
+from pipelines.embed import run_embed
 from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 from workers.stages import EncoderConfig
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from pipelines.embed import EmbedConfig, run_embed
+from pipelines.config import EmbedConfig
+from pipelines.embed import run_embed
 from schemas import failpoints
 from schemas.store import TableStore
 from schemas.tables import EMBEDDINGS, FAILURES

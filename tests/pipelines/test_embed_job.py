@@ -13,7 +13,8 @@ import torch
 from rich.console import Console
 
 from pipelines.cli import main
-from pipelines.embed import EmbedConfig, run_embed
+from pipelines.config import EmbedConfig
+from pipelines.embed import run_embed
 from pipelines.query import connect
 from schemas.errors import ConfigError, EncoderError, RunAbortedError
 from schemas.store import TableStore
@@ -143,7 +144,7 @@ def test_a_run_broken_as_a_whole_aborts_and_commits_no_rows(tmp_path):
         ({"workers": 0}, ConfigError, "--workers"),
         ({"max_failure_ratio": 2.0}, ConfigError, "--max-failure-ratio"),
         ({"decode": DecodeConfig(max_memory_mb=16)}, ConfigError, "--decode-memory-mb"),
-        ({"runner": "spark"}, ConfigError, "'spark' is unknown"),
+        ({"runner": "spark"}, ConfigError, "--runner must be one of local, beam, dataflow, ray, got 'spark'"),
     ],
 )
 def test_bad_configuration_fails_before_any_work(small_catalog, tmp_path, changes, error, needle):

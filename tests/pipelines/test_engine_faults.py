@@ -18,7 +18,8 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from rich.console import Console
 
-from pipelines.embed import EmbedConfig, run_embed
+from pipelines.config import EmbedConfig
+from pipelines.embed import run_embed
 from pipelines.query import connect
 from pipelines.runners.beam import BeamRunner
 from schemas.failpoints import ENV as FAILPOINTS

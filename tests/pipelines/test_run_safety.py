@@ -18,7 +18,8 @@ import pytest
 from rich.console import Console
 
 from pipelines.cli import main
-from pipelines.embed import EmbedConfig, run_embed
+from pipelines.config import EmbedConfig
+from pipelines.embed import run_embed
 from pipelines.lease import LEASE_FILE, read_lease
 from pipelines.query import connect
 from pipelines.vacuum import vacuum

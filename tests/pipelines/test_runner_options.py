@@ -14,13 +14,13 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOpt
 from rich.console import Console
 
 from pipelines.cli import main
-from pipelines.embed import EmbedConfig, config_from_args, run_embed
+from pipelines.config import EmbedConfig, config_from_args
+from pipelines.embed import run_embed
 from pipelines.runners import EmbedJob
 from pipelines.runners.beam import DataflowRunner
 from pipelines.runners.flex_template import parse_launcher_args
 from pipelines.runners.options import BeamOptions, RayOptions
 from schemas.errors import ConfigError
-from workers.audio import DecodeConfig
 from workers.rows import RowContext
 from workers.stages import EncoderConfig
 
@@ -44,7 +44,7 @@ def _dataflow_config(**changes) -> EmbedConfig:
 def test_an_unknown_runner_is_refused_with_the_valid_ones(capsys, tmp_path):
     assert main(["embed", "--catalog", str(tmp_path), "--out", str(tmp_path / "out"), "--runner", "spark"]) == 2
     err = capsys.readouterr().err
-    assert "--runner 'spark' is unknown" in err and "local, beam, dataflow, ray" in err
+    assert "--runner must be one of local, beam, dataflow, ray, got 'spark'" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -120,10 +120,8 @@ def test_prism_without_its_binary_says_where_to_get_it(tmp_path):
 def _job(**changes) -> EmbedJob:
     return EmbedJob(
         run_id="20261123T101500Z-0a1b2c3d",
-        out="gs://my-bucket/tables",
+        config=EmbedConfig(catalog="gs://my-bucket/c", out="gs://my-bucket/tables", encoder=EncoderConfig(device="cuda")),
         items=(),
-        encoder=EncoderConfig(device="cuda"),
-        decode=DecodeConfig(),
         rows=RowContext("r", "musicnn-msd", ("penultimate",), "v", "h"),
         **changes,
     )

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pytest
 from rich.console import Console
 
-from pipelines.embed import EmbedConfig, RunSummary, run_embed
+from pipelines.config import EmbedConfig
+from pipelines.embed import RunSummary, run_embed
 from schemas import failpoints
 from schemas.store import STAGING, TableStore
 from schemas.tables import EMBEDDINGS, FAILURES, RUNS, WINDOWS

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipelines.cli import build_parser
-from pipelines.embed import config_from_args
+from pipelines.config import config_from_args
 from schemas.errors import EncoderError
 from tests.reference import MUSICNN_REFERENCE
 from workers.encoders import get_encoder

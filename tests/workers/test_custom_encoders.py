@@ -20,7 +20,8 @@ import torch
 from rich.console import Console
 
 from pipelines.cli import main
-from pipelines.embed import EmbedConfig, run_embed
+from pipelines.config import EmbedConfig
+from pipelines.embed import run_embed
 from schemas.errors import EncoderError, WeightsError
 from schemas.manifest import WorkItem
 from schemas.store import TableStore
