@@ -189,18 +189,17 @@ class ShardEmbedder:
     def _embed(self, tracks: list[TrackFeatures]) -> list[TrackEmbedding | TrackFailure]:
         """Embed `tracks`; when the encoder raises, retry smaller (out of memory) or split to find the culprits."""
         stage = self._stage
-        shrink = False
+        shrunk = False
         # The tracebacks go: they hold the failed call's frames, and with them its tensors (on a GPU, the memory
         # the retry needs).
         try:
             return stage.process(tracks)
         except torch.OutOfMemoryError as exc:
-            shrink = stage.batch_windows > 1
             error: Exception = exc.with_traceback(None)
+            shrunk = stage.shrink_batch()
         except Exception as exc:  # noqa: BLE001 (any error of the encoder is a dead letter, not a dead run)
             error = exc.with_traceback(None)
-        if shrink:
-            stage.batch_windows //= 2
+        if shrunk:
             _LOG.warning("the encoder ran out of memory: %d windows per call from now on", stage.batch_windows)
             return self._embed(tracks)
         if len(tracks) == 1:

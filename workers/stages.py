@@ -331,6 +331,20 @@ class EmbedStage:
                 model.compile(self.batch_windows)
             self._model = model
 
+    def shrink_batch(self) -> bool:
+        """Halve the windows per encoder call after the device ran out of memory; False when already at one.
+
+        A compiled network pads every call to the size it was compiled for, so it is compiled again for the
+        smaller size: otherwise the smaller batches would take as much memory as before.
+        """
+        if self.batch_windows <= 1:
+            return False
+        self.batch_windows //= 2
+        model = self._model
+        if model is not None and model.compiled_batch is not None and self.batch_windows < model.compiled_batch:
+            model.compile(self.batch_windows)
+        return True
+
     def teardown(self) -> None:
         """Drop the encoder (and the device memory it holds)."""
         self._model = self._front_end = None

@@ -15,8 +15,9 @@ from schemas import failpoints
 from schemas.manifest import WorkItem
 from tests.byo_encoders import loud_half, loud_nan_encoder, small_memory_encoder
 from workers.rows import RowContext
+from workers.encoders.sfnfnet import write_standin_weights
 from workers.shard import Decoded, ShardEmbedder, ShardOutput
-from workers.stages import DecodeStage, EncoderConfig, TrackFeatures
+from workers.stages import DecodeStage, EmbedStage, EncoderConfig, TrackFeatures
 
 ROWS = RowContext("run", "model", ("embedding",), "v1", "features")
 LOGMEL = {
@@ -139,3 +140,15 @@ def test_a_shard_reports_its_counts_and_stage_times(small_catalog, tmp_path):
     assert {"load_model", "decode", "encode"} <= set(output.stats.stage_seconds)
     again = embedder.process(("000-000001", decoded))
     assert "load_model" not in again.stats.stage_seconds  # loaded once, reported once
+
+
+def test_out_of_memory_recompiles_a_compiled_network_for_the_smaller_batch(tmp_path):
+    """A compiled network pads each call to its compiled size: shrinking only the batch would save no memory."""
+    weights = write_standin_weights(tmp_path)
+    stage = EmbedStage(EncoderConfig(model="mule-sfnfnet-f0", weights=weights, batch_windows=8, compile=True))
+    stage.setup()
+    assert stage.model.compiled_batch == 8  # compiling is lazy: nothing is compiled before the first call
+    assert stage.shrink_batch() and stage.batch_windows == 4 and stage.model.compiled_batch == 4
+    for _ in range(2):
+        stage.shrink_batch()
+    assert stage.batch_windows == 1 and stage.model.compiled_batch == 1 and stage.shrink_batch() is False

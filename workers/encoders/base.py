@@ -240,7 +240,9 @@ class Encoder(ABC):
             msg = f"compile needs a batch of at least 1 window, got {batch_windows}"
             raise EncoderError(msg)
         os.environ.setdefault(INDUCTOR_CACHE_ENV, str(inductor_cache_dir()))
-        self._compile_network()
+        if self.compiled_batch is None:
+            self._compile_network()
+        # Compiled again for a new size (an out-of-memory retry): the compiled network recompiles on the new shape.
         self.compiled_batch = batch_windows
 
     def measure_memory(self, probe_windows: tuple[int, int] = PROBE_WINDOWS) -> MemoryFootprint:
