@@ -123,8 +123,7 @@ class RunLease:
         if self._lost is not None:
             raise RunLostError(self._lost)
 
-    def _why_lost(self) -> str | None:
-        record = read_lease(self.store, self.run_id)
+    def _why_lost(self, record: LeaseRecord | None) -> str | None:
         if record is None:
             return (
                 f"run {self.run_id} lost its staging folder {self.store.staging_dir(self.run_id)} while running "
@@ -139,10 +138,17 @@ class RunLease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
-            self._lost = self._why_lost()
+            record = read_lease(self.store, self.run_id)
+            if record is None and self.store.is_committed(self.run_id):
+                return  # committed from the engine's graph (Beam), whose commit removed the staging
+            self._lost = self._why_lost(record)
             if self._lost is not None:
                 return
             self._write(self.ttl_s)
+            if self.store.is_committed(self.run_id):
+                # The commit removed the staging between the read and the write: remove what the write recreated.
+                self.store.drop_staging(self.run_id)
+                return
 
     def _write(self, ttl_s: float) -> None:
         now = time.time()
