@@ -28,9 +28,10 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines.embed import EmbedConfig, run_embed
+from pipelines.io.catalog import fingerprints
+from pipelines.io.store import TableStore
 from pipelines.runners import EmbedJob, write_shard
-from schemas.manifest import WorkItem, fingerprints
-from schemas.store import TableStore
+from schemas.records import WorkItem
 from workers.audio import DecodeConfig, load_audio
 from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 from workers.rows import RowContext

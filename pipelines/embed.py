@@ -21,22 +21,23 @@ import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipelines.lease import RunLease, read_lease
+from pipelines.io.catalog import UriPolicy, catalog_fingerprints, read_catalog
+from pipelines.io.lease import RunLease, read_lease
+from pipelines.io.storage import add_storage_option_argument, storage_options_from_args
+from pipelines.io.store import RUN_META, TableStore, run_id_problem
 from pipelines.output import console as output_console
 from pipelines.output import print_json
 from pipelines.plan import Plan, Request, plan_run, read_state, run_limits
 from pipelines.runners import RUNNER_CLASSES, EmbedJob, RunStats, get_runner, write_shard
-from pipelines.storage import add_storage_option_argument, storage_options_from_args
 from pipelines.runners.options import BeamOptions, RayOptions, add_engine_arguments, engine_options_from_args
 from schemas.errors import ConfigError, RunAbortedError, RunLostError
-from schemas.manifest import UriPolicy, catalog_fingerprints, read_catalog
-from schemas.store import RUN_META, TableStore, run_id_problem
+from schemas.records import TrackFailure
 from schemas.tables import EMBEDDINGS, RUNS
 from workers.audio import DecodeConfig
 from workers.encoders.base import Licence, resolve_device
 from workers.rows import RowContext
 from workers.shard import ShardOutput
-from workers.stages import EncoderConfig, TrackFailure
+from workers.stages import EncoderConfig
 
 
 _KEYS = pa.schema([pa.field("model", pa.string()), pa.field("track_id", pa.string())])
@@ -238,7 +239,7 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
 
     An interrupted run (its process dead: killed driver, lost machine, Ctrl-C) that planned the same work is
     resumed: the tracks it already staged are not embedded again, and its parts are committed with the new ones.
-    The run holds a lease on its staging while it runs (`pipelines.lease`), so no other run adopts or vacuums it.
+    The run holds a lease on its staging while it runs (`pipelines.io.lease`), so no other run adopts or vacuums it.
 
     Raises:
         ConfigError, EncoderError, ManifestError, TableError: before any work.

@@ -20,11 +20,11 @@ from dataclasses import dataclass, replace
 
 import pyarrow as pa
 
-from schemas import failpoints
+from pipelines.io.store import TableStore
 from schemas.errors import ConfigError, RunAbortedError
-from schemas.manifest import WorkItem
-from schemas.store import TableStore
+from schemas.records import WorkItem
 from schemas.tables import EMBEDDINGS, FAILURES, WINDOWS
+from workers import failpoints
 from workers.audio import DecodeConfig
 from workers.rows import RowContext
 from workers.shard import ShardEmbedder, ShardOutput, ShardStats

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from pipelines.embed import EmbedConfig, run_embed
-from schemas.store import TableStore
+from pipelines.io.store import TableStore
 from schemas.tables import RUNS
 from workers.stages import EncoderConfig
 

@@ -18,11 +18,11 @@ from rich.console import Console
 
 from pipelines.cli import main
 from pipelines.embed import EmbedConfig, run_embed
+from pipelines.io.catalog import UriPolicy
+from pipelines.io.store import RUN_META, TableStore
 from pipelines.query import connect
 from pipelines.vacuum import vacuum
-from schemas.failpoints import ENV as FAILPOINTS
-from schemas.manifest import UriPolicy
-from schemas.store import RUN_META, TableStore
+from workers.failpoints import ENV as FAILPOINTS
 from tests.faults import (
     embed_process,
     expected_tracks,

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from schemas import failpoints
-from schemas.manifest import WorkItem
+from schemas.records import WorkItem
 from tests.byo_encoders import loud_half, loud_nan_encoder, small_memory_encoder
+from workers import failpoints
 from workers.rows import RowContext
 from workers.shard import Decoded, ShardEmbedder, ShardOutput
 from workers.stages import DecodeStage, EncoderConfig, TrackFeatures

@@ -15,12 +15,11 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
+from pipelines.io.store import RUN_META, TableStore, app_id
 from schemas.errors import TableError
-from schemas.manifest import WorkItem
-from schemas.store import RUN_META, TableStore, app_id
+from schemas.records import TrackEmbedding, TrackFailure, WorkItem
 from schemas.tables import EMBEDDINGS, FAILURES, RUNS, WINDOWS
 from workers.rows import RowContext, embedding_rows, failure_rows, window_rows
-from workers.stages import TrackEmbedding, TrackFailure
 
 
 def _run_row(run_id: str) -> pa.Table:
@@ -139,12 +138,12 @@ def test_a_commit_killed_midway_finishes_on_retry_without_duplicates(store, tmp_
     _stage(store, "r1", [_embedded("t1", 1.0), _embedded("t2", 2.0)], [])
     script = (
         "import sys, pyarrow as pa; sys.path[:0] = sys.argv[1:3]\n"
-        "from tests.schemas.test_store import _run_row\n"
-        "from schemas.store import TableStore\n"
+        "from tests.pipelines.io.test_store import _run_row\n"
+        "from pipelines.io.store import TableStore\n"
         f"TableStore({store.root!r}).commit('r1', _run_row('r1'))\n"
     )
     env = dict(os.environ, CATALOG_EMBED_FAILPOINTS="commit.embeddings=exit")
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[3])
     done = subprocess.run([sys.executable, "-c", script, root, root], env=env, check=False, timeout=120)
     assert done.returncode == 137  # died like kill -9 between the windows and embeddings commits
     assert store.read(WINDOWS).num_rows == 2 and store.read(EMBEDDINGS).num_rows == 0
