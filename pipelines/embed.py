@@ -305,7 +305,7 @@ def _run_claimed(
 ) -> RunSummary:
     """Run `run_id`, whose lease this process holds; see `run_embed`."""
     plan, store = prepared.plan, prepared.store
-    staged, attempt = store.staged_progress(run_id)
+    staged, attempt = store.prune_torn_shards(run_id)
     items = tuple(item for item in plan.items if item.track_id not in staged)
     if attempt:
         console.print(f"resuming run {run_id}: {len(plan.items) - len(items)} planned tracks are already staged")

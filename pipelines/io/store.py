@@ -279,12 +279,12 @@ class TableStore:
         files = self.fs.find(self.staging_dir(run_id))
         return max((self.fs.modified(p).timestamp() for p in files), default=0.0)
 
-    def staged_progress(self, run_id: str) -> tuple[set[str], int]:
-        """Tracks a run has already staged and the next attempt number, for resuming it.
+    def prune_torn_shards(self, run_id: str) -> tuple[set[str], int]:
+        """Delete the staged parts of shards a worker killed mid-shard left incomplete, so that they are redone
+        whole; return the tracks the run has staged in complete shards and the next attempt number, for resuming it.
 
-        A shard is complete once its embeddings part exists (`write_shard` writes it last); parts of incomplete
-        shards, left by a worker killed mid-shard, are removed here so that they are redone whole: call this only
-        on a run whose lease this process holds.
+        A shard is complete once its embeddings part exists (`write_shard` writes it last). Call this only on a run
+        whose lease this process holds.
         """
         complete = {posixpath.basename(p) for p in self.staged_parts(run_id, EMBEDDINGS)}
         done: set[str] = set()

@@ -140,7 +140,7 @@ class RunStats(ShardStats):
 
 def write_shard(job: EmbedJob, store: TableStore, shard: ShardOutput) -> float:
     """Write one shard's part files, always all of them and the embeddings part last: its presence marks the
-    shard complete when a crashed run is resumed (see `TableStore.staged_progress`).
+    shard complete when a crashed run is resumed (see `TableStore.prune_torn_shards`).
 
     Returns:
         Seconds spent writing.

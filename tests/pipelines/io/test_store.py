@@ -173,13 +173,13 @@ def test_a_key_staged_twice_commits_once_with_its_last_row(store):
     assert rows == {"t1": 5.0, "t2": 2.0}
 
 
-def test_staged_progress_keeps_complete_shards_and_drops_torn_ones(store):
+def test_pruning_torn_shards_keeps_complete_shards_and_drops_torn_ones(store):
     ctx = RowContext("r1", "enc", ("penultimate",), "v1", "h1")
     bad = TrackFailure(WorkItem("t9", "/audio/t9.mp3", "size=0"), "decode", "AudioDecodeError", "empty")
     store.write_part("r1", FAILURES, "000-000000", failure_rows([bad], ctx))
     store.write_part("r1", EMBEDDINGS, "000-000000", embedding_rows([_embedded("t1", 1.0)], ctx))
     store.write_part("r1", FAILURES, "000-000001", failure_rows([], ctx))  # its embeddings part never came
-    done, attempt = store.staged_progress("r1")
+    done, attempt = store.prune_torn_shards("r1")
     assert done == {"t1", "t9"}
     assert attempt == 1
     assert [p.rsplit("/", 1)[1] for p in store.staged_parts("r1", FAILURES)] == ["part-000-000000.parquet"]
