@@ -29,9 +29,10 @@ from rich.table import Table
 
 from pipelines.config import EmbedConfig
 from pipelines.embed import run_embed
+from pipelines.io.catalog import fingerprints
+from pipelines.io.store import TableStore
 from pipelines.runners import EmbedJob, write_shard
-from schemas.manifest import WorkItem, fingerprints
-from schemas.store import TableStore
+from schemas.records import WorkItem
 from workers.audio import load_audio
 from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 from workers.rows import RowContext

@@ -187,7 +187,7 @@ def decode_section(args: argparse.Namespace, work: Path) -> tuple[dict, Path]:
     """Windows/s of decoding on one core and in the pool; also returns the catalog's manifest."""
     import pyarrow.parquet as pq
 
-    from schemas.manifest import WorkItem
+    from schemas.records import WorkItem
     from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
     from workers.isolation import IsolatedPool
     from workers.stages import DecodeStage, EncoderConfig, TrackFeatures

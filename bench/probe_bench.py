@@ -33,8 +33,9 @@ from deltalake import write_deltalake
 from rich.console import Console
 from rich.table import Table
 
+from pipelines.io.probe_tables import EmbeddingsSource
 from schemas.tables import EMBEDDINGS
-from workers.probes.data import EmbeddingsSource, LabelSpec, ProbeDataset, Split, build_dataset
+from workers.probes.data import LabelSpec, ProbeDataset, Split, build_dataset
 from workers.probes.metrics import evaluate
 from workers.probes.models import predict_scores
 from workers.probes.search import PRESETS, grid_configs, run_trial, search

@@ -2,7 +2,7 @@
 
 1. Renders a demo catalog (default 1,000 tracks) whose broken rows cover every broken kind (truncated, empty, not
    audio, corrupt header, missing), and marks further good tracks whose decoder will segfault or hang (injected at
-   the decoder, as `schemas.failpoints` documents): 50 hostile rows by default. Three hostile media files join them:
+   the decoder, as `workers.failpoints` documents): 50 hostile rows by default. Three hostile media files join them:
    an HLS playlist pointing at a file outside the catalog, an ffconcat list and an SDP session description (a
    decoder that followed them would embed the outside file or block on a socket).
 2. Starts `catalog-embed embed` in a process of its own; once a third of the shards are staged it runs
@@ -37,13 +37,13 @@ from rich.table import Table
 
 from pipelines.config import EmbedConfig
 from pipelines.embed import run_embed
+from pipelines.io.store import TableStore
 from pipelines.query import connect
 from pipelines.vacuum import vacuum
-from schemas.failpoints import ENV as FAILPOINTS
-from schemas.store import TableStore
+from schemas.records import WorkItem
 from schemas.tables import EMBEDDINGS
-from schemas.manifest import WorkItem
 from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
+from workers.failpoints import ENV as FAILPOINTS
 from workers.isolation import IsolatedPool
 from workers.stages import DecodeStage, EncoderConfig
 

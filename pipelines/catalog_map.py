@@ -59,7 +59,7 @@ def label_column(labels_path: str, column: str, track_ids: pa.Array) -> tuple[np
     Raises:
         LabelsError: the column is missing, or no labelled track is among the mapped ones.
     """
-    from workers.probes.data import read_labels  # pulls scikit-learn and mir_eval: only when labels are asked for
+    from pipelines.io.probe_tables import read_labels  # pulls scikit-learn and mir_eval: only when labels are asked for
 
     labels = read_labels(labels_path)
     if column not in labels.column_names:

@@ -27,7 +27,7 @@ _COMMAND_MODULES = (
     "pipelines.vacuum",
     "pipelines.models",
     "pipelines.demo",
-    "pipelines.probe",
+    "pipelines.probe_cli",
     "pipelines.similar",
     "pipelines.index",
     "pipelines.catalog_map",

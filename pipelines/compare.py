@@ -138,7 +138,7 @@ def _labels(config: CompareConfig, shared: pa.Array) -> pa.Table | None:
     """The labels table, checked to have the task columns and to join the shared tracks."""
     if config.labels is None:
         return None
-    from workers.probes.data import read_labels  # scikit-learn and torch load only when probes are asked for
+    from pipelines.io.probe_tables import read_labels  # scikit-learn and torch load only when probes are asked for
 
     labels = read_labels(config.labels)
     missing = [task for task, _ in config.tasks if task not in labels.column_names]

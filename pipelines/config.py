@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines import storage
+from pipelines.io import storage
+from pipelines.io.catalog import UriPolicy
+from pipelines.io.store import run_id_problem
 from pipelines.runners.options import BEAM_RUNNERS, RUNNER_CLASSES, BeamOptions, RayOptions
 from schemas.errors import ConfigError
-from schemas.manifest import UriPolicy
-from schemas.store import run_id_problem
 from workers.audio import DecodeConfig
 from workers.stages import FRONT_END_PLACEMENTS, EncoderConfig
 

@@ -21,20 +21,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipelines.config import EmbedConfig, add_run_arguments, config_from_args
-from pipelines.lease import RunLease, read_lease
+from pipelines.io.catalog import catalog_fingerprints, read_catalog
+from pipelines.io.lease import RunLease, read_lease
+from pipelines.io.store import RUN_META, TableStore, run_id_problem
 from pipelines.output import console as output_console
 from pipelines.output import print_json
 from pipelines.plan import Plan, Request, plan_run, read_state, run_limits
 from pipelines.runners import EmbedJob, RunStats, get_runner, write_shard
 from schemas.errors import ConfigError, RunAbortedError, RunLostError
-from schemas.manifest import catalog_fingerprints, read_catalog
-from schemas.store import RUN_META, TableStore, run_id_problem
+from schemas.records import TrackFailure
 from schemas.tables import EMBEDDINGS, RUNS
 from workers.encoders.base import Licence, resolve_device
 from workers.rows import RowContext
 from workers.shard import ShardOutput
-from workers.stages import TrackFailure
-
 
 _KEYS = pa.schema([pa.field("model", pa.string()), pa.field("track_id", pa.string())])
 # A run launched on Dataflow keeps its lease this long after the launcher exits: its job commits it meanwhile.
@@ -125,7 +124,7 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
 
     An interrupted run (its process dead: killed driver, lost machine, Ctrl-C) that planned the same work is
     resumed: the tracks it already staged are not embedded again, and its parts are committed with the new ones.
-    The run holds a lease on its staging while it runs (`pipelines.lease`), so no other run adopts or vacuums it.
+    The run holds a lease on its staging while it runs (`pipelines.io.lease`), so no other run adopts or vacuums it.
 
     Raises:
         ConfigError, EncoderError, ManifestError, TableError: before any work.
@@ -138,7 +137,7 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
     config.validate()
     runner = get_runner(config.runner, **config.runner_options())
     prepared = prepare_run(config)
-    config, plan, store = prepared.config, prepared.plan, prepared.store
+    config, store = prepared.config, prepared.store
     run_id = _claimable_run(store, config.run_id, prepared.meta()) or f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
     lease = RunLease(store, run_id).acquire()
     try:
@@ -191,7 +190,7 @@ def _run_claimed(
 ) -> RunSummary:
     """Run `run_id`, whose lease this process holds; see `run_embed`."""
     plan, store = prepared.plan, prepared.store
-    staged, attempt = store.staged_progress(run_id)
+    staged, attempt = store.prune_torn_shards(run_id)
     items = tuple(item for item in plan.items if item.track_id not in staged)
     if attempt:
         console.print(f"resuming run {run_id}: {len(plan.items) - len(items)} planned tracks are already staged")

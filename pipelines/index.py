@@ -32,9 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
+from pipelines.io.store import TableStore
 from pipelines.vectors import ModelLayer, Vectors, add_table_arguments, store_from_args
 from schemas.errors import ConfigError, TableError
-from schemas.store import TableStore
 from workers.analysis import exact_neighbours, recall_at_k
 
 if TYPE_CHECKING:

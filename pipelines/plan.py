@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.manifest import MISSING_FINGERPRINT, REFUSED_FINGERPRINT, WorkItem
-from schemas.store import TableStore
+from pipelines.io.store import TableStore
+from schemas.records import MISSING_FINGERPRINT, REFUSED_FINGERPRINT, WorkItem
 from schemas.tables import EMBEDDINGS, FAILURES, RUNS, WINDOWS
 
 # Failures at these stages are properties of the file itself: retrying an unchanged file would fail the same way.

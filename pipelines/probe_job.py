@@ -1,4 +1,5 @@
-"""The probe jobs behind `catalog-embed probe`, `tag` and `probe-report` (see `pipelines.probe` for the CLI).
+"""The probe jobs behind `catalog-embed probe`, `tag` and `probe-report` (`pipelines.probe_cli` declares the
+subcommands).
 
 `probe` joins an embeddings table (one model, one layer) with a labels table, trains a preset or searches the
 grid (trials in local processes or Ray tasks), evaluates the chosen probe on the test split and writes into --out:
@@ -18,11 +19,21 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pipelines.io.probe_tables import (
+    EmbeddingsSource,
+    delete_predictions,
+    predictions_table,
+    read_labels,
+    tagged,
+)
+from pipelines.io.storage import storage_options_from_args
 from schemas.errors import ConfigError
-from workers.probes.data import Embeddings, EmbeddingsSource, LabelSpec, ProbeDataset, build_dataset, read_labels
+from workers.probes.data import Embeddings, LabelSpec, ProbeDataset, build_dataset
 from workers.probes.metrics import PRIMARY_METRIC, evaluate
 from workers.probes.models import Probe, ProbeSpec
-from workers.probes.predictions import prediction_table, tag, write_predictions
+from workers.probes.predictions import prediction_table
 from workers.probes.report import REPORT_FILE, results_table, write_report
 from workers.probes.search import GRID, grid_configs, local_trials, preset, run_trial, search
 from workers.probes.tasks import TaskKind
@@ -48,6 +59,7 @@ class ProbeJobConfig:
         threads: torch threads per trial.
         runner: "local" (processes) or "ray" (Ray tasks).
         top_k: labels kept in the predictions' top_labels.
+        storage_options: deltalake storage options for the embeddings and labels tables (`--storage-option`).
     """
 
     embeddings: str
@@ -64,6 +76,7 @@ class ProbeJobConfig:
     threads: int = 1
     runner: str = "local"
     top_k: int = 3
+    storage_options: dict[str, str] | None = None
 
 
 def ray_trials(
@@ -91,8 +104,8 @@ def ray_trials(
 def run_probe_job(job: ProbeJobConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, select, evaluate, save and report one probe; returns the report written to report.json."""
     started = time.perf_counter()
-    source = EmbeddingsSource(job.embeddings, job.model, job.layer)
-    labels = read_labels(job.labels)
+    source = EmbeddingsSource(job.embeddings, job.model, job.layer, storage_options=job.storage_options)
+    labels = read_labels(job.labels, job.storage_options)
     embeddings = source.read()
     dataset = build_dataset(embeddings, labels, job.label_spec, source.model, source.layer)
     loaded = time.perf_counter()
@@ -142,10 +155,8 @@ def run_probe_job(job: ProbeJobConfig, log: Callable[[str], None] = print) -> di
     position = {track_id: row for row, track_id in enumerate(embeddings.track_ids)}
     rows = [position[t] for t in test.track_ids]
     test_embeddings = Embeddings(test.track_ids, test.x, embeddings.embedded_at[rows])
-    write_predictions(
-        str(job.out / "predictions"),
-        prediction_table(probe, test_embeddings, test_scores, split="test", top_k=job.top_k),
-    )
+    store, spec = predictions_table(str(job.out / "predictions"))
+    store.overwrite(spec, prediction_table(probe, test_embeddings, test_scores, split="test", top_k=job.top_k))
 
     search_desc = (
         f"grid search, {len(configs)} trials, {job.parallel} in parallel ({job.runner}, {job.threads} thread(s) each)"
@@ -191,11 +202,69 @@ def run_probe_job(job: ProbeJobConfig, log: Callable[[str], None] = print) -> di
     return report
 
 
+@dataclass(frozen=True)
+class TagSummary:
+    """What a `tag` run did."""
+
+    probe_id: str
+    embedded: int
+    already_tagged: int
+    tagged: int
+    removed: int
+    commits: int
+    seconds: float
+
+
+def tag(
+    probe: Probe,
+    source: EmbeddingsSource,
+    out_uri: str,
+    batch_rows: int = 65536,
+    top_k: int = 3,
+    storage_options: dict[str, str] | None = None,
+) -> TagSummary:
+    """Score every live embedding of `source` with `probe` and upsert the rows into the predictions table.
+
+    Tagging is incremental: tracks whose current embedding the same probe already scored are skipped, every batch
+    is upserted by (probe_id, model, track_id) in its own commit, so an interrupted run resumes where it stopped
+    and a re-embedded track (newer `embedded_at`) is scored again. The probe's rows for tracks no longer live in
+    the embeddings table (deleted since) are removed at the end.
+
+    Raises:
+        TableError: `out_uri` holds a table that is not a predictions table.
+    """
+    started = time.perf_counter()
+    store, spec = predictions_table(out_uri, storage_options)
+    done = tagged(store, spec, probe.probe_id, probe.spec.model)
+    embedded = already = scored = commits = 0
+    live: set[str] = set()
+    for batch in source.batches(batch_rows):
+        embedded += len(batch.track_ids)
+        live.update(batch.track_ids)
+        previous = np.array([done.get(t, np.datetime64("NaT")) for t in batch.track_ids], dtype="datetime64[us]")
+        todo = ~(previous == batch.embedded_at)
+        already += int((~todo).sum())
+        if not todo.any():
+            continue
+        batch = Embeddings(batch.track_ids[todo], batch.vectors[todo], batch.embedded_at[todo])
+        rows = prediction_table(probe, batch, probe.scores(batch.vectors), top_k=top_k)
+        store.upsert(spec, rows)
+        scored += rows.num_rows
+        commits += 1
+    gone = sorted(set(done) - live)
+    if gone:
+        delete_predictions(store, spec, probe.probe_id, probe.spec.model, gone)
+        commits += 1
+    return TagSummary(probe.probe_id, embedded, already, scored, len(gone), commits, time.perf_counter() - started)
+
+
 def _job_dict(job: ProbeJobConfig) -> dict[str, Any]:
     data = asdict(job)
     data["out"] = str(job.out)
     data["label_spec"]["kind"] = str(job.label_spec.kind)
     data["base"] = job.base.to_dict()
+    # How the tables were reached is not what the probe is, and a storage option may carry a token.
+    del data["storage_options"]
     return data
 
 
@@ -256,6 +325,7 @@ def probe_job_config(args: argparse.Namespace) -> ProbeJobConfig:
         threads=args.threads,
         runner=args.runner,
         top_k=args.top_k,
+        storage_options=storage_options_from_args(args),
     )
 
 
@@ -276,8 +346,11 @@ def tag_command(args: argparse.Namespace) -> int:
             msg = f"{flag} must be at least 1, got {value}"
             raise ConfigError(msg)
     probe = Probe.load(args.probe)
-    source = EmbeddingsSource(args.embeddings, probe.spec.model, probe.spec.layer, probe=probe.probe_id)
-    summary = tag(probe, source, args.out, batch_rows=args.batch_rows, top_k=args.top_k)
+    options = storage_options_from_args(args)
+    source = EmbeddingsSource(
+        args.embeddings, probe.spec.model, probe.spec.layer, probe=probe.probe_id, storage_options=options
+    )
+    summary = tag(probe, source, args.out, batch_rows=args.batch_rows, top_k=args.top_k, storage_options=options)
     _log(
         f"tag {summary.probe_id}: {summary.embedded} embedded tracks, {summary.already_tagged} already tagged, "
         f"{summary.tagged} tagged, {summary.removed} removed (deleted tracks) in {summary.commits} commit(s), "

@@ -18,9 +18,10 @@ from typing import Any
 import duckdb
 from rich.table import Table
 
+from pipelines.io.storage import add_storage_option_argument, storage_options_from_args
+from pipelines.io.store import TableStore
 from pipelines.output import console, print_json
 from schemas.errors import QueryError
-from schemas.store import TableStore
 from schemas.tables import TABLES
 
 # Settings applied after the views are registered; the last one locks them all for the statement's lifetime.
@@ -102,6 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="let the SQL read and write local files (e.g. join 'labels.parquet'); only for SQL you trust",
     )
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON array of objects")
+    add_storage_option_argument(parser)
     parser.set_defaults(handler=_handle)
 
 
@@ -109,7 +111,9 @@ def _handle(args: argparse.Namespace) -> int:
     if args.limit < 0:
         msg = f"--limit must be 0 (every row) or more, got {args.limit}"
         raise QueryError(msg)
-    columns, result = run_query(connect(args.out, allow_files=args.allow_files), args.sql)
+    columns, result = run_query(
+        connect(args.out, storage_options_from_args(args), allow_files=args.allow_files), args.sql
+    )
     rows = [] if result is None else result.fetchall() if args.limit == 0 else result.fetchmany(args.limit)
     if args.json:
         print_json([dict(zip(columns, row, strict=True)) for row in rows])

@@ -6,11 +6,11 @@ import argparse
 import time
 from dataclasses import dataclass
 
-from pipelines.lease import read_lease
+from pipelines.io.lease import read_lease
+from pipelines.io.storage import add_storage_option_argument, storage_options_from_args
+from pipelines.io.store import RUN_META, TableStore, run_id_problem
 from pipelines.output import print_json
-from pipelines.storage import add_storage_option_argument, storage_options_from_args
 from schemas.errors import ConfigError
-from schemas.store import RUN_META, TableStore, run_id_problem
 from schemas.tables import TABLES
 
 # Delta's default `delta.deletedFileRetentionDuration`, which our tables keep: a file replaced more recently may

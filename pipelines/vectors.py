@@ -18,9 +18,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from deltalake import DeltaTable
 
-from pipelines.storage import add_storage_option_argument, storage_options_from_args
+from pipelines.io.storage import add_storage_option_argument, storage_options_from_args
+from pipelines.io.store import TableStore
 from schemas.errors import ConfigError, TableError
-from schemas.store import TableStore
 from schemas.tables import EMBEDDINGS, EXTRA_LAYER_PREFIX
 from workers.analysis import unit_rows
 

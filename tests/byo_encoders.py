@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from schemas.manifest import WorkItem
+from schemas.records import WorkItem
 from workers.stages import DecodeStage, EncoderConfig, TrackFeatures
 
 LICENCE = {"code": "MIT", "weights": "CC-BY-4.0"}

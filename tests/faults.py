@@ -13,10 +13,10 @@ from typing import NamedTuple
 
 import pytest
 
+from pipelines.io.store import STAGING
 from pipelines.query import connect
-from schemas.failpoints import ENV as FAILPOINTS
-from schemas.store import STAGING
 from schemas.tables import EMBEDDINGS
+from workers.failpoints import ENV as FAILPOINTS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """The packages' import rules (see DESIGN.md, Layout): schemas imports nothing of ours, workers never imports the
-job layer nor an engine, and no module imports itself through others. Read from the source, imports inside
-functions included."""
+job layer, an engine nor table storage (the jobs read and write tables, through `pipelines.io`), and no module
+imports itself through others. Read from the source, imports inside functions included."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipelines", "workers", "schemas")
 ENGINES = ("apache_beam", "ray")
+# Table storage: Delta tables and Arrow dataset scans. Workers may still read a file by URI (audio, weights).
+STORAGE = ("deltalake", "pyarrow.dataset")
 
 
 def _imports() -> dict[str, set[str]]:
@@ -39,6 +41,18 @@ def test_no_upward_imports_and_no_engine_in_workers():
             assert not tops & set(PACKAGES) - {"schemas"}, module
         if module.startswith("workers"):
             assert not tops & {"pipelines", *ENGINES}, module
+
+
+def test_workers_open_no_tables():
+    # Probes once opened Delta tables themselves, without the store's storage options, schema checks and commit
+    # retries.
+    graph = _imports()
+    storage = {
+        module: sorted(t for t in targets if any(t == s or t.startswith(s + ".") for s in STORAGE))
+        for module, targets in graph.items()
+        if module.startswith("workers")
+    }
+    assert not {module: found for module, found in storage.items() if found}
 
 
 def test_no_import_cycles():

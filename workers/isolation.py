@@ -24,8 +24,7 @@ from typing import Any
 import torch
 
 from schemas.errors import WorkerError
-from schemas.manifest import WorkItem
-from workers.stages import TrackFailure
+from schemas.records import TrackFailure, WorkItem
 
 _READY = "ready"
 _PARENT_POLL_S = 1.0

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
-from schemas.manifest import WorkItem
+from schemas.records import TrackEmbedding, TrackFailure, WorkItem
 from workers.isolation import IsolatedPool
 from workers.rows import RowContext, embedding_rows, failure_rows, window_rows
-from workers.stages import EmbedStage, EncoderConfig, Resources, TrackEmbedding, TrackFailure, TrackFeatures
+from workers.stages import EmbedStage, EncoderConfig, Resources, TrackFeatures
 
 Decoded = tuple[TrackFeatures | TrackFailure, float]  # a decode result and the seconds it took
 DecodedShard = tuple[str, Iterable[Decoded]]  # a shard's part name and its tracks as decoded, in plan order

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from schemas.errors import ConfigError, EncoderError, FrontEndError, TrackError
-from schemas import failpoints
-from schemas.manifest import WorkItem
+from schemas.records import TrackEmbedding, TrackFailure, WorkItem
+from workers import failpoints
 from workers.audio import DecodeConfig, load_audio
 from workers.encoders import Encoder, FrontEnd, get_encoder
 from workers.encoders.base import MemoryFootprint, parse_device, resolve_precision
@@ -217,38 +217,6 @@ class TrackFeatures:
     def nbytes(self) -> int:
         """Bytes of the tensor carried to the encoder."""
         return (self.windows if self.windows is not None else self.waveform).nbytes
-
-
-@dataclass
-class TrackFailure:
-    """A track that could not be embedded, with the stage and reason."""
-
-    item: WorkItem
-    stage: str
-    error_type: str
-    message: str
-
-    @classmethod
-    def from_error(cls, item: WorkItem, error: BaseException, stage: str | None = None) -> TrackFailure:
-        """Describe `error` raised while processing `item`."""
-        return cls(
-            item=item,
-            stage=stage or getattr(error, "stage", "unknown"),
-            error_type=type(error).__name__,
-            message=str(error) or repr(error),
-        )
-
-
-@dataclass
-class TrackEmbedding:
-    """A track's pooled embeddings (one vector per requested layer) and optional timeline."""
-
-    item: WorkItem
-    duration_s: float
-    n_windows: int
-    pooled: dict[str, np.ndarray]  # layer -> (dim,) float32
-    timeline: np.ndarray | None = None  # (n_windows, dim) of the first layer
-    starts: list[float] = field(default_factory=list)
 
 
 @dataclass

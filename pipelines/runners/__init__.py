@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from pipelines.io.store import TableStore
 from pipelines.runners.options import RUNNER_CLASSES
-from schemas import failpoints
 from schemas.errors import ConfigError, RunAbortedError
-from schemas.manifest import WorkItem
-from schemas.store import TableStore
+from schemas.records import WorkItem
 from schemas.tables import EMBEDDINGS, FAILURES, WINDOWS
+from workers import failpoints
 from workers.rows import RowContext
 from workers.shard import ShardEmbedder, ShardOutput, ShardStats
 from workers.stages import DecodeStage
@@ -146,7 +146,7 @@ class RunStats(ShardStats):
 
 def write_shard(job: EmbedJob, store: TableStore, shard: ShardOutput) -> float:
     """Write one shard's part files, always all of them and the embeddings part last: its presence marks the
-    shard complete when a crashed run is resumed (see `TableStore.staged_progress`).
+    shard complete when a crashed run is resumed (see `TableStore.prune_torn_shards`).
 
     Returns:
         Seconds spent writing.

@@ -41,11 +41,11 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.prism_runner import PrismJobServer
 
+from pipelines.io.store import STAGING
 from pipelines.runners import EmbedJob, Progress, RunStats, write_shard
 from pipelines.runners.options import BeamOptions
 from schemas.errors import ConfigError, TableError
-from schemas.manifest import WorkItem
-from schemas.store import STAGING
+from schemas.records import WorkItem
 from schemas.tables import FAILURES, RUNS
 from workers.isolation import IsolatedPool
 from workers.shard import DecodedShard, ShardEmbedder, ShardOutput, decode_shard

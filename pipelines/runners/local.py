@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pipelines.runners import EmbedJob, Progress, RunStats, write_shard
-from schemas.manifest import WorkItem
+from schemas.records import WorkItem
 from workers.isolation import IsolatedPool
 from workers.shard import Decoded, ShardOutput
 

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from pipelines.config import EmbedConfig
 from pipelines.embed import run_embed
-from schemas.store import TableStore
+from pipelines.io.store import TableStore
 from schemas.tables import RUNS
 from workers.stages import EncoderConfig
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import gcsfs
 import pytest
 
-from schemas.manifest import MISSING_FINGERPRINT, UriPolicy, WorkItem, catalog_fingerprints, read_catalog
-from schemas.store import RUN_META, TableStore
+from pipelines.io.catalog import UriPolicy, catalog_fingerprints, read_catalog
+from pipelines.io.store import RUN_META, TableStore
+from schemas.records import MISSING_FINGERPRINT, TrackFailure, WorkItem
 from schemas.tables import FAILURES
 from tests.objectstore.conftest import BUCKET
 from workers.audio import load_audio
 from workers.rows import RowContext, failure_rows
-from workers.stages import DecodeStage, EncoderConfig, TrackFailure, TrackFeatures
+from workers.stages import DecodeStage, EncoderConfig, TrackFeatures
 
 
 def _another_writer() -> gcsfs.GCSFileSystem:

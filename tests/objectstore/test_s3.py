@@ -20,14 +20,15 @@ from rich.console import Console
 
 from pipelines.config import EmbedConfig
 from pipelines.embed import run_embed
+from pipelines.io.catalog import UriPolicy, catalog_fingerprints, read_catalog
+from pipelines.io.store import TableStore
 from pipelines.query import connect
-from schemas.manifest import UriPolicy, WorkItem, catalog_fingerprints, read_catalog
-from schemas.store import TableStore
+from schemas.records import TrackEmbedding, WorkItem
 from schemas.tables import EMBEDDINGS, RUNS
 from tests.objectstore.conftest import BUCKET
-from tests.schemas.test_store import _run_row
+from tests.pipelines.io.test_store import _run_row
 from workers.rows import RowContext, embedding_rows
-from workers.stages import EncoderConfig, TrackEmbedding
+from workers.stages import EncoderConfig
 
 QUIET = Console(quiet=True)
 # A cheap real encoder whose embedding of a track does not depend on the tracks batched with it, so a

@@ -6,7 +6,7 @@ import numpy as np
 
 from pipelines.cli import main
 from pipelines.index import AnnIndex, index_folder
-from schemas.store import TableStore
+from pipelines.io.store import TableStore
 from schemas.tables import EMBEDDINGS
 from tests.objectstore.conftest import BUCKET
 from tests.pipelines.test_analysts import commit, ids, mixture

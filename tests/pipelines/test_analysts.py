@@ -17,14 +17,13 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.index import INDEXES, AnnIndex, index_folder
+from pipelines.io.store import TableStore
 from pipelines.vectors import ModelLayer
-from schemas.manifest import WorkItem
-from schemas.store import TableStore
+from schemas.records import TrackEmbedding, WorkItem
 from schemas.tables import EMBEDDINGS
-from tests.schemas.test_store import _run_row
+from tests.pipelines.io.test_store import _run_row
 from workers.analysis import exact_neighbours, linear_cka, unit_rows
 from workers.rows import RowContext, embedding_rows
-from workers.stages import TrackEmbedding
 
 N, DIM = 400, 24
 

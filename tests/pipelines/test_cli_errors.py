@@ -143,9 +143,9 @@ def test_an_unfinished_delta_scan_does_not_crash_the_exit(tmp_path):
     uri = write_embeddings(tmp_path / "embeddings", *[rows.slice(i, 1) for i in range(60)])
     code = """
         import sys
-        from schemas.store import TableStore
+        from pipelines.io.probe_tables import EmbeddingsSource
+        from pipelines.io.store import TableStore
         from schemas.tables import EMBEDDINGS
-        from workers.probes.data import EmbeddingsSource
         probe_scan = EmbeddingsSource(sys.argv[1]).batches(1)  # as `probe` and `tag` read
         table_scan = TableStore(sys.argv[2]).scan(EMBEDDINGS).to_batches(batch_size=1)  # as `plan` and `query`
         print(len(next(probe_scan).track_ids) + next(table_scan).num_rows)

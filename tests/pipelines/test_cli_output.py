@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

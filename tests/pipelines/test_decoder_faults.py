@@ -1,7 +1,7 @@
 """On Beam and on Ray a decoder that crashes its process or hangs costs one `failures` row, as on the local runner;
 the bundle, the task and the run go on: both decode in the supervised child process each Beam worker or Ray decode
 task keeps (`workers.isolation`). The crash and the hang are injected where a decoder would fail
-(`schemas.failpoints`), inside those processes."""
+(`workers.failpoints`), inside those processes."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from rich.console import Console
 
 from pipelines.config import EmbedConfig
 from pipelines.embed import run_embed
-from schemas import failpoints
-from schemas.store import TableStore
+from pipelines.io.store import TableStore
 from schemas.tables import EMBEDDINGS, FAILURES
+from workers import failpoints
 from workers.audio import DecodeConfig
 
 pytestmark = pytest.mark.slow

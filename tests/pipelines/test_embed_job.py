@@ -15,9 +15,9 @@ from rich.console import Console
 from pipelines.cli import main
 from pipelines.config import EmbedConfig
 from pipelines.embed import run_embed
+from pipelines.io.store import TableStore
 from pipelines.query import connect
 from schemas.errors import ConfigError, EncoderError, RunAbortedError
-from schemas.store import TableStore
 from schemas.tables import EMBEDDINGS, FAILURES, RUNS, WINDOWS
 from workers.audio import DecodeConfig, load_audio
 from workers.encoders import get_encoder

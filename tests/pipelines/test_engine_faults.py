@@ -3,7 +3,7 @@ driver of a Beam or a Ray run killed mid-run and then mid-commit.
 
 Each scenario ends with every good track exactly once in `embeddings` and every bad one exactly once in
 `failures`. Kills are real `kill -9`s of processes found by their titles, or the failpoint `exit`, which ends the
-process the same way at an exact point (see `schemas.failpoints`).
+process the same way at an exact point (see `workers.failpoints`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from rich.console import Console
 
 from pipelines.config import EmbedConfig
 from pipelines.embed import run_embed
+from pipelines.io.store import STAGING
 from pipelines.query import connect
 from pipelines.runners.beam import BeamRunner
-from schemas.failpoints import ENV as FAILPOINTS
-from schemas.store import STAGING
 from schemas.tables import EMBEDDINGS, FAILURES
 from tests.faults import (
     alive,
@@ -36,6 +35,7 @@ from tests.faults import (
     table_tracks,
     wait_for,
 )
+from workers.failpoints import ENV as FAILPOINTS
 
 pytestmark = pytest.mark.slow
 QUIET = Console(quiet=True)

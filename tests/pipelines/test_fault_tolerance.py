@@ -19,11 +19,10 @@ from rich.console import Console
 from pipelines.cli import main
 from pipelines.config import EmbedConfig
 from pipelines.embed import run_embed
+from pipelines.io.catalog import UriPolicy
+from pipelines.io.store import RUN_META, TableStore
 from pipelines.query import connect
 from pipelines.vacuum import vacuum
-from schemas.failpoints import ENV as FAILPOINTS
-from schemas.manifest import UriPolicy
-from schemas.store import RUN_META, TableStore
 from tests.faults import (
     embed_process,
     expected_tracks,
@@ -32,6 +31,7 @@ from tests.faults import (
     table_tracks,
     wait_for,
 )
+from workers.failpoints import ENV as FAILPOINTS
 
 QUIET = Console(quiet=True)
 

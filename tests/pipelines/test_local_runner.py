@@ -10,9 +10,9 @@ import pytest
 
 from pipelines.runners.local import _DecodeFeeder
 from schemas.errors import WorkerError
-from schemas.manifest import WorkItem
+from schemas.records import TrackFailure, WorkItem
 from workers.isolation import IsolatedPool
-from workers.stages import DecodeStage, EncoderConfig, TrackFailure, TrackFeatures
+from workers.stages import DecodeStage, EncoderConfig, TrackFeatures
 
 AHEAD = 3
 # Generous: decoding three 4 s tracks takes well under a second; the wait ends as soon as they are decoded.

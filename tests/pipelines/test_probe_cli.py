@@ -13,7 +13,7 @@ import pytest
 from deltalake import DeltaTable
 
 from pipelines.cli import main
-from pipelines.probe import PRESET_NAMES
+from pipelines.probe_cli import PRESET_NAMES
 from schemas.tables import EMBEDDINGS, PREDICTIONS
 from tests.probe_fixtures import embeddings_rows, labels_for, latent, write_embeddings
 from workers.probes.search import PRESETS

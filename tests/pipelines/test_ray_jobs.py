@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from schemas.store import TableStore
+from pipelines.io.store import TableStore
 from schemas.tables import EMBEDDINGS, FAILURES, RUNS
 
 pytestmark = pytest.mark.slow

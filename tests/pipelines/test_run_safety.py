@@ -20,11 +20,11 @@ from rich.console import Console
 from pipelines.cli import main
 from pipelines.config import EmbedConfig
 from pipelines.embed import run_embed
-from pipelines.lease import LEASE_FILE, read_lease
+from pipelines.io.lease import LEASE_FILE, read_lease
+from pipelines.io.store import STAGING, TableStore
 from pipelines.query import connect
 from pipelines.vacuum import vacuum
 from schemas.errors import ConfigError, TableError
-from schemas.store import STAGING, TableStore
 from tests.faults import embed_process, expected_tracks, finish, staged_embedding_parts, table_tracks, wait_for
 from workers.audio import DecodeConfig
 from workers.stages import EncoderConfig

@@ -14,10 +14,10 @@ from rich.console import Console
 
 from pipelines.config import EmbedConfig
 from pipelines.embed import RunSummary, run_embed
-from schemas import failpoints
-from schemas.store import STAGING, TableStore
+from pipelines.io.store import STAGING, TableStore
 from schemas.tables import EMBEDDINGS, FAILURES, RUNS, WINDOWS
 from tests.byo_encoders import loud_half, loud_nan_encoder
+from workers import failpoints
 from workers.stages import EncoderConfig
 
 RUNNER_NAMES = ("local", "beam", "ray")

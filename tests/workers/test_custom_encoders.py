@@ -22,9 +22,9 @@ from rich.console import Console
 from pipelines.cli import main
 from pipelines.config import EmbedConfig
 from pipelines.embed import run_embed
+from pipelines.io.store import TableStore
 from schemas.errors import EncoderError, WeightsError
-from schemas.manifest import WorkItem
-from schemas.store import TableStore
+from schemas.records import WorkItem
 from schemas.tables import EMBEDDINGS, RUNS
 from workers.audio import load_audio
 from workers.encoders import get_encoder

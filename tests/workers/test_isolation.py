@@ -11,10 +11,9 @@ import threading
 import time
 from pathlib import Path
 
-from schemas.manifest import WorkItem
+from schemas.records import TrackFailure, WorkItem
 from tests.faults import alive
 from workers.isolation import IsolatedPool
-from workers.stages import TrackFailure
 
 
 class ScriptedStage:

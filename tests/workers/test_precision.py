@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from schemas.errors import EncoderError
-from schemas.manifest import WorkItem
+from schemas.records import WorkItem
 from tests.reference import MUSICNN_REFERENCE
 from workers.encoders import get_encoder
 from workers.encoders.sfnfnet import write_standin_weights

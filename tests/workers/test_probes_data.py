@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import write_deltalake
 
-from schemas.errors import ConfigError, LabelsError
+from pipelines.io.probe_tables import EmbeddingsSource, read_labels
+from schemas.errors import LabelsError
 from tests.probe_fixtures import embeddings_rows, labels_for, latent, write_embeddings
-from workers.probes.data import EmbeddingsSource, LabelSpec, build_dataset, encode_targets, read_labels
+from workers.probes.data import LabelSpec, build_dataset, encode_targets
 from workers.probes.tasks import KEY_CLASSES, TaskKind
 
 N = 300
@@ -27,25 +28,6 @@ def table(tmp_path_factory):
 def _dataset(uri, labels, spec, model=None):
     source = EmbeddingsSource(uri, model)
     return build_dataset(source.read(), labels, spec, source.model, source.layer)
-
-
-def test_deleted_rows_are_ignored(table):
-    _, uri = table
-    embeddings = EmbeddingsSource(uri).read()
-    assert len(embeddings.track_ids) == N - 5
-    assert embeddings.vectors.shape == (N - 5, 32)
-    assert embeddings.vectors.dtype == np.float32
-    assert f"t{N - 1:05d}" not in set(embeddings.track_ids)
-
-
-def test_several_models_need_model(tmp_path):
-    z = latent(20)
-    uri = write_embeddings(tmp_path / "e", embeddings_rows(z, model="a"), embeddings_rows(z, model="b", dim=8))
-    with pytest.raises(ConfigError, match=r"several models \(a, b\): pass --model"):
-        EmbeddingsSource(uri)
-    assert EmbeddingsSource(uri, "b").read().vectors.shape == (20, 8)
-    with pytest.raises(ConfigError, match="model 'c' has no live rows"):
-        EmbeddingsSource(uri, "c")
 
 
 def test_multilabel_formats_read_alike(tmp_path, table):
@@ -66,12 +48,6 @@ def test_multilabel_formats_read_alike(tmp_path, table):
         np.testing.assert_array_equal(a.splits[split].y, b.splits[split].y)
         np.testing.assert_array_equal(a.splits[split].y, c.splits[split].y)
         np.testing.assert_array_equal(a.splits[split].track_ids, c.splits[split].track_ids)
-
-
-def test_numeric_track_ids_in_csv_stay_strings(tmp_path):
-    path = tmp_path / "labels.csv"
-    path.write_text("track_id,genre\n00042,rock\n")
-    assert read_labels(str(path))["track_id"].to_pylist() == ["00042"]
 
 
 def test_grouped_split_keeps_artists_apart(table):

@@ -8,14 +8,13 @@ import math
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import torch
 
-from schemas import failpoints
-from schemas.manifest import WorkItem
+from schemas.records import WorkItem
 from tests.byo_encoders import loud_half, loud_nan_encoder, small_memory_encoder
-from workers.rows import RowContext
+from workers import failpoints
 from workers.encoders.sfnfnet import write_standin_weights
+from workers.rows import RowContext
 from workers.shard import Decoded, ShardEmbedder, ShardOutput
 from workers.stages import DecodeStage, EmbedStage, EncoderConfig, TrackFeatures
 

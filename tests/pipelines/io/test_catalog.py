@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.io.catalog import UriPolicy, fingerprint_from_info, fingerprints, read_catalog
 from schemas.errors import ManifestError
-from schemas.manifest import MISSING_FINGERPRINT, UriPolicy, fingerprint_from_info, fingerprints, read_catalog
+from schemas.records import MISSING_FINGERPRINT
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""`catalog-embed probe`, `tag` and `probe-report`: train and apply shallow probes on embedding tables.
+"""The command line of `catalog-embed probe`, `tag` and `probe-report`: train and apply shallow probes on embedding
+tables.
 
 This module only declares the subcommands; the jobs live in `pipelines.probe_job`, imported when one of them runs
 (scikit-learn, mir_eval, matplotlib and torch would otherwise add seconds to every `catalog-embed` start).
@@ -10,9 +11,11 @@ import argparse
 import importlib
 from collections.abc import Callable
 
+from pipelines.io.storage import add_storage_option_argument
 from workers.probes.tasks import TaskKind
 
-RUNNERS = ("local", "ray")
+# Where a probe search runs its trials (not the embed runners of `pipelines.runners`).
+TRIAL_RUNNERS = ("local", "ray")
 # The names of `workers.probes.search.PRESETS` (a test keeps them in step), for --help without importing torch.
 PRESET_NAMES = ("linear", "mlp", "mule-mtt", "mule-key", "mule-emo")
 
@@ -86,8 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         help="torch threads per trial (default: 1; more helps one large MLP on idle cores)",
     )
-    p.add_argument("--runner", choices=RUNNERS, default="local", help="local processes or Ray tasks")
+    p.add_argument("--runner", choices=TRIAL_RUNNERS, default="local", help="local processes or Ray tasks")
     p.add_argument("--top-k", type=int, default=3, help="labels kept in each prediction's top_labels")
+    add_storage_option_argument(p)
     p.set_defaults(handler=_deferred("probe_command"))
 
     t = subparsers.add_parser(
@@ -103,6 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, metavar="URI", help="predictions Delta table")
     t.add_argument("--batch-rows", type=int, default=65536, help="rows scored and committed per batch")
     t.add_argument("--top-k", type=int, default=3, help="labels kept in each prediction's top_labels")
+    add_storage_option_argument(t)
     t.set_defaults(handler=_deferred("tag_command"))
 
     r = subparsers.add_parser(

@@ -14,6 +14,7 @@ committing a run twice adds nothing. The `runs` row is committed last and marks 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 import re
@@ -35,8 +36,8 @@ from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from schemas.errors import TableError
-from schemas import failpoints
 from schemas.tables import EMBEDDINGS, FAILURES, RUNS, SCHEMA_VERSION, TABLES, WINDOWS, TableSpec
+from workers import failpoints
 
 SCHEMA_VERSION_KEY = "catalog_embed.schema_version"
 STAGING = "_staging"
@@ -167,11 +168,15 @@ class TableStore:
                     "write to a new --out"
                 )
                 raise TableError(msg)
-            have = set(pa.schema(table.schema()).names)
-            lacking = [name for name in spec.schema.names if name not in have]
-            if lacking:
-                msg = f"{self.uri(spec)} lacks column(s) {', '.join(lacking)}: it was not written by catalog-embed"
-                raise TableError(msg)
+            self.check_columns(spec, table)
+
+    def check_columns(self, spec: TableSpec, table: DeltaTable | None = None) -> None:
+        """Raise TableError when a table lacks a column of `spec`: it was not written by catalog-embed."""
+        have = set(pa.schema((table or self.table(spec)).schema()).names)
+        lacking = [name for name in spec.schema.names if name not in have]
+        if lacking:
+            msg = f"{self.uri(spec)} lacks column(s) {', '.join(lacking)}: it was not written by catalog-embed"
+            raise TableError(msg)
 
     def _create(self, spec: TableSpec) -> None:
         try:
@@ -274,12 +279,12 @@ class TableStore:
         files = self.fs.find(self.staging_dir(run_id))
         return max((self.fs.modified(p).timestamp() for p in files), default=0.0)
 
-    def staged_progress(self, run_id: str) -> tuple[set[str], int]:
-        """Tracks a run has already staged and the next attempt number, for resuming it.
+    def prune_torn_shards(self, run_id: str) -> tuple[set[str], int]:
+        """Delete the staged parts of shards a worker killed mid-shard left incomplete, so that they are redone
+        whole; return the tracks the run has staged in complete shards and the next attempt number, for resuming it.
 
-        A shard is complete once its embeddings part exists (`write_shard` writes it last); parts of incomplete
-        shards, left by a worker killed mid-shard, are removed here so that they are redone whole: call this only
-        on a run whose lease this process holds.
+        A shard is complete once its embeddings part exists (`write_shard` writes it last). Call this only on a run
+        whose lease this process holds.
         """
         complete = {posixpath.basename(p) for p in self.staged_parts(run_id, EMBEDDINGS)}
         done: set[str] = set()
@@ -346,7 +351,8 @@ class TableStore:
         self, spec: TableSpec, txn_id: str, run_id: str, step: Callable[[DeltaTable, CommitProperties], object]
     ) -> None:
         """Run one commit step unless its transaction is already in the table; retry lost races."""
-        for attempt in range(_COMMIT_ATTEMPTS):
+
+        def attempt() -> None:
             table = self.table(spec)
             if table.transaction_version(txn_id) is not None:
                 return
@@ -354,13 +360,30 @@ class TableStore:
             txn = CommitProperties(
                 app_transactions=[Transaction(txn_id, 1)], custom_metadata={"catalog_embed.run_id": run_id}
             )
-            try:
-                step(table, txn)
-                return
-            except CommitFailedError:
-                if attempt == _COMMIT_ATTEMPTS - 1:
-                    raise
-                time.sleep(_COMMIT_BACKOFF_S * 2**attempt)
+            step(table, txn)
+
+        _retried(attempt)
+
+    # -- single-table writes (probe predictions) -------------------------------------------------------------
+
+    def upsert(self, spec: TableSpec, rows: pa.Table) -> None:
+        """Merge `rows` into a table by its key, creating the table first; a commit that loses a race is retried."""
+        if not self.exists(spec):
+            self._create(spec)
+        _retried(lambda: _merge_rows(self.table(spec), spec, rows, None))
+
+    def overwrite(self, spec: TableSpec, rows: pa.Table) -> None:
+        """Replace a table's rows with `rows`, creating it when absent; a commit that loses a race is retried."""
+        _retried(
+            lambda: write_deltalake(
+                self.uri(spec), rows.cast(spec.schema), mode="overwrite",
+                partition_by=list(spec.partition_by) or None, storage_options=self.storage_options,
+            )
+        )
+
+    def delete(self, spec: TableSpec, predicate: str) -> None:
+        """Delete a table's rows matching the SQL `predicate`; a commit that loses a race is retried."""
+        _retried(lambda: self.table(spec).delete(predicate))
 
     # -- reads -----------------------------------------------------------------------------------------------
 
@@ -400,6 +423,28 @@ class TableStore:
         return DeltaTable.is_deltatable(self.uri(spec), storage_options=self.storage_options)
 
 
+def table_at(uri: str, spec: TableSpec, storage_options: dict[str, str] | None = None) -> tuple[TableStore, TableSpec]:
+    """A store and spec for the one table at `uri`, whatever its folder is called: its parent is the root.
+
+    Commands that take a table rather than an output root (`probe --labels`, `tag --out`) read and write it
+    through the store all the same, with its storage options, schema checks and commit retries.
+    """
+    root, _, name = uri.rstrip("/").rpartition("/")
+    return TableStore(root or ".", storage_options), dataclasses.replace(spec, name=name)
+
+
+def _retried(commit: Callable[[], object]) -> None:
+    """Run `commit`; one that loses a race with another writer is retried with exponential backoff."""
+    for attempt in range(_COMMIT_ATTEMPTS):
+        try:
+            commit()
+            return
+        except CommitFailedError:
+            if attempt == _COMMIT_ATTEMPTS - 1:
+                raise
+            time.sleep(_COMMIT_BACKOFF_S * 2**attempt)
+
+
 def _fsspec_options(root: str, storage_options: dict[str, str] | None) -> dict[str, str]:
     """fsspec arguments that reach the store deltalake reaches with `storage_options`.
 
@@ -423,7 +468,7 @@ def _key_predicate(spec: TableSpec) -> str:
     return " AND ".join(f"t.{k} = s.{k}" for k in spec.key)
 
 
-def _merge_rows(table: DeltaTable, spec: TableSpec, staged: pa.Table, txn: CommitProperties) -> None:
+def _merge_rows(table: DeltaTable, spec: TableSpec, staged: pa.Table, txn: CommitProperties | None) -> None:
     """Upsert staged rows by the table's key (nothing when none); new layer columns are added first.
 
     Columns are added with `alter` rather than the merge's schema evolution, which rewrites the table metadata

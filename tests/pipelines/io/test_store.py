@@ -15,12 +15,11 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
+from pipelines.io.store import RUN_META, TableStore, app_id
 from schemas.errors import TableError
-from schemas.manifest import WorkItem
-from schemas.store import RUN_META, TableStore, app_id
+from schemas.records import TrackEmbedding, TrackFailure, WorkItem
 from schemas.tables import EMBEDDINGS, FAILURES, RUNS, WINDOWS
 from workers.rows import RowContext, embedding_rows, failure_rows, window_rows
-from workers.stages import TrackEmbedding, TrackFailure
 
 
 def _run_row(run_id: str) -> pa.Table:
@@ -139,12 +138,12 @@ def test_a_commit_killed_midway_finishes_on_retry_without_duplicates(store, tmp_
     _stage(store, "r1", [_embedded("t1", 1.0), _embedded("t2", 2.0)], [])
     script = (
         "import sys, pyarrow as pa; sys.path[:0] = sys.argv[1:3]\n"
-        "from tests.schemas.test_store import _run_row\n"
-        "from schemas.store import TableStore\n"
+        "from tests.pipelines.io.test_store import _run_row\n"
+        "from pipelines.io.store import TableStore\n"
         f"TableStore({store.root!r}).commit('r1', _run_row('r1'))\n"
     )
     env = dict(os.environ, CATALOG_EMBED_FAILPOINTS="commit.embeddings=exit")
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[3])
     done = subprocess.run([sys.executable, "-c", script, root, root], env=env, check=False, timeout=120)
     assert done.returncode == 137  # died like kill -9 between the windows and embeddings commits
     assert store.read(WINDOWS).num_rows == 2 and store.read(EMBEDDINGS).num_rows == 0
@@ -174,13 +173,13 @@ def test_a_key_staged_twice_commits_once_with_its_last_row(store):
     assert rows == {"t1": 5.0, "t2": 2.0}
 
 
-def test_staged_progress_keeps_complete_shards_and_drops_torn_ones(store):
+def test_pruning_torn_shards_keeps_complete_shards_and_drops_torn_ones(store):
     ctx = RowContext("r1", "enc", ("penultimate",), "v1", "h1")
     bad = TrackFailure(WorkItem("t9", "/audio/t9.mp3", "size=0"), "decode", "AudioDecodeError", "empty")
     store.write_part("r1", FAILURES, "000-000000", failure_rows([bad], ctx))
     store.write_part("r1", EMBEDDINGS, "000-000000", embedding_rows([_embedded("t1", 1.0)], ctx))
     store.write_part("r1", FAILURES, "000-000001", failure_rows([], ctx))  # its embeddings part never came
-    done, attempt = store.staged_progress("r1")
+    done, attempt = store.prune_torn_shards("r1")
     assert done == {"t1", "t9"}
     assert attempt == 1
     assert [p.rsplit("/", 1)[1] for p in store.staged_parts("r1", FAILURES)] == ["part-000-000000.parquet"]

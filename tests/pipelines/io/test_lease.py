@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from pipelines.lease import RunLease, read_lease
+from pipelines.io.lease import RunLease, read_lease
+from pipelines.io.store import RUN_META, TableStore
 from schemas.errors import RunLostError
-from schemas.store import RUN_META, TableStore
-from tests.schemas.test_store import _run_row
+from tests.pipelines.io.test_store import _run_row
 
 
 @pytest.fixture

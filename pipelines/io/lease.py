@@ -18,8 +18,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from pipelines.io.store import TableStore
 from schemas.errors import RunLostError
-from schemas.store import TableStore
 
 LEASE_FILE = "lease.json"
 DEFAULT_TTL_S = 120.0

@@ -24,14 +24,11 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from schemas.errors import ManifestError
+from schemas.records import MISSING_FINGERPRINT, REFUSED_FINGERPRINT
 
 AUDIO_EXTENSIONS = (".mp3", ".ogg", ".oga", ".opus", ".flac", ".m4a", ".aac", ".mp4", ".wav", ".aif", ".aiff")
 MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".ndjson": "json"}
 REQUIRED_COLUMNS = ("track_id", "uri")
-# Fingerprint stands for a file that could not be stat-ed; such a track is planned and fails with its reason.
-MISSING_FINGERPRINT = "missing"
-# Fingerprint of a row whose URI the policy refuses: the file is never touched, not even stat-ed.
-REFUSED_FINGERPRINT = "refused"
 _MAX_LISTED = 5
 
 
@@ -130,15 +127,6 @@ def _as_prefix(uri: str) -> str:
 
 def _under(uri: str, prefixes: tuple[str, ...]) -> bool:
     return any(_as_prefix(uri).startswith(p) for p in prefixes)
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One track to embed: the unit every runner shards, decodes and reports on."""
-
-    track_id: str
-    uri: str
-    fingerprint: str
 
 
 def read_catalog(uri: str, policy: UriPolicy = UriPolicy()) -> pa.Table:
