@@ -141,10 +141,14 @@ class RayOptions:
         address: an existing cluster: 'auto' (the one `ray start` or `ray job submit` set up), 'host:port' of
             its head, or 'ray://host:10001' (Ray Client). None starts a local Ray instance for the run.
         embed_actors: encoder actors in the pool (each takes one GPU with `--device cuda`).
+        object_store_mb: the object-store memory the run may fill with shards in flight (decoded audio waiting
+            for an encoder, outputs waiting for the sink), across the cluster; decoders wait when it is full.
+            None leaves Ray Data's default, a share of the cluster's object store.
     """
 
     address: str | None = None
     embed_actors: int = 1
+    object_store_mb: int | None = None
 
     def uses_cluster(self) -> bool:
         """Whether the run goes to an existing cluster: `--address`, or RAY_ADDRESS as `ray job submit` sets it."""
@@ -154,13 +158,17 @@ class RayOptions:
         """Raise ConfigError naming the option to change (reachability is checked by the runner)."""
         if runner != "ray":
             given = [flag for flag, changed in (("--address", self.address is not None),
-                                                ("--embed-actors", self.embed_actors != 1)) if changed]
+                                                ("--embed-actors", self.embed_actors != 1),
+                                                ("--object-store-mb", self.object_store_mb is not None)) if changed]
             if given:
                 msg = f"{', '.join(given)} only apply to --runner ray (the runner is {runner!r})"
                 raise ConfigError(msg)
             return
         if self.embed_actors < 1:
             msg = f"--embed-actors must be at least 1, got {self.embed_actors}"
+            raise ConfigError(msg)
+        if self.object_store_mb is not None and self.object_store_mb < 1:
+            msg = f"--object-store-mb must be at least 1, got {self.object_store_mb}"
             raise ConfigError(msg)
         if self.address is not None and not self.address.strip():
             msg = "--address is empty: pass 'auto', the head's host:port, or ray://host:10001"
@@ -188,6 +196,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     ray = parser.add_argument_group("Ray (--runner ray)")
     ray.add_argument("--address", help="existing Ray cluster: auto, host:port or ray://host:10001 (default: local)")
     ray.add_argument("--embed-actors", type=int, default=1, help="encoder actors (one GPU each with --device cuda)")
+    ray.add_argument("--object-store-mb", type=int,
+                     help="object-store memory for shards in flight; decoders wait when it is full "
+                          "(default: Ray Data's share of the cluster's object store)")
 
 
 def engine_options_from_args(args: argparse.Namespace) -> tuple[BeamOptions, RayOptions]:
@@ -197,4 +208,5 @@ def engine_options_from_args(args: argparse.Namespace) -> tuple[BeamOptions, Ray
         **{name: getattr(args, name) for name in beam_fields},
         pipeline_args=tuple(option if option.startswith("--") else f"--{option}" for option in args.beam_option),
     )
-    return beam, RayOptions(address=args.address, embed_actors=args.embed_actors)
+    return beam, RayOptions(address=args.address, embed_actors=args.embed_actors,
+                            object_store_mb=args.object_store_mb)

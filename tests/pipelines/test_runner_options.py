@@ -158,3 +158,12 @@ def test_the_flex_template_launcher_arguments_become_our_flags_and_beam_options(
         "gs://my-bucket/tmp", ACCELERATOR, "img")
     assert config.beam.pipeline_args == ("--template_location=gs://my-bucket/launch/job.json", "--network=default")
     replace(config, runner="dataflow").validate()
+
+
+def test_the_ray_object_store_budget_is_parsed_checked_and_only_for_ray(capsys, tmp_path):
+    catalog, out = str(tmp_path), str(tmp_path / "out")
+    assert main(["embed", "--catalog", catalog, "--out", out, "--object-store-mb", "512"]) == 2
+    assert "--object-store-mb only apply to --runner ray (the runner is 'local')" in capsys.readouterr().err
+    assert main(["embed", "--catalog", catalog, "--out", out, "--runner", "ray", "--object-store-mb", "0"]) == 2
+    assert "--object-store-mb must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
