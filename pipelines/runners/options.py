@@ -32,9 +32,11 @@ class BeamOptions:
         temp_location: gs:// folder Dataflow stages temporary files in.
         staging_location: gs:// folder for staged packages; defaults to `temp_location`.
         sdk_container_image: the worker image built from `infra/Dockerfile` (the package, torch, FFmpeg).
-        worker_accelerator: Dataflow's worker accelerator, e.g. 'type:nvidia-l4;count:1;install-nvidia-driver';
+        worker_accelerator: the GPUs of the encode step's workers, e.g.
+            'type:nvidia-l4;count:1;install-nvidia-driver' (Dataflow's accelerator hint; other steps get none);
             needed with `--device cuda`.
-        machine_type: Dataflow worker machine type, e.g. 'g2-standard-8' for one L4 GPU.
+        machine_type: Dataflow worker machine type, e.g. 'g2-standard-8' for one L4 GPU; with
+            `worker_accelerator`, the encode step's workers' type.
         max_num_workers: upper bound of Dataflow's autoscaling.
         job_name: Dataflow job name; derived from the run id when None.
         detach: return once the Dataflow job is submitted; the job commits the run from its last step.
@@ -128,6 +130,12 @@ class BeamOptions:
                     f"use Dataflow's form, e.g. '{_ACCELERATOR_EXAMPLE}'"
                 )
                 raise ConfigError(msg)
+            if self.machine_type and "machine_type:" in self.worker_accelerator:
+                msg = (
+                    "--machine-type and the machine_type of --worker-accelerator both name the GPU workers' "
+                    "machine: give it once"
+                )
+                raise ConfigError(msg)
         if self.max_num_workers is not None and self.max_num_workers < 1:
             msg = f"--max-num-workers must be at least 1, got {self.max_num_workers}"
             raise ConfigError(msg)
@@ -185,8 +193,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     beam.add_argument("--temp-location", help="Dataflow: gs:// folder for temporary files")
     beam.add_argument("--staging-location", help="Dataflow: gs:// folder for staged files (default: temp location)")
     beam.add_argument("--sdk-container-image", help="Dataflow: worker image built from infra/Dockerfile")
-    beam.add_argument("--worker-accelerator", help=f"Dataflow: GPUs per worker, e.g. '{_ACCELERATOR_EXAMPLE}'")
-    beam.add_argument("--machine-type", help="Dataflow: worker machine type, e.g. g2-standard-8")
+    beam.add_argument("--worker-accelerator",
+                      help=f"Dataflow: GPUs of the encode step's workers, e.g. '{_ACCELERATOR_EXAMPLE}'")
+    beam.add_argument("--machine-type",
+                      help="Dataflow: worker machine type, e.g. g2-standard-8 (with --worker-accelerator: the "
+                           "encode step's workers)")
     beam.add_argument("--max-num-workers", type=int, help="Dataflow: autoscaling limit")
     beam.add_argument("--job-name", help="Dataflow: job name (default: derived from the run id)")
     beam.add_argument("--detach", action="store_true",

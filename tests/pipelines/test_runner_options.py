@@ -61,6 +61,8 @@ def test_an_unknown_runner_is_refused_with_the_valid_ones(capsys, tmp_path):
         ({"worker_accelerator": ACCELERATOR}, "--worker-accelerator attaches GPUs the encoder would not use"),
         ({"worker_accelerator": "nvidia-l4", "encoder": EncoderConfig(device="cuda")}, "names no GPU type"),
         ({"max_num_workers": 0}, "--max-num-workers must be at least 1"),
+        ({"worker_accelerator": f"{ACCELERATOR};machine_type:g2-standard-8", "machine_type": "g2-standard-4",
+          "encoder": EncoderConfig(device="cuda")}, "--machine-type and the machine_type of --worker-accelerator"),
     ],
 )
 def test_malformed_dataflow_options_name_the_option_and_the_fix(changes, message):
@@ -138,9 +140,12 @@ def test_dataflow_gets_runner_v2_the_worker_image_and_gpus():
     assert (cloud.project, cloud.region, cloud.temp_location, cloud.staging_location) == (
         "my-project", "us-central1", "gs://my-bucket/tmp", "gs://my-bucket/tmp")
     assert cloud.job_name == "catalog-embed-20261123t101500z-0a1b2c3d"
-    assert cloud.dataflow_service_options == [f"worker_accelerator={ACCELERATOR}"]
+    # Right fitting: the GPU and its machine go to the encode step's hint (`test_stage_placement`), not to every
+    # worker, which the service option and a pipeline-wide GPU machine type would do.
+    assert not cloud.dataflow_service_options
+    assert options.encoder_accelerator() == f"{ACCELERATOR};machine_type:g2-standard-8"
     assert worker.sdk_container_image == DATAFLOW.sdk_container_image
-    assert (worker.machine_type, worker.max_num_workers, worker.network) == ("g2-standard-8", 8, "default")
+    assert (worker.machine_type, worker.max_num_workers, worker.network) == (None, 8, "default")
     assert "use_runner_v2" in beam.get_all_options()["experiments"]
 
 

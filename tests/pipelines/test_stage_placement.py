@@ -9,17 +9,24 @@ import io
 import warnings
 from collections.abc import Iterator
 
+import apache_beam as beam
+import pyarrow.parquet as pq
 import pytest
 import ray
 from ray.util.annotations import RayDeprecationWarning
 
 from pipelines.runners import EmbedJob
-from pipelines.runners.options import RayOptions
+from pipelines.runners.beam import BeamRunner, DataflowRunner, build_pipeline
+from pipelines.runners.options import BeamOptions, RayOptions
 from pipelines.runners.ray import MIB, build_dataset
 from schemas.manifest import WorkItem
 from workers.audio import DecodeConfig
 from workers.rows import RowContext
 from workers.stages import EncoderConfig
+
+
+ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
+ACCELERATOR_HINT = "beam:resources:accelerator:v1"
 
 
 def _job(device: str, workers: int = 1) -> EmbedJob:
@@ -76,3 +83,37 @@ def test_ray_in_flight_shards_are_bounded_by_the_object_store_budget(local_ray):
     assert ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory == default
     assert unbounded.context.execution_options.resource_limits.object_store_memory == default
     assert bounded._logical_plan.dag.compute.max_tasks_in_flight_per_actor == 2
+
+
+def _beam_steps(runner: BeamRunner, tmp_path) -> dict[str, bytes | None]:
+    """Each leaf step (unique name) of the graph `runner` builds, with its accelerator hint (None without)."""
+    job = _job("cuda")
+    shards = tmp_path / "shards.parquet"
+    pq.write_table(job.shard_table(), shards)
+    pipeline = beam.Pipeline()
+    build_pipeline(pipeline, job, str(shards), runner.encoder_accelerator())
+    proto = pipeline.to_runner_api()
+    environments = proto.components.environments
+    return {
+        t.unique_name: environments[t.environment_id].resource_hints.get(ACCELERATOR_HINT)
+        for t in proto.components.transforms.values()
+        if t.environment_id and not t.subtransforms
+    }
+
+
+def test_on_dataflow_only_the_encode_step_asks_for_a_gpu_and_decode_runs_apart(tmp_path):
+    runner = DataflowRunner(BeamOptions(worker_accelerator=ACCELERATOR, machine_type="g2-standard-8"))
+    steps = _beam_steps(runner, tmp_path)
+    hinted = {name for name, hint in steps.items() if hint is not None}
+    assert hinted and all(name.startswith("Embed/") for name in hinted)
+    assert {steps[name] for name in hinted} == {f"{ACCELERATOR};machine_type:g2-standard-8".encode()}
+    assert any(name.startswith("Decode") for name in steps) and all(
+        steps[name] is None for name in steps if name.startswith(("Shards", "Decode", "WriteShard", "Commit")))
+    # The fusion break between the CPU and the GPU steps.
+    assert any(name.startswith("ToEncoderWorkers/") for name in steps)
+
+
+def test_beam_local_runners_keep_decode_and_encode_fused_without_hints(tmp_path):
+    steps = _beam_steps(BeamRunner(), tmp_path)
+    assert all(hint is None for hint in steps.values())
+    assert not any(name.startswith("ToEncoderWorkers") for name in steps)
