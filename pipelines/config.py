@@ -20,7 +20,7 @@ from typing import Any
 from pipelines.io import storage
 from pipelines.io.catalog import UriPolicy
 from pipelines.io.store import run_id_problem
-from pipelines.runners.options import BEAM_RUNNERS, RUNNER_CLASSES, BeamOptions, RayOptions
+from pipelines.runners.options import ACCELERATOR_EXAMPLE, BEAM_RUNNERS, RUNNER_CLASSES, BeamOptions, RayOptions
 from schemas.errors import ConfigError
 from workers.audio import DecodeConfig
 from workers.stages import FRONT_END_PLACEMENTS, EncoderConfig
@@ -204,7 +204,6 @@ def _run_id(value: str) -> bool:
 
 _POSITIVE = "be positive"
 _BEAM = "Beam and Dataflow (--runner beam, --runner dataflow)"
-_DATAFLOW_ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
 
 OPTIONS: tuple[Option, ...] = (
     Option("catalog", "--catalog", "manifest (.csv/.parquet/.jsonl), directory or glob; any fsspec URI", required=True),
@@ -286,9 +285,13 @@ OPTIONS: tuple[Option, ...] = (
            group=_BEAM),
     Option(
         "beam.worker_accelerator", "--worker-accelerator",
-        f"Dataflow: GPUs per worker, e.g. '{_DATAFLOW_ACCELERATOR}'", group=_BEAM,
+        f"Dataflow: GPUs of the encode step's workers, e.g. '{ACCELERATOR_EXAMPLE}'", group=_BEAM,
     ),
-    Option("beam.machine_type", "--machine-type", "Dataflow: worker machine type, e.g. g2-standard-8", group=_BEAM),
+    Option(
+        "beam.machine_type", "--machine-type",
+        "Dataflow: worker machine type, e.g. g2-standard-8 (with --worker-accelerator: the encode step's workers)",
+        group=_BEAM,
+    ),
     Option("beam.max_num_workers", "--max-num-workers", "Dataflow: autoscaling limit", type=int, group=_BEAM),
     Option("beam.job_name", "--job-name", "Dataflow: job name (unset: derived from the run id)", group=_BEAM),
     Option(
@@ -305,6 +308,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("ray.embed_actors", "--embed-actors", "encoder actors (one GPU each with --device cuda)",
            group="Ray (--runner ray)"),
+    Option(
+        "ray.object_store_mb", "--object-store-mb",
+        "object-store memory for shards in flight; decoders wait when it is full (unset: Ray Data's share of the "
+        "cluster's object store)",
+        type=int, group="Ray (--runner ray)",
+    ),
 )
 
 

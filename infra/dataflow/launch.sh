@@ -30,16 +30,18 @@ case "${1:-}" in
     ;;
   run)
     # gcloud splits --parameters on commas; '^~^' makes '~' the separator, since the accelerator holds ';'.
+    # Right fitting: the GPU machine is named in the accelerator, which only the encode step asks for; the worker
+    # machine type is the CPU workers' that decode (infra/README.md, "GPUs for the encode step only").
     gcloud dataflow flex-template run "catalog-embed-$(date -u +%Y%m%d-%H%M%S)" \
       --project "${PROJECT}" \
       --region "${REGION}" \
       --template-file-gcs-location "${TEMPLATE}" \
       --temp-location "gs://${BUCKET}/tmp" \
       --staging-location "gs://${BUCKET}/staging" \
-      --worker-machine-type g2-standard-8 \
+      --worker-machine-type n2-highcpu-16 \
       --max-workers 8 \
       --additional-experiments use_runner_v2 \
-      --parameters "^~^catalog=gs://${BUCKET}/catalog/manifest.parquet~out=gs://${BUCKET}/tables~sdk_container_image=${IMAGE}~device=cuda~worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver~batch_windows=256"
+      --parameters "^~^catalog=gs://${BUCKET}/catalog/manifest.parquet~out=gs://${BUCKET}/tables~sdk_container_image=${IMAGE}~device=cuda~worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver;machine_type:g2-standard-8~batch_windows=256"
     ;;
   *)
     echo "usage: $0 build|run" >&2

@@ -2,6 +2,7 @@
 
     shards (Parquet, one row per shard) | Reshuffle
       | Decode        DecodeStage in a supervised child process with a timeout and a memory cap (CPU)
+      | (Reshuffle)   on Dataflow with GPUs only: decode on CPU workers, encode on GPU workers (right fitting)
       | RunInference  ShardModelHandler: the shard core (`workers.shard.ShardEmbedder`), one model per worker
                       process; it batches across the shard's tracks, routes failures and counts
       | WriteShard    write_shard: deterministic part names
@@ -84,6 +85,10 @@ class BeamRunner:
             direct_running_mode="multi_processing" if job.workers > 1 else "in_memory",
         )
 
+    def encoder_accelerator(self) -> str | None:
+        """The accelerator resource hint of the encode step; Beam's local runners place no steps (None)."""
+        return None
+
     def run(self, job: EmbedJob, progress: Progress | None = None) -> RunStats:
         """Stage the work items, build and run the pipeline; the pipeline commits the run itself.
 
@@ -100,7 +105,7 @@ class BeamRunner:
             raise ConfigError(msg)
         shards_uri = _stage_shards(job)
         pipeline = beam.Pipeline(options=self.pipeline_options(job))
-        build_pipeline(pipeline, job, shards_uri)
+        build_pipeline(pipeline, job, shards_uri, self.encoder_accelerator())
         result = pipeline.run()
         # A Flex Template launcher gets a result without a job (it only built the graph); a detached submission
         # does not wait. Either way the job commits the run from its last step.
@@ -129,7 +134,19 @@ class DataflowRunner(BeamRunner):
 
     The options were validated with the config (`BeamOptions.validate`): project, region, a gs:// temp location,
     the worker image and, with `--device cuda`, a worker accelerator.
+
+    GPUs go to the encode step only (Dataflow's "right fitting"): `--worker-accelerator` becomes that step's
+    accelerator resource hint, with `--machine-type` as its machine, instead of a service option that would put a
+    GPU on every worker. The decode step runs on Dataflow's CPU workers (their type: `--beam-option
+    machine_type=...`), and a Reshuffle between the two steps lets Dataflow run them on different workers.
     """
+
+    def encoder_accelerator(self) -> str | None:
+        """`--worker-accelerator` as Dataflow's accelerator hint, with `--machine-type` as the GPU workers' type."""
+        o = self.options
+        if not o.worker_accelerator:
+            return None
+        return f"{o.worker_accelerator};machine_type:{o.machine_type}" if o.machine_type else o.worker_accelerator
 
     def pipeline_options(self, job: EmbedJob) -> PipelineOptions:
         """Beam options of a Dataflow job."""
@@ -146,28 +163,41 @@ class DataflowRunner(BeamRunner):
             "experiments": ["use_runner_v2"],
             "job_name": o.job_name or _job_name(job.run_id),
         }
-        if o.worker_accelerator:
-            settings["dataflow_service_options"] = [f"worker_accelerator={o.worker_accelerator}"]
-        if o.machine_type:
+        if o.machine_type and not o.worker_accelerator:
             settings["machine_type"] = o.machine_type
         if o.max_num_workers:
             settings["max_num_workers"] = o.max_num_workers
         return PipelineOptions(list(o.pipeline_args), **settings)
 
 
-def build_pipeline(pipeline: beam.Pipeline, job: EmbedJob, shards_uri: str) -> beam.PCollection:
+def build_pipeline(
+    pipeline: beam.Pipeline, job: EmbedJob, shards_uri: str, accelerator: str | None = None
+) -> beam.PCollection:
     """Add the embed graph (see the module docstring) to `pipeline`.
+
+    Args:
+        accelerator: the encode step's accelerator resource hint (Dataflow's form); with it, a Reshuffle breaks
+            the fusion of decode and encode so that each runs on workers of its own. Without it the steps stay
+            fused: a bundle-at-a-time runner (the DirectRunner) would otherwise hold every decoded shard of the run
+            in memory before encoding the first.
 
     Returns:
         The single-element PCollection of the status the run was committed with.
     """
     lean = job.without_items()
-    return (
+    embed = RunInference(ShardModelHandler(job.shard_embedder()), metrics_namespace=METRICS_NAMESPACE)
+    decoded = (
         pipeline
         | "Shards" >> beam.io.ReadFromParquet(shards_uri)
         | "Reshuffle" >> beam.Reshuffle()
         | "Decode" >> beam.ParDo(_DecodeShardFn(job.decode_stage(), job.decode_timeout_s))
-        | "Embed" >> RunInference(ShardModelHandler(job.shard_embedder()), metrics_namespace=METRICS_NAMESPACE)
+    )
+    if accelerator:
+        decoded = decoded | "ToEncoderWorkers" >> beam.Reshuffle()
+        embed = embed.with_resource_hints(accelerator=accelerator)
+    return (
+        decoded
+        | "Embed" >> embed
         | "WriteShard" >> beam.ParDo(_WriteShardFn(lean))
         | "RunStats" >> beam.CombineGlobally(_MergeStats())
         | "Commit" >> beam.Map(_commit, lean)

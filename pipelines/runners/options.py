@@ -22,7 +22,7 @@ RUNNER_CLASSES: dict[str, str] = {
 }
 BEAM_RUNNERS = ("direct", "prism")
 # A Dataflow worker accelerator as Dataflow spells it, e.g. "type:nvidia-l4;count:1;install-nvidia-driver".
-_ACCELERATOR_EXAMPLE = "type:nvidia-l4;count:1;install-nvidia-driver"
+ACCELERATOR_EXAMPLE = "type:nvidia-l4;count:1;install-nvidia-driver"
 _REMOTE_SCHEMES = ("gs://", "s3://")
 
 
@@ -38,9 +38,11 @@ class BeamOptions:
         temp_location: gs:// folder Dataflow stages temporary files in.
         staging_location: gs:// folder for staged packages; defaults to `temp_location`.
         sdk_container_image: the worker image built from `infra/Dockerfile` (the package, torch, FFmpeg).
-        worker_accelerator: Dataflow's worker accelerator, e.g. 'type:nvidia-l4;count:1;install-nvidia-driver';
+        worker_accelerator: the GPUs of the encode step's workers, e.g.
+            'type:nvidia-l4;count:1;install-nvidia-driver' (Dataflow's accelerator hint; other steps get none);
             needed with `--device cuda`.
-        machine_type: Dataflow worker machine type, e.g. 'g2-standard-8' for one L4 GPU.
+        machine_type: Dataflow worker machine type, e.g. 'g2-standard-8' for one L4 GPU; with
+            `worker_accelerator`, the encode step's workers' type.
         max_num_workers: upper bound of Dataflow's autoscaling.
         job_name: Dataflow job name; derived from the run id when None.
         detach: return once the Dataflow job is submitted; the job commits the run from its last step.
@@ -122,7 +124,7 @@ class BeamOptions:
                 )
                 raise ConfigError(msg)
         if device.startswith("cuda") and not self.worker_accelerator:
-            msg = f"--device {device} on Dataflow needs --worker-accelerator, e.g. '{_ACCELERATOR_EXAMPLE}'"
+            msg = f"--device {device} on Dataflow needs --worker-accelerator, e.g. '{ACCELERATOR_EXAMPLE}'"
             raise ConfigError(msg)
         if self.worker_accelerator:
             if not device.startswith("cuda"):
@@ -131,7 +133,13 @@ class BeamOptions:
             if "type:" not in self.worker_accelerator:
                 msg = (
                     f"--worker-accelerator {self.worker_accelerator!r} names no GPU type: "
-                    f"use Dataflow's form, e.g. '{_ACCELERATOR_EXAMPLE}'"
+                    f"use Dataflow's form, e.g. '{ACCELERATOR_EXAMPLE}'"
+                )
+                raise ConfigError(msg)
+            if self.machine_type and "machine_type:" in self.worker_accelerator:
+                msg = (
+                    "--machine-type and the machine_type of --worker-accelerator both name the GPU workers' "
+                    "machine: give it once"
                 )
                 raise ConfigError(msg)
         if self.max_num_workers is not None and self.max_num_workers < 1:
@@ -147,10 +155,14 @@ class RayOptions:
         address: an existing cluster: 'auto' (the one `ray start` or `ray job submit` set up), 'host:port' of
             its head, or 'ray://host:10001' (Ray Client). None starts a local Ray instance for the run.
         embed_actors: encoder actors in the pool (each takes one GPU with `--device cuda`).
+        object_store_mb: the object-store memory the run may fill with shards in flight (decoded audio waiting
+            for an encoder, outputs waiting for the sink), across the cluster; decoders wait when it is full.
+            None leaves Ray Data's default, a share of the cluster's object store.
     """
 
     address: str | None = None
     embed_actors: int = 1
+    object_store_mb: int | None = None
 
     def uses_cluster(self) -> bool:
         """Whether the run goes to an existing cluster: `--address`, or RAY_ADDRESS as `ray job submit` sets it."""
@@ -160,13 +172,17 @@ class RayOptions:
         """Raise ConfigError naming the option to change (reachability is checked by the runner)."""
         if runner != "ray":
             given = [flag for flag, changed in (("--address", self.address is not None),
-                                                ("--embed-actors", self.embed_actors != 1)) if changed]
+                                                ("--embed-actors", self.embed_actors != 1),
+                                                ("--object-store-mb", self.object_store_mb is not None)) if changed]
             if given:
                 msg = f"{', '.join(given)} only apply to --runner ray (the runner is {runner!r})"
                 raise ConfigError(msg)
             return
         if self.embed_actors < 1:
             msg = f"--embed-actors must be at least 1, got {self.embed_actors}"
+            raise ConfigError(msg)
+        if self.object_store_mb is not None and self.object_store_mb < 1:
+            msg = f"--object-store-mb must be at least 1, got {self.object_store_mb}"
             raise ConfigError(msg)
         if self.address is not None and not self.address.strip():
             msg = "--address is empty: pass 'auto', the head's host:port, or ray://host:10001"

@@ -10,9 +10,12 @@ module only places the stages (with the resources they declare) and moves shards
 
 A row is a shard, from the first operator to the sink: each shard's part files are then the product of exactly one
 write, under their deterministic name, without a shuffle. Shards stream: the encoder actors embed one shard while
-CPU tasks decode the next ones. A shard's decoded windows travel as one row, so `--shard-size` bounds the memory in
-flight. The sink's `on_write_complete` runs on the driver and gathers the shards' stats; `run_embed` then commits
-the run there.
+CPU tasks decode the next ones. On a cluster the `--workers` decode tasks run on whichever nodes have free cores
+(CPU-only nodes included) and the encoder actors on the GPU nodes (`build_dataset`), so CPU nodes can feed a GPU
+node. A shard's decoded windows travel as one row, so `--shard-size` sets the unit of memory in flight, and the
+object-store budget (`--object-store-mb`, else Ray Data's default share) bounds the shards in flight: decoders
+that outrun the encoders wait. The sink's `on_write_complete` runs on the driver and gathers the shards' stats;
+`run_embed` then commits the run there.
 
 `--address` reaches an existing cluster; under `ray job submit` the entrypoint runs on the cluster with
 RAY_ADDRESS set, so the same command line works with or without `--address auto`. Without either, a local Ray
@@ -46,8 +49,10 @@ from workers.stages import DecodeStage, EncoderConfig, Stage
 
 # Seconds to wait for a cluster's head to accept a connection before calling --address unreachable.
 _CONNECT_TIMEOUT_S = 3.0
-# Attempts after the first for a decode task whose worker died: enough for a preempted node, not a crash loop.
-_DECODE_TASK_RETRIES = 2
+MIB = 1 << 20
+# Shards handed to an encoder actor at once: the one it embeds and the next, whose decoded audio moves to the
+# actor's node meanwhile. More would only hold decoded audio on the GPU node that other actors could embed sooner.
+_SHARDS_QUEUED_PER_ACTOR = 2
 _LOG = logging.getLogger(__name__)
 _DECODE_POOLS: dict[tuple[EncoderConfig, DecodeConfig, float], IsolatedPool] = {}
 
@@ -94,35 +99,52 @@ class RayRunner:
         return stats
 
     def _run(self, job: EmbedJob) -> RunStats:
-        decode, embedder = job.decode_stage(), job.shard_embedder()
-        if embedder.resources.gpus and not ray.cluster_resources().get("GPU"):
+        dataset = build_dataset(job, self.options)
+        if job.encoder.gpus and not ray.cluster_resources().get("GPU"):
             _LOG.warning("--device %s: the Ray cluster has no GPU yet; the encoder actors wait for one",
                          job.encoder.device)
         sink = PartSink(job.without_items())
-        shards = [{"shard": shard, "items": _pack(list(items))} for shard, items in job.shards()]
-        (
-            # One block per shard, so that every decode task starts on its own shard.
-            ray.data.from_items(shards, override_num_blocks=len(shards))
-            .map(
-                _decode_shard,
-                fn_kwargs={"stage": decode, "timeout_s": job.decode_timeout_s},
-                compute=ray.data.TaskPoolStrategy(size=job.workers),
-                **_reserved(decode),
-                # Ray Data retries a task whose worker died forever; decoders run in child processes, so a worker
-                # dies of something else (a lost node) and a few retries suffice. (Differing from the actors'
-                # options also keeps Ray from fusing the decode tasks into the encoder actors, which would
-                # serialise decoding behind encoding.)
-                max_retries=_DECODE_TASK_RETRIES,
-            )
-            .map(
-                _EmbedShard,
-                fn_constructor_args=(embedder,),
-                compute=ray.data.ActorPoolStrategy(size=self.options.embed_actors),
-                **_reserved(embedder),
-            )
-            .write_datasink(sink)
-        )
+        dataset.write_datasink(sink)
         return sink.stats
+
+
+def build_dataset(job: EmbedJob, options: RayOptions) -> ray.data.Dataset:
+    """The decode and embed stages of `job` as a lazy Ray Data pipeline (the sink is added by the runner).
+
+    Decode tasks reserve one core each and run on any node with a free one (Ray Data spreads tasks); the encoder
+    actors reserve their core and, with `--device cuda`, their GPU, so they land on the GPU nodes. The executor
+    pulls decoded shards towards the actors only while the run's object-store budget has room
+    (`--object-store-mb`, else Ray Data's default share of the cluster's object store): decoders that outrun the
+    encoder wait instead of piling decoded audio up, and an encoder that outruns the decoders always has the next
+    shard queued (`_SHARDS_QUEUED_PER_ACTOR`).
+    """
+    decode, embedder = job.decode_stage(), job.shard_embedder()
+    shards = [{"shard": shard, "items": _pack(list(items))} for shard, items in job.shards()]
+    # One block per shard, so that every decode task starts on its own shard.
+    dataset = ray.data.from_items(shards, override_num_blocks=len(shards))
+    if options.object_store_mb is not None:
+        # The dataset's own copy of the DataContext: the limit holds for this run only.
+        execution = dataset.context.execution_options
+        execution.resource_limits = execution.resource_limits.copy(object_store_memory=options.object_store_mb * MIB)
+    return dataset.map(
+        _decode_shard,
+        fn_kwargs={"stage": decode, "timeout_s": job.decode_timeout_s},
+        compute=ray.data.TaskPoolStrategy(size=job.workers),
+        **_reserved(decode),
+        # Ray's default for CPU tasks, said out loud: a worker runs any number of decode tasks, so its decode child
+        # (`_decode_pool`) is started once per worker. Named, it also keeps Ray Data from fusing the decode tasks
+        # into the encoder actors (it fuses only operators with equal remote arguments), which would serialise
+        # decoding behind encoding when the encoder declares no GPU. (A task whose worker died is retried by Ray
+        # Data's default: system failures such as a lost node, never a decoder's error, which the child reports.)
+        max_calls=0,
+    ).map(
+        _EmbedShard,
+        fn_constructor_args=(embedder,),
+        compute=ray.data.ActorPoolStrategy(
+            size=options.embed_actors, max_tasks_in_flight_per_actor=_SHARDS_QUEUED_PER_ACTOR
+        ),
+        **_reserved(embedder),
+    )
 
 
 def _reserved(stage: Stage) -> dict[str, float]:

@@ -210,7 +210,7 @@ def test_the_flex_template_launch_command_and_the_nightly_body_launch_valid_runs
         assert set(parameters) <= _metadata_names(), "Dataflow refuses parameters the metadata does not declare"
         config = _launcher_config(parameters, environment)
         assert (config.encoder.device, config.beam.worker_accelerator) == (
-            "cuda", "type:nvidia-l4;count:1;install-nvidia-driver")
+            "cuda", "type:nvidia-l4;count:1;install-nvidia-driver;machine_type:g2-standard-8")
     assert _substitute(body["containerSpecGcsPath"]) == SHELL_VARS["TEMPLATE"]
     nightly = (INFRA / "dataflow" / "nightly.sh").read_text()
     assert "flexTemplates:launch" in nightly and "launch-body.json" in nightly

@@ -61,6 +61,8 @@ def test_an_unknown_runner_is_refused_with_the_valid_ones(capsys, tmp_path):
         ({"worker_accelerator": ACCELERATOR}, "--worker-accelerator attaches GPUs the encoder would not use"),
         ({"worker_accelerator": "nvidia-l4", "encoder": EncoderConfig(device="cuda")}, "names no GPU type"),
         ({"max_num_workers": 0}, "--max-num-workers must be at least 1"),
+        ({"worker_accelerator": f"{ACCELERATOR};machine_type:g2-standard-8", "machine_type": "g2-standard-4",
+          "encoder": EncoderConfig(device="cuda")}, "--machine-type and the machine_type of --worker-accelerator"),
     ],
 )
 def test_malformed_dataflow_options_name_the_option_and_the_fix(changes, message):
@@ -136,9 +138,12 @@ def test_dataflow_gets_runner_v2_the_worker_image_and_gpus():
     assert (cloud.project, cloud.region, cloud.temp_location, cloud.staging_location) == (
         "my-project", "us-central1", "gs://my-bucket/tmp", "gs://my-bucket/tmp")
     assert cloud.job_name == "catalog-embed-20261123t101500z-0a1b2c3d"
-    assert cloud.dataflow_service_options == [f"worker_accelerator={ACCELERATOR}"]
+    # Right fitting: the GPU and its machine go to the encode step's hint (`test_stage_placement`), not to every
+    # worker, which the service option and a pipeline-wide GPU machine type would do.
+    assert not cloud.dataflow_service_options
+    assert options.encoder_accelerator() == f"{ACCELERATOR};machine_type:g2-standard-8"
     assert worker.sdk_container_image == DATAFLOW.sdk_container_image
-    assert (worker.machine_type, worker.max_num_workers, worker.network) == ("g2-standard-8", 8, "default")
+    assert (worker.machine_type, worker.max_num_workers, worker.network) == (None, 8, "default")
     assert "use_runner_v2" in beam.get_all_options()["experiments"]
 
 
@@ -156,3 +161,12 @@ def test_the_flex_template_launcher_arguments_become_our_flags_and_beam_options(
         "gs://my-bucket/tmp", ACCELERATOR, "img")
     assert config.beam.pipeline_args == ("--template_location=gs://my-bucket/launch/job.json", "--network=default")
     replace(config, runner="dataflow").validate()
+
+
+def test_the_ray_object_store_budget_is_parsed_checked_and_only_for_ray(capsys, tmp_path):
+    catalog, out = str(tmp_path), str(tmp_path / "out")
+    assert main(["embed", "--catalog", catalog, "--out", out, "--object-store-mb", "512"]) == 2
+    assert "--object-store-mb only apply to --runner ray (the runner is 'local')" in capsys.readouterr().err
+    assert main(["embed", "--catalog", catalog, "--out", out, "--runner", "ray", "--object-store-mb", "0"]) == 2
+    assert "--object-store-mb must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

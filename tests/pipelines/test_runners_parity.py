@@ -1,11 +1,14 @@
 """Every runner writes the same tables: one catalog (every codec, every kind of broken file) through local, Beam's
-DirectRunner and a local Ray instance, each into its own output root, compared row by row. The encoder raises on
+DirectRunner (also with the graph Dataflow gets with GPUs: the encode step's accelerator hint and a fusion break
+before it, which the DirectRunner runs but does not place) and a local Ray instance, each into its own output root,
+compared row by row. The encoder raises on
 one track (the `encode` failpoint) in the main runs; a second set of runs uses an encoder that returns NaN on half
 the tracks. Each fault costs its own tracks a `failures` row, the same on every runner."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -15,12 +18,14 @@ from rich.console import Console
 from pipelines.config import EmbedConfig
 from pipelines.embed import RunSummary, run_embed
 from pipelines.io.store import STAGING, TableStore
+from pipelines.runners.beam import BeamRunner
+from workers import failpoints
 from schemas.tables import EMBEDDINGS, FAILURES, RUNS, WINDOWS
 from tests.byo_encoders import loud_half, loud_nan_encoder
-from workers import failpoints
 from workers.stages import EncoderConfig
 
 RUNNER_NAMES = ("local", "beam", "ray")
+RIGHT_FITTED = "beam, right-fitted"
 QUIET = Console(quiet=True)
 # Encoder batches are assembled differently by each engine; float32 convolutions over differently sized batches
 # agree to about 1e-6.
@@ -54,6 +59,9 @@ def runs(small_catalog, small_labels, tmp_path_factory) -> dict[str, tuple[Embed
                 write_windows=True,
             )
             results[runner] = (config, run_embed(config, QUIET))
+        monkeypatch.setattr(BeamRunner, "encoder_accelerator", lambda _: "type:nvidia-l4;count:1")
+        config = replace(results["beam"][0], out=str(tmp_path_factory.mktemp("tables-beam-right-fitted")))
+        results[RIGHT_FITTED] = (config, run_embed(config, QUIET))
     return results
 
 
@@ -91,7 +99,7 @@ def test_every_runner_writes_the_same_embeddings_failures_and_windows(runs, smal
     assert expected["failures"]["track_id"].to_pylist() == sorted([*bad, victim])
     failed = {row["track_id"]: (row["stage"], row["error_type"]) for row in expected["failures"].to_pylist()}
     assert failed[victim] == ("encode", "FailpointError")
-    for runner in RUNNER_NAMES[1:]:
+    for runner in [*RUNNER_NAMES[1:], RIGHT_FITTED]:
         config, _ = runs[runner]
         embeddings = _table(config, EMBEDDINGS)
         assert embeddings["track_id"].to_pylist() == good, runner
@@ -125,11 +133,11 @@ def test_every_runner_commits_one_runs_row_with_the_counts_it_reports(runs, smal
             len(small_labels) - n_good,
         ), runner
         (row,) = TableStore(config.out).read(RUNS).to_pylist()
-        assert (row["run_id"], row["status"], row["runner"]) == (summary.run_id, "succeeded", runner)
+        assert (row["run_id"], row["status"], row["runner"]) == (summary.run_id, "succeeded", config.runner)
         assert (row["n_embedded"], row["n_failed"]) == (summary.stats.n_embedded, summary.stats.n_failed)
         assert row["audio_seconds"] == pytest.approx(summary.stats.audio_seconds, rel=1e-3)
         assert {"decode", "encode", "write"} <= set(json.loads(row["stage_seconds_json"])), runner
-        assert json.loads(row["config_json"])["runner"] == runner
+        assert json.loads(row["config_json"])["runner"] == config.runner
         store = TableStore(config.out)
         assert not store.fs.exists(f"{store.staging_dir(summary.run_id)}"), f"{runner} left {STAGING} behind"
 
