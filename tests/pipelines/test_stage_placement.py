@@ -15,12 +15,12 @@ import pytest
 import ray
 from ray.util.annotations import RayDeprecationWarning
 
+from pipelines.config import EmbedConfig
 from pipelines.runners import EmbedJob
 from pipelines.runners.beam import BeamRunner, DataflowRunner, build_pipeline
 from pipelines.runners.options import BeamOptions, RayOptions
 from pipelines.runners.ray import MIB, build_dataset
-from schemas.manifest import WorkItem
-from workers.audio import DecodeConfig
+from schemas.records import WorkItem
 from workers.rows import RowContext
 from workers.stages import EncoderConfig
 
@@ -31,15 +31,15 @@ ACCELERATOR_HINT = "beam:resources:accelerator:v1"
 
 def _job(device: str, workers: int = 1) -> EmbedJob:
     items = tuple(WorkItem(f"t{i}", f"/nowhere/t{i}.mp3", "f") for i in range(4))
+    config = EmbedConfig(
+        catalog="/nowhere/catalog", out="/nowhere/tables", encoder=EncoderConfig(device=device), workers=workers,
+        shard_size=2,
+    )
     return EmbedJob(
         run_id="20261130T000000Z-0a1b2c3d",
-        out="/nowhere/tables",
+        config=config,
         items=items,
-        encoder=EncoderConfig(device=device),
-        decode=DecodeConfig(),
         rows=RowContext("r", "musicnn-msd", ("penultimate",), "v", "h"),
-        workers=workers,
-        shard_size=2,
     )
 
 
