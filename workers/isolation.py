@@ -61,6 +61,7 @@ class IsolatedPool:
         self._memory_mb = memory_mb
         self._crash_retries = crash_retries
         self._crashes: dict[int, int] = {}
+        self._closed = False
         self._children = [self._start() for _ in range(workers)]
 
     def _start(self) -> _Child:
@@ -69,19 +70,30 @@ class IsolatedPool:
             target=_child_main, args=(child, self._stage, self._memory_mb), daemon=True, name="catalog-embed-decode"
         )
         # Ctrl-C reaches the whole process group. The supervisor stops the run and its children end with it; a
-        # child taking the signal itself would print a traceback. The child ignores SIGINT once it runs; until then
-        # it starts with SIGINT blocked: a signal mask survives fork and exec (a handler would not), and blocking
-        # works on any thread (Beam runs bundles on threads).
+        # child taking the signal itself would print a traceback. The child ignores SIGINT once it runs; before that
+        # it imports its stage. An ignored SIGINT survives exec, and Python keeps it ignored, so the child is started
+        # with SIGINT ignored where this process may set that (its main thread; a Ctrl-C in those few milliseconds
+        # is lost). Elsewhere (Beam runs bundles on threads) SIGINT is blocked around the start, which keeps a
+        # signal from this thread but, as measured, not from the spawned interpreter's start-up.
+        main = threading.current_thread() is threading.main_thread()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
             process.start()
         finally:
+            if main:
+                signal.signal(signal.SIGINT, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         child.close()
         return _Child(process, parent)
 
     def close(self) -> None:
-        """Stop every child (idle ones exit cleanly, busy ones are killed)."""
+        """Stop every child (idle ones exit cleanly, busy ones are killed).
+
+        A thread still iterating `imap` (an interrupted run's feeder) then stops, without replacing the children it
+        sees die: a child started while the process exits would be killed half-way through its start.
+        """
+        self._closed = True
         for child in self._children:
             if child.ready and child.index is None and child.process.is_alive():
                 child.conn.send(None)
@@ -131,7 +143,7 @@ class IsolatedPool:
                     self._crashes.pop(next_yield, None)
                     next_yield += 1
                 continue
-            if exhausted and next_yield == next_read:
+            if (exhausted and next_yield == next_read) or self._closed:
                 return
             self._collect(window, done, queue)
 
@@ -177,6 +189,8 @@ class IsolatedPool:
             else:
                 continue
             child.conn.close()
+            if self._closed:
+                return
             self._children[position] = self._start()
 
 

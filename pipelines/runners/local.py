@@ -82,7 +82,11 @@ class _DecodeFeeder(Iterator[Decoded]):
     def __init__(self, pool: IsolatedPool, items: Iterable[WorkItem], ahead: int) -> None:
         self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._feed, args=(pool, items, ahead), name="decode-feeder")
+        # A daemon: after an interrupt it may still wait on a decoding (or hanging) child, until the pool, closed
+        # right after the feeder, kills its children; it must never hold the process open.
+        self._thread = threading.Thread(
+            target=self._feed, args=(pool, items, ahead), name="decode-feeder", daemon=True
+        )
 
     def __enter__(self) -> _DecodeFeeder:
         self._thread.start()
@@ -90,7 +94,9 @@ class _DecodeFeeder(Iterator[Decoded]):
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        # A finished run's feeder has returned; an interrupted one's may be blocked in the pool for as long as a
+        # decode can take (--decode-timeout): do not wait for it, the pool's exit ends what it waits on.
+        self._thread.join(timeout=_POLL_S * 10)
 
     def __next__(self) -> Decoded:
         ok, value = self._queue.get()

@@ -10,7 +10,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -65,6 +67,27 @@ def _staged_run(out: str) -> str:
     return runs[0]
 
 
+class Held(NamedTuple):
+    """A held run (see `_held_run`) on the first 10 good tracks, and a second catalog of the other good ones."""
+
+    good: list[str]
+    catalog: str
+    other_catalog: str
+    out: str
+    proc: subprocess.Popen
+    run_id: str
+
+
+@pytest.fixture
+def held(small_catalog, small_labels, tmp_path) -> Held:
+    good, _ = expected_tracks(small_labels)
+    catalog = _catalog(small_catalog, tmp_path / "first", lambda t: t in good[:10])
+    other = _catalog(small_catalog, tmp_path / "second", lambda t: t in good[10:])
+    out = str(tmp_path / "out")
+    proc = _held_run(catalog, out, hang=good[6])
+    return Held(good, catalog, other, out, proc, _staged_run(out))
+
+
 # -- 1: run ids are names, never paths ------------------------------------------------------------------------
 
 
@@ -92,13 +115,8 @@ def test_the_store_never_resolves_a_run_id_outside_its_staging(tmp_path):
 # -- 2: no run adopts another's live staging; a run that loses its staging fails loudly ---------------------------
 
 
-def test_a_run_on_another_catalog_does_not_adopt_a_live_run(small_catalog, small_labels, tmp_path):
-    good, _ = expected_tracks(small_labels)
-    first = _catalog(small_catalog, tmp_path / "first", lambda t: t in good[:10])
-    second = _catalog(small_catalog, tmp_path / "second", lambda t: t in good[10:])
-    out = str(tmp_path / "out")
-    proc = _held_run(first, out, hang=good[6])
-    live = _staged_run(out)
+def test_a_run_on_another_catalog_does_not_adopt_a_live_run(held):
+    good, second, out, proc, live = held.good, held.other_catalog, held.out, held.proc, held.run_id
     other = run_embed(EmbedConfig(catalog=second, out=out, encoder=FAST), QUIET)
     assert other.run_id != live and other.status == "succeeded"
     assert other.stats.n_embedded == len(good[10:])
@@ -109,13 +127,8 @@ def test_a_run_on_another_catalog_does_not_adopt_a_live_run(small_catalog, small
     assert embedded == sorted(set(good) - {good[6]}) and failed == [good[6]]
 
 
-def test_an_interrupted_run_is_resumed_only_by_a_run_of_the_same_work(small_catalog, small_labels, tmp_path):
-    good, _ = expected_tracks(small_labels)
-    first = _catalog(small_catalog, tmp_path / "first", lambda t: t in good[:10])
-    second = _catalog(small_catalog, tmp_path / "second", lambda t: t in good[10:])
-    out = str(tmp_path / "out")
-    proc = _held_run(first, out, hang=good[6])
-    interrupted = _staged_run(out)
+def test_an_interrupted_run_is_resumed_only_by_a_run_of_the_same_work(held):
+    good, first, second, out, proc, interrupted = held
     os.killpg(proc.pid, signal.SIGINT)
     finish(proc)
     other = run_embed(EmbedConfig(catalog=second, out=out, encoder=FAST), QUIET)
@@ -127,12 +140,8 @@ def test_an_interrupted_run_is_resumed_only_by_a_run_of_the_same_work(small_cata
     assert table_tracks(out) == (sorted(good[:10]), [])
 
 
-def test_a_run_whose_staging_is_taken_over_commits_nothing_and_fails(small_catalog, small_labels, tmp_path):
-    good, _ = expected_tracks(small_labels)
-    catalog = _catalog(small_catalog, tmp_path / "catalog", lambda t: t in good[:10])
-    out = str(tmp_path / "out")
-    proc = _held_run(catalog, out, hang=good[6])
-    run_id = _staged_run(out)
+def test_a_run_whose_staging_is_taken_over_commits_nothing_and_fails(held):
+    out, proc, run_id = held.out, held.proc, held.run_id
     lease_path = Path(out, STAGING, run_id, LEASE_FILE)
     lease = json.loads(lease_path.read_text())
     lease_path.write_text(json.dumps(lease | {"owner": "someone-else"}))
@@ -142,12 +151,8 @@ def test_a_run_whose_staging_is_taken_over_commits_nothing_and_fails(small_catal
     assert table_tracks(out) == ([], [])
 
 
-def test_a_live_run_id_is_refused_to_a_second_run(small_catalog, small_labels, tmp_path, capsys):
-    good, _ = expected_tracks(small_labels)
-    catalog = _catalog(small_catalog, tmp_path / "catalog", lambda t: t in good[:10])
-    out = str(tmp_path / "out")
-    proc = _held_run(catalog, out, hang=good[6])
-    run_id = _staged_run(out)
+def test_a_live_run_id_is_refused_to_a_second_run(held, capsys):
+    catalog, out, proc, run_id = held.catalog, held.out, held.proc, held.run_id
     rc = main(["embed", "--catalog", catalog, "--out", out, "--model", "chroma-stats", "--run-id", run_id])
     assert rc == 2 and "running now" in capsys.readouterr().err
     assert finish(proc) and proc.returncode == 0
@@ -156,12 +161,8 @@ def test_a_live_run_id_is_refused_to_a_second_run(small_catalog, small_labels, t
 # -- 3: vacuum leaves live runs and foreign folders alone -----------------------------------------------------------
 
 
-def test_vacuum_during_a_run_skips_its_staging_and_folders_it_did_not_write(small_catalog, small_labels, tmp_path):
-    good, _ = expected_tracks(small_labels)
-    catalog = _catalog(small_catalog, tmp_path / "catalog", lambda t: t in good[:10])
-    out = str(tmp_path / "out")
-    proc = _held_run(catalog, out, hang=good[6])
-    run_id = _staged_run(out)
+def test_vacuum_during_a_run_skips_its_staging_and_folders_it_did_not_write(held):
+    good, out, proc, run_id = held.good, held.out, held.proc, held.run_id
     foreign = Path(out, STAGING, "notes")
     foreign.mkdir()
     (foreign / "todo.txt").write_text("mine")
@@ -173,12 +174,8 @@ def test_vacuum_during_a_run_skips_its_staging_and_folders_it_did_not_write(smal
     assert table_tracks(out)[0] == sorted(set(good[:10]) - {good[6]})
 
 
-def test_vacuum_removes_the_staging_of_a_dead_run(small_catalog, small_labels, tmp_path):
-    good, _ = expected_tracks(small_labels)
-    catalog = _catalog(small_catalog, tmp_path / "catalog", lambda t: t in good[:10])
-    out = str(tmp_path / "out")
-    proc = _held_run(catalog, out, hang=good[6])
-    run_id = _staged_run(out)
+def test_vacuum_removes_the_staging_of_a_dead_run(held):
+    out, proc, run_id = held.out, held.proc, held.run_id
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not read_lease(TableStore(out), run_id).alive()  # its process is gone: dead at once, not after the TTL
