@@ -48,10 +48,13 @@ def read_state(store: TableStore, model: str, request: Request) -> tuple[pa.Tabl
     """
     embedded_columns = ["track_id", "source_fingerprint", "model_version", "feature_hash", "deleted"]
     if store.exists(EMBEDDINGS):
-        rows = store.read(EMBEDDINGS, partition={"model": model})
+        # Vectors are read only for the extra layers asked for (their presence is the question), never the main one.
+        stored = set(pa.schema(store.table(EMBEDDINGS).schema()).names)
+        extra = [f"embedding_{layer}" for layer in request.layers[1:]]
+        columns = [*embedded_columns, "layer", *(c for c in extra if c in stored)]
+        rows = store.read(EMBEDDINGS, columns, partition={"model": model})
         covered = pc.equal(rows["layer"], request.layers[0])
-        for layer in request.layers[1:]:
-            column = f"embedding_{layer}"
+        for column in extra:
             has = pc.is_valid(rows[column]) if column in rows.column_names else pa.repeat(False, rows.num_rows)
             covered = pc.and_(covered, has)
         if request.windows:

@@ -409,9 +409,10 @@ class TableStore:
     ) -> pa.Table:
         """Read (part of) a table as Arrow, strings as plain `string`.
 
-        `filter_` applies after the scan, to plain strings, so callers write ordinary literals (see `scan`).
+        `filter_` applies after the scan, to plain strings, so callers write ordinary literals (see `scan`). Without
+        a filter only `columns` are read (the embeddings' vectors stay on disk when a caller needs their keys).
         """
-        table = self.scan(spec, partition).to_table()
+        table = self.scan(spec, partition).to_table(columns=columns if filter_ is None else None)
         plain = [f.with_type(pa.string()) if f.type == pa.string_view() else f for f in table.schema]
         table = table.cast(pa.schema(plain))
         if filter_ is not None:
