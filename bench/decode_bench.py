@@ -9,7 +9,11 @@ machine is shared: wall-clock medians go into the JSON too.
 Paths (decode-only = decode and downmix to mono at the file's rate; decode+resample = to 16 kHz):
 
   today            to_ndarray() + mean() downmix, torchaudio Kaiser-best sinc (64 zero crossings): the path before.
-  planes + soxr HQ `workers.audio.decode`: downmix from the decoder's float planes, soxr HQ (the chosen path).
+  planes + soxr HQ `workers.audio.decode`: downmix from the decoder's float planes, soxr HQ (the chosen path on
+                   the CPU).
+  native, to a GPU what a decode worker does when the front end runs on the GPU: decode at the file's rate and
+                   ship float16 ("+resample" is that: the GPU resamples, `workers.audio.DeviceResampler`, whose
+                   quality figures are computed here on the CPU).
   planes + soxr VHQ, planes + torchaudio sinc-16: the same decode, other resamplers.
   swr, swr filter 64: FFmpeg's own resampler through `av.AudioResampler(format="flt", layout="mono")`, which
       downmixes too (its stereo-to-mono matrix is scaled to the mean); the default filter and filter_size 64. The
@@ -41,8 +45,9 @@ import torchaudio.functional as AF
 from rich.console import Console
 from rich.table import Table
 
-from workers.audio import decode, resample
+from workers.audio import DeviceResampler, decode, resample
 from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
+from workers.stages import SHIPPED_DTYPE
 
 RESULTS = Path(__file__).parent / "results" / "decode_bench.json"
 TARGET_RATE = 16_000
@@ -91,6 +96,11 @@ def torchaudio_resampler(params: dict) -> Callable[[np.ndarray, int], np.ndarray
     return lambda samples, rate: AF.resample(torch.from_numpy(samples), rate, TARGET_RATE, **params).numpy()
 
 
+def device_resampler(samples: np.ndarray, rate: int) -> np.ndarray:
+    """`workers.audio.DeviceResampler`, run here on the CPU (its quality does not depend on the device)."""
+    return DeviceResampler(TARGET_RATE)(torch.from_numpy(samples), rate).numpy()
+
+
 def soxr_resampler(quality: str) -> Callable[[np.ndarray, int], np.ndarray]:
     return lambda samples, rate: soxr.resample(samples, rate, TARGET_RATE, quality=quality)
 
@@ -126,6 +136,14 @@ def paths() -> list[dict]:
             "decode": decode_planes,
             "full": lambda path: decode_planes(path, TARGET_RATE),
             "resample": lambda samples, rate: resample(samples, rate, TARGET_RATE),
+        },
+        {
+            "path": "native, to a GPU",
+            "resampler": "soxr HQ taps on the GPU",
+            "decode": decode_planes,
+            # A decode worker's whole share when the front end runs on the GPU: decode at the file's rate, ship float16.
+            "full": lambda path: torch.from_numpy(decode_planes(path)[0]).to(SHIPPED_DTYPE),
+            "resample": device_resampler,
         },
         {
             "path": "planes",

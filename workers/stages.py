@@ -6,8 +6,9 @@ Both follow the stage contract (`Stage`): a frozen config, expensive state built
 `teardown()`, the resources a worker needs declared in `resources`, no engine imports.
 
 Where the front end runs is the config's choice (`EncoderConfig.front_end_on`): next to the decoder, which ships
-windows to the encoder, or on the encoder's device (the default with a GPU), which ships the resampled waveform and
-computes the spectrogram there, batch after batch, instead of on the few CPU cores of the decode workers.
+windows to the encoder, or on the encoder's device (the default with a GPU). Then the decoder stops at the file's own
+rate and ships the mono waveform in float16 (`SHIPPED_DTYPE`), and the encoder's device resamples it and computes the
+spectrogram, batch after batch: on a GPU node's few cores, resampling cost about as much as decoding.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from schemas.errors import ConfigError, EncoderError, FrontEndError, TrackError
 from schemas.records import TrackEmbedding, TrackFailure, WorkItem
 from workers import failpoints
-from workers.audio import DecodeConfig, load_audio
+from workers.audio import DecodeConfig, DeviceResampler, load_audio, resampled_length
 from workers.encoders import Encoder, FrontEnd, get_encoder
 from workers.encoders.base import MemoryFootprint, parse_device, resolve_precision
 
@@ -34,6 +35,10 @@ REMOTE_CUDA_BATCH_WINDOWS = 256
 # A GPU's batch: its measured footprint within this share of the free memory, at most this many windows.
 CUDA_MEMORY_SHARE = 0.5
 MAX_CUDA_BATCH_WINDOWS = 1024
+# How a decoder ships a waveform to the encoder's device: half the bytes of float32 at 16 bits per sample, and its
+# rounding (11 significant bits, relative to each sample) changes musicnn's embeddings by a cosine distance of
+# about 1e-7 (tests/workers/test_stages.py).
+SHIPPED_DTYPE = torch.float16
 
 
 @dataclass(frozen=True)
@@ -199,7 +204,9 @@ class TrackFeatures:
     Attributes:
         windows: (n_windows, *window_shape) from the front end; None when `waveform` is set instead.
         starts: start time (s) of each window; also gives the number of windows before they exist.
-        waveform: (samples,) float32 at the front end's sample rate, for a front end on the encoder's device.
+        duration_s: the audio's duration, counted at the front end's sample rate wherever it is resampled.
+        waveform: (samples,) at `sample_rate` in `SHIPPED_DTYPE`, for a front end on the encoder's device.
+        sample_rate: the waveform's rate (the file's own), which the encoder's device resamples from.
     """
 
     item: WorkItem
@@ -207,6 +214,7 @@ class TrackFeatures:
     starts: list[float]
     duration_s: float
     waveform: torch.Tensor | None = None
+    sample_rate: int | None = None
 
     @property
     def n_windows(self) -> int:
@@ -221,7 +229,8 @@ class TrackFeatures:
 
 @dataclass
 class DecodeStage:
-    """Read, decode and window one track on the CPU (only decode when the front end runs on the encoder)."""
+    """Read, decode and window one track on the CPU; when the front end runs on the encoder, only decode, at the
+    file's own rate."""
 
     encoder: EncoderConfig
     decode: DecodeConfig = DecodeConfig()
@@ -245,21 +254,24 @@ class DecodeStage:
         """Decode `item`; every per-track error becomes a TrackFailure, never an exception."""
         self.setup()
         front_end = self._front_end
+        on_encoder = self.encoder.front_end_on_encoder
         failpoints.hit("decode", item.uri)
         try:
-            audio = load_audio(item.uri, front_end.sample_rate, self.decode)
+            audio = load_audio(item.uri, None if on_encoder else front_end.sample_rate, self.decode)
         except TrackError as exc:
             return TrackFailure.from_error(item, exc)
-        waveform = torch.from_numpy(audio.samples)
-        starts = front_end.window_starts(len(audio.samples))
-        if self.encoder.front_end_on_encoder:
-            return TrackFeatures(item=item, windows=None, starts=starts, duration_s=audio.duration_s, waveform=waveform)
+        n_samples = resampled_length(len(audio.samples), audio.sample_rate, front_end.sample_rate)
+        starts = front_end.window_starts(n_samples)
+        duration_s = n_samples / front_end.sample_rate
+        if on_encoder:
+            waveform = torch.from_numpy(audio.samples).to(SHIPPED_DTYPE)
+            return TrackFeatures(item, None, starts, duration_s, waveform=waveform, sample_rate=audio.sample_rate)
         try:
             with torch.inference_mode():
-                windows = front_end(waveform)
+                windows = front_end(torch.from_numpy(audio.samples))
         except (RuntimeError, ValueError) as exc:
             return TrackFailure.from_error(item, FrontEndError(f"front end failed: {exc}"))
-        return TrackFeatures(item=item, windows=windows, starts=starts, duration_s=audio.duration_s)
+        return TrackFeatures(item=item, windows=windows, starts=starts, duration_s=duration_s)
 
     __call__ = process  # a plain callable for process pools (`workers.isolation`)
 
@@ -268,8 +280,8 @@ class DecodeStage:
 class EmbedStage:
     """Embed windows batched across tracks and mean-pool them per track.
 
-    Tracks that arrive as waveforms (`EncoderConfig.front_end_on_encoder`) go through the front end on the
-    encoder's device first, in float32; only the network runs in the configured precision. A track the front end
+    Tracks that arrive as waveforms (`EncoderConfig.front_end_on_encoder`) are resampled and go through the front
+    end on the encoder's device first, in float32; only the network runs in the configured precision. A track the front end
     fails on, or whose embeddings are not finite (NaN, inf), comes back as a `TrackFailure`; an error of the
     encoder itself raises, for the shard core (`workers.shard`) to find the track that causes it.
     """
@@ -278,6 +290,7 @@ class EmbedStage:
     keep_timeline: bool = False
     _model: Encoder | None = field(default=None, init=False, repr=False)
     _front_end: FrontEnd | None = field(default=None, init=False, repr=False)
+    _resample: DeviceResampler | None = field(default=None, init=False, repr=False)
     _layers: tuple[str, ...] = field(default=(), init=False, repr=False)
     batch_windows: int = field(default=0, init=False, repr=False)
 
@@ -294,6 +307,7 @@ class EmbedStage:
             model.load(self.encoder.device, self.encoder.precision)
             if self.encoder.front_end_on_encoder:
                 self._front_end = model.front_end().to(model.device).eval()
+                self._resample = DeviceResampler(self._front_end.sample_rate)
             self.batch_windows = self.encoder.windows_per_batch(encoder=model)
             if self.encoder.compiles(model):
                 model.compile(self.batch_windows)
@@ -315,7 +329,7 @@ class EmbedStage:
 
     def teardown(self) -> None:
         """Drop the encoder (and the device memory it holds)."""
-        self._model = self._front_end = None
+        self._model = self._front_end = self._resample = None
 
     @property
     def model(self) -> Encoder:
@@ -324,7 +338,7 @@ class EmbedStage:
         return self._model
 
     def _windows(self, track: TrackFeatures) -> torch.Tensor:
-        """A track's windows: as decoded, or made from its waveform on the encoder's device.
+        """A track's windows: as decoded, or resampled and made from its waveform on the encoder's device.
 
         Raises:
             FrontEndError: the front end on the encoder's device failed on this track.
@@ -333,7 +347,8 @@ class EmbedStage:
             return track.windows
         try:
             with torch.inference_mode():
-                return self._front_end(track.waveform.to(self._model.device, non_blocking=True))
+                waveform = track.waveform.to(self._model.device, non_blocking=True).float()
+                return self._front_end(self._resample(waveform, track.sample_rate))
         except torch.OutOfMemoryError:
             raise  # the device's fault, not the track's: the shard core retries with smaller batches
         except (RuntimeError, ValueError) as exc:

@@ -83,9 +83,15 @@ def decoded_items(small_catalog, small_labels) -> list[WorkItem]:
     return [WorkItem(track_id=row["track_id"], uri=row["uri"], fingerprint="") for row in rows[:3]]
 
 
+# Waveforms shipped to the encoder's device in float16 and resampled there, against float32 resampled by soxr next to
+# the decoder: measured at most 4e-7 cosine distance per window (musicnn, 40 demo tracks), the float16 rounding.
+PLACEMENT_MIN_COSINE = 1 - 1e-5
+
+
 @pytest.mark.parametrize("model", ["musicnn-msd", "mfcc-stats"])
 def test_front_end_on_the_encoder_gives_the_decode_workers_embeddings(model: str, decoded_items) -> None:
-    """The GPU path (waveforms to the encoder, spectrograms made there) forced on the CPU: same rows."""
+    """The GPU path (native-rate float16 waveforms to the encoder, resampled and made into spectrograms there) forced
+    on the CPU: the same windows, durations and, within float16's rounding, the same embeddings."""
     results = {}
     for placement in ("decoder", "encoder"):
         # Batches of two windows span tracks (tests/workers/test_custom_encoders.py splits tracks across batches).
@@ -94,15 +100,20 @@ def test_front_end_on_the_encoder_gives_the_decode_workers_embeddings(model: str
         tracks = [decode(item) for item in decoded_items]
         assert all(isinstance(t, TrackFeatures) for t in tracks)
         if placement == "encoder":
-            assert all(t.windows is None and t.waveform is not None for t in tracks)
+            assert all(t.windows is None and t.waveform.dtype == torch.float16 for t in tracks)
+            # The files' own rates, not resampled by the decoder (rendered at 44.1 kHz; Opus decodes at 48 kHz).
+            assert {t.sample_rate for t in tracks} == {44_100, 48_000}
         results[placement] = (tracks, EmbedStage(config, keep_timeline=True)(tracks))
     (on_decoder, worker_rows), (on_encoder, device_rows) = results["decoder"], results["encoder"]
     for decoded, shipped, worker, device in zip(on_decoder, on_encoder, worker_rows, device_rows, strict=True):
         assert decoded.n_windows == shipped.n_windows == worker.n_windows == device.n_windows == len(decoded.windows)
+        assert decoded.starts == shipped.starts and decoded.duration_s == shipped.duration_s
         assert worker.pooled.keys() == device.pooled.keys()
         for layer, vector in worker.pooled.items():
-            np.testing.assert_allclose(device.pooled[layer], vector, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(device.timeline, worker.timeline, rtol=1e-5, atol=1e-6)
+            assert min_cosine(torch.from_numpy(device.pooled[layer])[None], torch.from_numpy(vector)[None]) > (
+                PLACEMENT_MIN_COSINE
+            ), layer
+        assert min_cosine(torch.from_numpy(device.timeline), torch.from_numpy(worker.timeline)) > PLACEMENT_MIN_COSINE
 
 
 def test_front_end_placement_and_batch_size_follow_the_device() -> None:
