@@ -51,15 +51,26 @@ class IsolatedPool:
         crash_retries: times an item whose child died is tried again in a fresh child before it fails. A child
             can die of the item (a decoder segfault: it dies again) or of something else (the OOM killer, an
             operator's kill): one retry tells the two apart at the cost of decoding a crasher twice.
+        niceness: added to the children's nice value (`os.nice`): above 0 they yield the cores to this process's
+            work when both want them.
     """
 
-    def __init__(self, stage: Any, workers: int, timeout_s: float, memory_mb: float, crash_retries: int = 1) -> None:
+    def __init__(
+        self,
+        stage: Any,
+        workers: int,
+        timeout_s: float,
+        memory_mb: float,
+        crash_retries: int = 1,
+        niceness: int = 0,
+    ) -> None:
         # spawn, not fork: forking a process that already runs torch's thread pools can deadlock the children.
         self._context = multiprocessing.get_context("spawn")
         self._stage = stage
         self._timeout_s = timeout_s
         self._memory_mb = memory_mb
         self._crash_retries = crash_retries
+        self._niceness = niceness
         self._crashes: dict[int, int] = {}
         self._closed = False
         self._children = [self._start() for _ in range(workers)]
@@ -67,7 +78,10 @@ class IsolatedPool:
     def _start(self) -> _Child:
         parent, child = self._context.Pipe()
         process = self._context.Process(
-            target=_child_main, args=(child, self._stage, self._memory_mb), daemon=True, name="catalog-embed-decode"
+            target=_child_main,
+            args=(child, self._stage, self._memory_mb, self._niceness),
+            daemon=True,
+            name="catalog-embed-decode",
         )
         # Ctrl-C reaches the whole process group. The supervisor stops the run and its children end with it; a
         # child taking the signal itself would print a traceback. The child ignores SIGINT once it runs; before that
@@ -200,10 +214,12 @@ def _exit_reason(code: int | None) -> str:
     return f"exit status {code}"
 
 
-def _child_main(conn: Connection, stage: Any, memory_mb: float) -> None:
+def _child_main(conn: Connection, stage: Any, memory_mb: float, niceness: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # see IsolatedPool._start
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
     torch.set_num_threads(1)
+    if niceness:
+        os.nice(niceness)
     stage.setup()
     _cap_memory(memory_mb)
     conn.send(_READY)

@@ -151,10 +151,11 @@ class ShardEmbedder:
             self._stage = None
 
     def process(self, shard: DecodedShard) -> ShardOutput:
-        """Embed the decoded tracks of a shard in batches of about `batch_windows` windows across them.
+        """Embed the decoded tracks of a shard in batches of at most `batch_windows` windows across them (a track
+        with more windows alone, in several).
 
         The tracks may come from a lazy iterator (the local runner's decode queue): they are taken as they come
-        and a batch is embedded as soon as it is full, while the decoders work ahead.
+        and a batch is embedded as soon as the next track would not fit, while the decoders work ahead.
         """
         name, decoded = shard
         self.setup()
@@ -170,6 +171,11 @@ class ShardEmbedder:
             if isinstance(result, TrackFailure):
                 results.append(result)
                 continue
+            if pending and pending_windows + result.n_windows > self._stage.batch_windows:
+                # The pending tracks go first, in one batch: an encoder of a fixed batch shape (on a GPU) pads a
+                # call's last batch, and a track spilling into a second one would pad nearly a whole batch.
+                results.extend(self._timed(pending, stats))
+                pending, pending_windows = [], 0
             pending.append(result)
             pending_windows += result.n_windows
             if pending_windows >= self._stage.batch_windows:

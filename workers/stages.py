@@ -221,6 +221,13 @@ class TrackFeatures:
         """Windows this track contributes to a batch."""
         return len(self.starts)
 
+    def pinned(self) -> TrackFeatures:
+        """This track with its tensor in page-locked memory (CUDA only), from which the copy to the GPU runs
+        asynchronously; from pageable memory a `non_blocking` copy waits for the transfer."""
+        if self.windows is not None:
+            return dataclasses.replace(self, windows=self.windows.pin_memory())
+        return dataclasses.replace(self, waveform=self.waveform.pin_memory())
+
     @property
     def nbytes(self) -> int:
         """Bytes of the tensor carried to the encoder."""
@@ -281,8 +288,8 @@ class EmbedStage:
     """Embed windows batched across tracks and mean-pool them per track.
 
     Tracks that arrive as waveforms (`EncoderConfig.front_end_on_encoder`) are resampled and go through the front
-    end on the encoder's device first, in float32; only the network runs in the configured precision. A track the front end
-    fails on, or whose embeddings are not finite (NaN, inf), comes back as a `TrackFailure`; an error of the
+    end on the encoder's device first, in float32; only the network runs in the configured precision. A track the
+    front end fails on, or whose embeddings are not finite (NaN, inf), comes back as a `TrackFailure`; an error of the
     encoder itself raises, for the shard core (`workers.shard`) to find the track that causes it.
     """
 
@@ -308,23 +315,29 @@ class EmbedStage:
             if self.encoder.front_end_on_encoder:
                 self._front_end = model.front_end().to(model.device).eval()
                 self._resample = DeviceResampler(self._front_end.sample_rate)
+            if model.device.type == "cuda":
+                # Batches of one shape (see `Encoder.fix_batch`): cuDNN times its algorithms for that shape once and
+                # keeps the fastest. Process-wide, which is this worker's.
+                torch.backends.cudnn.benchmark = True
             self.batch_windows = self.encoder.windows_per_batch(encoder=model)
             if self.encoder.compiles(model):
                 model.compile(self.batch_windows)
+            elif model.device.type == "cuda":
+                model.fix_batch(self.batch_windows)
             self._model = model
 
     def shrink_batch(self) -> bool:
         """Halve the windows per encoder call after the device ran out of memory; False when already at one.
 
-        A compiled network pads every call to the size it was compiled for, so it is compiled again for the
-        smaller size: otherwise the smaller batches would take as much memory as before.
+        An encoder of a fixed batch (a GPU's, a compiled one) pads every call to that size, so the size is fixed
+        again (and compiled again): otherwise the smaller batches would take as much memory as before.
         """
         if self.batch_windows <= 1:
             return False
         self.batch_windows //= 2
         model = self._model
-        if model is not None and model.compiled_batch is not None and self.batch_windows < model.compiled_batch:
-            model.compile(self.batch_windows)
+        if model is not None and model.fixed_batch is not None and self.batch_windows < model.fixed_batch:
+            model.fix_batch(self.batch_windows)
         return True
 
     def teardown(self) -> None:
@@ -344,7 +357,7 @@ class EmbedStage:
             FrontEndError: the front end on the encoder's device failed on this track.
         """
         if track.windows is not None:
-            return track.windows
+            return track.windows.to(self._model.device, non_blocking=True)
         try:
             with torch.inference_mode():
                 waveform = track.waveform.to(self._model.device, non_blocking=True).float()

@@ -24,9 +24,12 @@ from pipelines.runners import EmbedJob, Progress, RunStats, write_shard
 from schemas.records import WorkItem
 from workers.isolation import IsolatedPool
 from workers.shard import Decoded, ShardOutput
+from workers.stages import TrackFeatures
 
 # Decoded tracks kept in flight per worker: enough to hide decode latency behind the encoder, bounded in memory.
 _AHEAD_PER_WORKER = 4
+# Decode children's priority below the encoder's (nice +10: about a tenth of a core's share against it).
+_DECODE_NICENESS = 10
 # How often a blocked feeder looks whether the run is over (seconds).
 _POLL_S = 0.1
 
@@ -38,17 +41,20 @@ class LocalRunner:
         """Decode, embed and write every shard of `job`; see the module docstring."""
         stats = RunStats()
         store = job.store()
-        # Leave the decode workers their cores: torch's intra-op threads spin-wait on each other, and one of them
-        # descheduled by a decoder stalls the rest (on 2 cores, 2 encoder threads beside busy decoders ran the
-        # encoder 2 to 4 times slower than 1 thread; see bench/embed_bench.py).
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))
+        # The encoder gets every core and the decode children, at a lower priority, what it leaves: on a CPU the
+        # encoder is the slower side (musicnn: decoding is an eighth of the work), and torch's intra-op threads
+        # spin-wait on each other, so a decoder that preempted one would stall them all. make demo on 2 cores: 1
+        # encoder thread beside 2 decoders 72x real time; 2 threads and niced decoders 107-116x.
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
         embedder = job.shard_embedder()
         decode = job.decode_stage()
         items = [item for _, shard in job.shards() for item in shard]
         ahead = max(1, job.workers) * _AHEAD_PER_WORKER
         with (
-            IsolatedPool(decode, job.workers, job.decode_timeout_s, decode.resources.memory_mb) as pool,
-            _DecodeFeeder(pool, items, ahead) as decoded,
+            IsolatedPool(
+                decode, job.workers, job.decode_timeout_s, decode.resources.memory_mb, niceness=_DECODE_NICENESS
+            ) as pool,
+            _DecodeFeeder(pool, items, ahead, pin=job.encoder.gpus > 0) as decoded,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-shard") as writer,
         ):
             writing: tuple[Future[float], ShardOutput] | None = None
@@ -77,16 +83,16 @@ class LocalRunner:
 class _DecodeFeeder(Iterator[Decoded]):
     """Iterates a decode pool in a thread into a bounded queue, so that the children decode while the encoder runs
     (a pool only hands out work while it is iterated). Iterating the feeder yields the pool's results in order and
-    raises what the pool raised."""
+    raises what the pool raised. With `pin` (an encoder on a GPU) it also moves each track into page-locked memory,
+    off the encoder's thread, so that its copy to the GPU overlaps the encoder's work."""
 
-    def __init__(self, pool: IsolatedPool, items: Iterable[WorkItem], ahead: int) -> None:
+    def __init__(self, pool: IsolatedPool, items: Iterable[WorkItem], ahead: int, pin: bool = False) -> None:
         self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=ahead)
+        self._pin = pin
         self._stop = threading.Event()
         # A daemon: after an interrupt it may still wait on a decoding (or hanging) child, until the pool, closed
         # right after the feeder, kills its children; it must never hold the process open.
-        self._thread = threading.Thread(
-            target=self._feed, args=(pool, items, ahead), name="decode-feeder", daemon=True
-        )
+        self._thread = threading.Thread(target=self._feed, args=(pool, items, ahead), name="decode-feeder", daemon=True)
 
     def __enter__(self) -> _DecodeFeeder:
         self._thread.start()
@@ -106,8 +112,10 @@ class _DecodeFeeder(Iterator[Decoded]):
 
     def _feed(self, pool: IsolatedPool, items: Iterable[WorkItem], ahead: int) -> None:
         try:
-            for result in pool.imap(items, ahead=ahead):
-                if not self._put((True, result)):
+            for features, seconds in pool.imap(items, ahead=ahead):
+                if self._pin and isinstance(features, TrackFeatures):
+                    features = features.pinned()
+                if not self._put((True, (features, seconds))):
                     return
         except Exception as exc:  # noqa: BLE001 (handed to the consuming thread, which raises it)
             self._put((False, exc))

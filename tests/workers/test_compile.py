@@ -50,7 +50,7 @@ def test_compiled_musicnn_matches_eager_in_fixed_shape_batches() -> None:
     eager.load("cpu")
     compiled.load("cpu")
     compiled.compile(4)
-    assert compiled.compiled_batch == 2
+    assert compiled.fixed_batch == 2
     layers = ("penultimate", "pool", "taggram")
     expected, got = eager.embed(windows, layers), compiled.embed(windows, layers)
     for name in layers:
@@ -85,11 +85,11 @@ def test_embed_stage_compiles_when_configured(tmp_path) -> None:
     weights = write_standin_weights(tmp_path)
     stage = EmbedStage(EncoderConfig(model="mule-sfnfnet-f0", weights=weights, batch_windows=3, compile=True))
     stage.setup()
-    assert stage.model.compiled_batch == 3
+    assert stage.model.fixed_batch == 3
     assert type(stage.model._net).__name__ == "OptimizedModule"  # noqa: SLF001
     eager = EmbedStage(EncoderConfig(model="mule-sfnfnet-f0", weights=weights, batch_windows=3))
     eager.setup()
-    assert eager.model.compiled_batch is None
+    assert eager.model.fixed_batch is None
 
 
 def test_the_compile_flag_reaches_the_encoder_config() -> None:

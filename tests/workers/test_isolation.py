@@ -18,8 +18,8 @@ from workers.isolation import IsolatedPool
 
 class ScriptedStage:
     """Behaves as each item's uri says: 'crash' segfaults, 'hang' never returns, 'slow:<dir>' records its pid
-    in <dir> and sleeps the first time, 'stuck:<dir>' records its pid and never returns, anything else echoes the
-    uri upper-cased."""
+    in <dir> and sleeps the first time, 'stuck:<dir>' records its pid and never returns, 'nice' answers the child's
+    nice value, anything else echoes the uri upper-cased."""
 
     def setup(self) -> None:
         """Nothing to build."""
@@ -39,6 +39,8 @@ class ScriptedStage:
                 time.sleep(30)
         if item.uri == "raise":
             raise IndexError("decoder bug")
+        if item.uri == "nice":
+            return str(os.nice(0))
         return item.uri.upper()
 
 
@@ -57,6 +59,15 @@ def test_results_keep_order_and_each_fault_is_charged_to_its_own_item():
     assert isinstance(results[3], TrackFailure) and results[3].error_type == "DecodeTimeout"
     assert results[3].item.track_id == "t3"
     assert isinstance(results[4], TrackFailure) and results[4].error_type == "IndexError"
+
+
+def test_children_run_at_the_niceness_they_are_given():
+    """The local runner's decode children yield the cores to the encoder (pipelines/runners/local.py)."""
+    own = os.nice(0)
+    for niceness in (0, 10):
+        with IsolatedPool(ScriptedStage(), workers=1, timeout_s=30.0, memory_mb=1024, niceness=niceness) as pool:
+            [(answer, _seconds)] = pool.imap(_items("nice"), ahead=1)
+        assert int(answer) == min(own + niceness, 19)
 
 
 def test_a_child_killed_from_outside_costs_a_retry_not_a_track(tmp_path):

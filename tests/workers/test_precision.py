@@ -116,6 +116,24 @@ def test_front_end_on_the_encoder_gives_the_decode_workers_embeddings(model: str
         assert min_cosine(torch.from_numpy(device.timeline), torch.from_numpy(worker.timeline)) > PLACEMENT_MIN_COSINE
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gpu_path_gives_the_cpu_paths_embeddings(decoded_items) -> None:
+    """On a GPU by default: float16 waveforms pinned, resampled and made into spectrograms on the device, the
+    network in batches of one fixed shape under cuDNN's autotuner; against the CPU's decode-side front end."""
+    cpu_config = EncoderConfig(model="musicnn-msd", batch_windows=4)
+    gpu_config = EncoderConfig(model="musicnn-msd", device="cuda", batch_windows=4, compile=False)
+    on_cpu = EmbedStage(cpu_config, keep_timeline=True)([DecodeStage(cpu_config)(item) for item in decoded_items])
+    shipped = [DecodeStage(gpu_config)(item).pinned() for item in decoded_items]
+    assert all(track.waveform.is_pinned() and track.waveform.dtype == torch.float16 for track in shipped)
+    stage = EmbedStage(gpu_config, keep_timeline=True)
+    on_gpu = stage(shipped)
+    assert stage.model.fixed_batch == 4 and torch.backends.cudnn.benchmark
+    for cpu_row, gpu_row in zip(on_cpu, on_gpu, strict=True):
+        assert cpu_row.n_windows == gpu_row.n_windows
+        assert min_cosine(torch.from_numpy(gpu_row.timeline), torch.from_numpy(cpu_row.timeline)) > PLACEMENT_MIN_COSINE
+
+
 def test_front_end_placement_and_batch_size_follow_the_device() -> None:
     assert not EncoderConfig(device="cpu").front_end_on_encoder
     assert EncoderConfig(device="cuda:0").front_end_on_encoder

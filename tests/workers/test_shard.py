@@ -4,6 +4,7 @@ networks, see tests/byo_encoders.py) on real decoded audio; the runners run the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -146,8 +147,34 @@ def test_out_of_memory_recompiles_a_compiled_network_for_the_smaller_batch(tmp_p
     weights = write_standin_weights(tmp_path)
     stage = EmbedStage(EncoderConfig(model="mule-sfnfnet-f0", weights=weights, batch_windows=8, compile=True))
     stage.setup()
-    assert stage.model.compiled_batch == 8  # compiling is lazy: nothing is compiled before the first call
-    assert stage.shrink_batch() and stage.batch_windows == 4 and stage.model.compiled_batch == 4
+    assert stage.model.fixed_batch == 8  # compiling is lazy: nothing is compiled before the first call
+    assert stage.shrink_batch() and stage.batch_windows == 4 and stage.model.fixed_batch == 4
     for _ in range(2):
         stage.shrink_batch()
-    assert stage.batch_windows == 1 and stage.model.compiled_batch == 1 and stage.shrink_batch() is False
+    assert stage.batch_windows == 1 and stage.model.fixed_batch == 1 and stage.shrink_batch() is False
+
+
+def test_a_batch_is_embedded_before_the_next_track_would_spill_out_of_it(small_catalog, tmp_path, monkeypatch):
+    """On a GPU every call's last batch is padded to the fixed size: a track spilling into a second batch would pad
+    nearly a whole one. So a call holds at most one batch of windows, unless a single track has more; and the
+    embeddings are the ones of one big call."""
+    config = EncoderConfig(model=str(loud_nan_encoder(tmp_path, math.inf)), batch_windows=10_000)
+    decoded = _decoded(config, small_catalog)
+    reference, _ = _process(config, decoded)
+    counts = sorted(result.n_windows for result, _ in decoded if isinstance(result, TrackFeatures))
+    size = counts[-1] + counts[0] + counts[0] // 2  # two tracks fit, and half of a third
+    calls: list[list[int]] = []
+    process = EmbedStage.process
+
+    def recorded(stage: EmbedStage, tracks: list[TrackFeatures]) -> list:
+        calls.append([track.n_windows for track in tracks])
+        return process(stage, tracks)
+
+    monkeypatch.setattr(EmbedStage, "process", recorded)
+    output, _ = _process(dataclasses.replace(config, batch_windows=size), decoded)
+
+    assert all(sum(call) <= size for call in calls), calls
+    assert sum(map(sum, calls)) == sum(counts) and len(calls) < len(counts)  # tracks still share calls
+    vectors = _vectors(output)
+    for track_id, vector in _vectors(reference).items():
+        np.testing.assert_allclose(vectors[track_id], vector, atol=1e-6)

@@ -144,8 +144,11 @@ class Encoder(ABC):
     """Whether `compile` applies: the built-in PyTorch networks (not TorchScript, ONNX or handcrafted features)."""
     device: torch.device | None = field(default=None, init=False)
     precision: str = field(default="fp32", init=False)
-    compiled_batch: int | None = field(default=None, init=False)
-    """Windows per network call once `compile` ran: every batch is cut or zero-padded to it; None when eager."""
+    fixed_batch: int | None = field(default=None, init=False)
+    """Windows per network call once `fix_batch` or `compile` ran: every batch is cut or zero-padded to it; None:
+    batches run as they come."""
+    compiled: bool = field(default=False, init=False)
+    """Whether `compile` replaced the network by its compiled form."""
 
     @property
     @abstractmethod
@@ -221,13 +224,31 @@ class Encoder(ABC):
         """Replace the loaded network by `torch.compile` of it; encoders that set `compilable` override this."""
         raise NotImplementedError
 
-    def compile(self, batch_windows: int) -> None:
-        """Compile the loaded network with `torch.compile` for batches of exactly `batch_windows` windows.
+    def fix_batch(self, batch_windows: int) -> None:
+        """Run the network in calls of exactly `batch_windows` windows from now on.
 
         `embed` then cuts larger batches into batches of that size and zero-pads a short one (dropping the padding
-        rows from the outputs), so every call has one shape and the compiled graph is reused rather than
-        recompiled. The compiled code is cached on disk (see `inductor_cache_dir`), so a later process with the
-        same network, precision, shape and PyTorch skips most of the compilation. The first `embed` compiles.
+        rows from the outputs), so that every call has one shape: cuDNN's autotuner (`torch.backends.cudnn.benchmark`)
+        then tunes once, and a compiled graph (`compile`) is reused rather than recompiled.
+
+        Raises:
+            EncoderError: not loaded, or a batch size below 1.
+        """
+        if self.device is None:
+            msg = f"encoder {self.name!r} is not loaded: call load(device) before fixing its batch"
+            raise EncoderError(msg)
+        if batch_windows < 1:
+            msg = f"a fixed batch needs at least 1 window, got {batch_windows}"
+            raise EncoderError(msg)
+        self.fixed_batch = batch_windows
+
+    def compile(self, batch_windows: int) -> None:
+        """Compile the loaded network with `torch.compile` for batches of exactly `batch_windows` windows
+        (`fix_batch`).
+
+        The compiled code is cached on disk (see `inductor_cache_dir`), so a later process with the same network,
+        precision, shape and PyTorch skips most of the compilation. The first `embed` compiles; called again with
+        another size (an out-of-memory retry), the compiled network recompiles on the new shape.
 
         Raises:
             EncoderError: not loaded, a batch size below 1, or an encoder without a PyTorch network.
@@ -235,17 +256,11 @@ class Encoder(ABC):
         if not self.compilable:
             msg = f"encoder {self.name!r} has no PyTorch network to compile: run it without --compile"
             raise EncoderError(msg)
-        if self.device is None:
-            msg = f"encoder {self.name!r} is not loaded: call load(device) before compile()"
-            raise EncoderError(msg)
-        if batch_windows < 1:
-            msg = f"compile needs a batch of at least 1 window, got {batch_windows}"
-            raise EncoderError(msg)
+        self.fix_batch(batch_windows)
         os.environ.setdefault(INDUCTOR_CACHE_ENV, str(inductor_cache_dir()))
-        if self.compiled_batch is None:
+        if not self.compiled:
             self._compile_network()
-        # Compiled again for a new size (an out-of-memory retry): the compiled network recompiles on the new shape.
-        self.compiled_batch = batch_windows
+            self.compiled = True
 
     def measure_memory(self, probe_windows: tuple[int, int] = PROBE_WINDOWS) -> MemoryFootprint:
         """Measure this loaded encoder's CUDA memory per `embed` call at two batch sizes, in its precision.
@@ -299,10 +314,10 @@ class Encoder(ABC):
         dtype = PRECISIONS[self.precision]
         windows = windows.to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            if self.compiled_batch is None or len(windows) == 0:
+            if self.fixed_batch is None or len(windows) == 0:
                 outputs = self._forward(windows, layers)
             else:
-                outputs = self._forward_fixed(windows, layers, self.compiled_batch)
+                outputs = self._forward_fixed(windows, layers, self.fixed_batch)
         return {name: value.float() for name, value in outputs.items()}
 
     def _forward_fixed(self, windows: torch.Tensor, layers: tuple[str, ...], size: int) -> dict[str, torch.Tensor]:

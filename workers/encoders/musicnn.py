@@ -635,11 +635,11 @@ class Musicnn(Encoder):
         net.lean = device.type == "cuda" and self.precision == "fp32"
         self._net = net.to(device).eval()
 
-    def compile(self, batch_windows: int) -> None:
-        """`Encoder.compile`; on a CPU for the `_CPU_SUB_BATCH` windows the network is called with at a time, so
+    def fix_batch(self, batch_windows: int) -> None:
+        """`Encoder.fix_batch`; on a CPU for the `_CPU_SUB_BATCH` windows the network is called with at a time, so
         that a short batch is padded to that, not to `batch_windows`."""
         on_cpu = self.device is not None and self.device.type == "cpu"
-        super().compile(min(batch_windows, _CPU_SUB_BATCH) if on_cpu else batch_windows)
+        super().fix_batch(min(batch_windows, _CPU_SUB_BATCH) if on_cpu else batch_windows)
 
     def _compile_network(self) -> None:
         # One shape per call (see Encoder.compile): never trace for dynamic shapes.
