@@ -6,9 +6,9 @@
 
 Sections (each one's figures are rows of the printed table and keys of the JSON it writes):
 
-- decode: `workers.stages.DecodeStage` as the runners configure it for the device (on a GPU only decoding and
-  resampling, the front end runs on the GPU) on one core in this process, then an `IsolatedPool` of `--workers`
-  children: windows per second and times real time.
+- decode: `workers.stages.DecodeStage` as the runners configure it for the device (on a GPU only decoding, at
+  the file's own rate: resampling and the front end run on the GPU) on one core in this process, then an
+  `IsolatedPool` of `--workers` children: windows per second and times real time.
 - encoder: `Encoder.embed` on one batch of the front end's windows repeated to `--batch` (on a GPU by default the
   size `EncoderConfig.windows_per_batch` picks from the measured memory footprint), eager and under
   `--compile` (`Encoder.compile`), median of `--repeat` calls after a warm-up, the two modes taking turns:
