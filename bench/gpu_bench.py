@@ -16,10 +16,11 @@ Sections (each one's figures are rows of the printed table and keys of the JSON 
   and (`--cold-warm`, the default on CUDA) a cold and a warm start of a fresh process compiling against an empty
   and then the same inductor cache (`TORCHINDUCTOR_CACHE_DIR`). On CUDA, the peak memory of a call per window and
   the footprint `Encoder.measure_memory` reports.
-- end to end: `pipelines.embed.run_embed` on the local runner and on Ray (a local instance, one encoder actor,
-  which takes the GPU with `--device cuda`), compiled when compiling won in the encoder section: windows/s, times
-  real time, and the share of the wall time spent in the encoder (`stage_seconds['encode']`, a synchronous call:
-  on a GPU the busy share the encoder can have).
+- end to end: the local runner's loop alone ("loop": `workers.overlap.embed_overlapped`, no planning, tables or
+  commit, so it runs where deltalake is not installed), then `pipelines.embed.run_embed` on the local runner and
+  on Ray (a local instance, one encoder actor, which takes the GPU with `--device cuda`), compiled when compiling
+  won in the encoder section: windows/s, times real time, and the share of the wall time spent in the encoder
+  (`stage_seconds['encode']`, a synchronous call: on a GPU the busy share the encoder can have).
 - efficiency = end-to-end rate / min(decode pool rate, encoder rate), per runner.
 
 The demo catalog (`workers.demo_catalog`, every codec, no broken files) is rendered once into a temporary folder.
@@ -29,13 +30,10 @@ Without a GPU: `--device cpu --tracks 16 --seconds 30 --repeat 3` finishes in ab
 (`--cold-warm` adds two compilations, 1 to 3 minutes there).
 
 On the GPU machine (Python 3.12 with torch, torchaudio, pyarrow, fsspec, safetensors and rich, no internet, no PyAV,
-deltalake or Ray): the encoder section needs nothing more, the others are skipped with the missing package
-named unless their wheels travel (see the device README: `pip download --no-deps --only-binary=:all:
---python-version 3.12 ... -d .whl av==<pinned> deltalake==<pinned>` and their missing dependencies, then
-`pip install --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site:$PWD`; PyAV is
-~36 MB of the 64 MiB a call carries, so Ray rarely fits beside it). musicnn's weights come from PyPI on first use:
-carry a converted cache instead (`cp -r ~/.cache/catalog-embed/musicnn .carry/cache/` and run with
-`CATALOG_EMBED_CACHE=.carry/cache`); mule-sfnfnet-f0 runs with stand-in weights written here.
+soxr, deltalake or Ray) the PyAV and soxr wheels (36 MB together) are enough for every section but `run_embed`'s,
+which are skipped with the missing package named: deltalake (52 MB) does not fit beside PyAV in the 64 MiB a call
+carries. `bench/device_check.sh` is the prepared check: it installs the carried wheels, runs the CUDA tests and
+this bench for musicnn fp32 and bf16 and SF-NFNet-F0 bf16, and says how to carry what it needs.
 """
 
 from __future__ import annotations
@@ -50,6 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -207,10 +206,12 @@ def decode_section(args: argparse.Namespace, work: Path) -> tuple[dict, Path]:
     tracks = [d for d in decoded if isinstance(d, TrackFeatures)]
     windows = sum(t.n_windows for t in tracks)
     audio_s = sum(t.duration_s for t in tracks)
-    start = time.perf_counter()
     with IsolatedPool(stage, args.workers, DECODE_TIMEOUT_S, DECODE_MEMORY_MB) as pool:
+        # The children start first (importing torch takes them seconds): the pool's rate is that of decoding.
+        list(pool.imap(items[: args.workers], ahead=args.workers))
+        start = time.perf_counter()
         pooled = [result for result, _seconds in pool.imap(items, ahead=2 * args.workers)]
-    pool_s = time.perf_counter() - start
+        pool_s = time.perf_counter() - start
     failed = [d for d in pooled if not isinstance(d, TrackFeatures)]
     result = {
         "tracks": len(items),
@@ -226,44 +227,74 @@ def decode_section(args: argparse.Namespace, work: Path) -> tuple[dict, Path]:
     return result, catalog.manifest_path
 
 
+def _encoder_config(args: argparse.Namespace, work: Path, compiled: bool, batch: int):  # noqa: ANN202
+    from workers.stages import EncoderConfig
+
+    options = _encoder_options(args.model, work)
+    return EncoderConfig(
+        model=args.model, device=args.device, precision=args.precision, batch_windows=batch, compile=compiled, **options
+    )
+
+
+def _run_result(compiled: bool, wall: float, stats, windows: int) -> dict:  # noqa: ANN001
+    encode_s = stats.stage_seconds.get("encode")
+    return {
+        "compiled": compiled,
+        "wall_s": wall,
+        "embedded": stats.n_embedded,
+        "failed": stats.n_failed,
+        "windows_per_s": windows / wall,
+        "x_real_time": stats.audio_seconds / wall,
+        "encoder_busy_share": encode_s / wall if encode_s is not None else None,
+        "stage_seconds": stats.stage_seconds,
+    }
+
+
 def end_to_end_section(args: argparse.Namespace, manifest: Path, work: Path, runner: str, compiled: bool,
                        batch: int, windows: int) -> dict:  # fmt: skip
     """One `run_embed` on `runner` into a fresh output root."""
     from pipelines.config import EmbedConfig
     from pipelines.embed import run_embed
     from pipelines.runners.options import RayOptions
-    from workers.stages import EncoderConfig
 
-    encoder = EncoderConfig(
-        model=args.model,
-        device=args.device,
-        precision=args.precision,
-        batch_windows=batch,
-        compile=compiled,
-        **_encoder_options(args.model, work),
-    )
     config = EmbedConfig(
         catalog=str(manifest),
         out=str(work / f"tables-{runner}"),
-        encoder=encoder,
+        encoder=_encoder_config(args, work, compiled, batch),
         runner=runner,
         workers=args.workers,
         shard_size=args.shard_size,
         ray=RayOptions(embed_actors=1),
     )
     summary = run_embed(config, Console(quiet=True))
-    wall = summary.wall_seconds
-    encode_s = summary.stats.stage_seconds.get("encode")
-    return {
-        "compiled": compiled,
-        "wall_s": wall,
-        "embedded": summary.stats.n_embedded,
-        "failed": summary.stats.n_failed,
-        "windows_per_s": windows / wall,
-        "x_real_time": summary.stats.audio_seconds / wall,
-        "encoder_busy_share": encode_s / wall if encode_s is not None else None,
-        "stage_seconds": summary.stats.stage_seconds,
-    }
+    return _run_result(compiled, summary.wall_seconds, summary.stats, windows)
+
+
+def loop_section(args: argparse.Namespace, manifest: Path, work: Path, compiled: bool, batch: int,
+                 windows: int) -> dict:  # fmt: skip
+    """The local runner's loop (`workers.overlap.embed_overlapped`: decode children, feeding thread, shard core)
+    over the catalog, without planning, tables or commit: it needs neither deltalake nor DuckDB."""
+    import pyarrow.parquet as pq
+
+    from schemas.records import WorkItem
+    from workers.overlap import embed_overlapped
+    from workers.rows import RowContext
+    from workers.shard import ShardEmbedder, ShardStats
+    from workers.stages import DecodeStage
+
+    encoder = _encoder_config(args, work, compiled, batch)
+    rows = pq.read_table(manifest).to_pylist()
+    items = [WorkItem(track_id=row["track_id"], uri=row["uri"], fingerprint="") for row in rows]
+    shards = [(f"{i:06d}", items[i : i + args.shard_size]) for i in range(0, len(items), args.shard_size)]
+    layers = encoder.resolved_layers(encoder.build())
+    embedder = ShardEmbedder(encoder, RowContext("bench", args.model, layers, "bench", "bench"))
+    stats = ShardStats()
+    start = time.perf_counter()
+    for output in embed_overlapped(DecodeStage(encoder), embedder, shards, args.workers, DECODE_TIMEOUT_S):
+        stats.merge(output.stats)
+    wall = time.perf_counter() - start
+    embedder.teardown()
+    return _run_result(compiled, wall, stats, windows)
 
 
 def _skipped(section: str, exc: ImportError) -> dict:
@@ -331,12 +362,12 @@ def main() -> None:
     report["end_to_end"] = {}
     if manifest is not None:
         decode = report["decode"]
-        for runner in ("local", "ray") if args.ray else ("local",):
+        for runner in ("loop", "local", "ray") if args.ray else ("loop", "local"):
             start = time.perf_counter()
             try:
-                run = end_to_end_section(
-                    args, manifest, work, runner, compiled_wins, encoder["batch_windows"], decode["windows"]
-                )
+                section = loop_section if runner == "loop" else partial(end_to_end_section, runner=runner)
+                run = section(args, manifest, work, compiled=compiled_wins, batch=encoder["batch_windows"],
+                              windows=decode["windows"])  # fmt: skip
                 run["efficiency"] = run["windows_per_s"] / min(decode["pool_windows_per_s"], encoder_rate)
             except ImportError as exc:
                 run = _skipped(f"the {runner} runner", exc)

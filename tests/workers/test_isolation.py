@@ -62,7 +62,7 @@ def test_results_keep_order_and_each_fault_is_charged_to_its_own_item():
 
 
 def test_children_run_at_the_niceness_they_are_given():
-    """The local runner's decode children yield the cores to the encoder (pipelines/runners/local.py)."""
+    """The local runner's decode children yield the cores to the encoder (workers/overlap.py)."""
     own = os.nice(0)
     for niceness in (0, 10):
         with IsolatedPool(ScriptedStage(), workers=1, timeout_s=30.0, memory_mb=1024, niceness=niceness) as pool:

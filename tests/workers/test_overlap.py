@@ -1,5 +1,5 @@
-"""The local runner keeps its decode children busy while the encoder runs: a thread iterates the decode pool into a
-bounded queue (a pool hands out work only while it is iterated), and what goes wrong there reaches the run."""
+"""The overlapped loop keeps its decode children busy while the encoder runs: a thread iterates the decode pool into
+a bounded queue (a pool hands out work only while it is iterated), and what goes wrong there reaches the run."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.runners.local import _DecodeFeeder
 from schemas.errors import WorkerError
 from schemas.records import TrackFailure, WorkItem
 from workers.isolation import IsolatedPool
+from workers.overlap import DecodeFeeder
 from workers.stages import DecodeStage, EncoderConfig, TrackFeatures
 
 AHEAD = 3
@@ -28,7 +28,7 @@ def test_tracks_are_decoded_ahead_while_nobody_takes_them(small_catalog):
     further; then every track comes out, in plan order."""
     items = _items(small_catalog)
     stage = DecodeStage(EncoderConfig(model="chroma-stats"))
-    with IsolatedPool(stage, 1, 60.0, 4096) as pool, _DecodeFeeder(pool, items, AHEAD) as decoded:
+    with IsolatedPool(stage, 1, 60.0, 4096) as pool, DecodeFeeder(pool, items, AHEAD) as decoded:
         deadline = time.monotonic() + DEADLINE_S
         while decoded._queue.qsize() < AHEAD and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -40,6 +40,6 @@ def test_tracks_are_decoded_ahead_while_nobody_takes_them(small_catalog):
 
 def test_a_decode_worker_that_cannot_start_fails_the_run(small_catalog):
     stage = DecodeStage(EncoderConfig(model="no-such-encoder"))
-    with IsolatedPool(stage, 1, 60.0, 4096) as pool, _DecodeFeeder(pool, _items(small_catalog), AHEAD) as decoded:
+    with IsolatedPool(stage, 1, 60.0, 4096) as pool, DecodeFeeder(pool, _items(small_catalog), AHEAD) as decoded:
         with pytest.raises(WorkerError, match="died while starting"):
             next(decoded)
