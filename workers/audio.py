@@ -42,6 +42,10 @@ _SOXR_QUALITY = "HQ"
 # How far, in input samples per unit of `max(1, source/target rate)`, soxr HQ's filter reaches either side of an
 # output sample: its taps beyond are below 1e-7 (measured from 8 to 96 kHz into 16 kHz, `soxr_polyphase`).
 _SOXR_REACH = 110
+# The most taps `DeviceResampler` holds for a pair of rates (16 MB in float32). 44.1 kHz to 16 kHz takes 0.17 M; a
+# rate sharing almost no factor with the target (44,099 Hz: 16,000 phases) would take gigabytes, and is resampled by
+# the decoder instead (`resamples_on_device`).
+_MAX_DEVICE_TAPS = 2**22
 
 # Demuxers that read nothing but the bytes they are given. FFmpeg does what a file says: a playlist (hls, dash), a
 # list (concat), a session description (sdp, rtp, rtsp) or an image sequence (image2) opens other files, URLs or
@@ -294,6 +298,19 @@ def resampled_length(n_samples: int, source_rate: int, target_rate: int) -> int:
     return (2 * n_samples * target_rate + source_rate) // (2 * source_rate)
 
 
+def _polyphase_shape(source_rate: int, target_rate: int) -> tuple[int, int, int]:
+    """(P, Q, reach) of `soxr_polyphase`: input and output samples per period, and the taps' reach either side."""
+    g = math.gcd(source_rate, target_rate)
+    reach = math.ceil(_SOXR_REACH * source_rate / min(source_rate, target_rate))
+    return source_rate // g, target_rate // g, reach
+
+
+def resamples_on_device(source_rate: int, target_rate: int) -> bool:
+    """Whether `DeviceResampler` takes audio at `source_rate` to `target_rate`: when its taps stay small."""
+    p, q, reach = _polyphase_shape(source_rate, target_rate)
+    return q * (2 * reach + p) <= _MAX_DEVICE_TAPS
+
+
 @lru_cache(maxsize=16)
 def soxr_polyphase(source_rate: int, target_rate: int) -> tuple[np.ndarray, int, int]:
     """soxr HQ's resampling from `source_rate` to `target_rate` as the polyphase filter it amounts to.
@@ -308,9 +325,7 @@ def soxr_polyphase(source_rate: int, target_rate: int) -> tuple[np.ndarray, int,
         stride: P, input samples per Q output samples.
         left: input samples before `P*m` that the taps reach.
     """
-    g = math.gcd(source_rate, target_rate)
-    p, q = source_rate // g, target_rate // g
-    reach = math.ceil(_SOXR_REACH * source_rate / min(source_rate, target_rate))
+    p, q, reach = _polyphase_shape(source_rate, target_rate)
     offsets = range(-reach, reach + p)
     block = math.ceil(2 * reach / p) + 1  # an output block whose every tap lies inside the probe signal
     probe = np.zeros(2 * block * p, np.float32)
@@ -326,7 +341,8 @@ def soxr_polyphase(source_rate: int, target_rate: int) -> tuple[np.ndarray, int,
 
 class DeviceResampler:
     """Resamples mono float32 audio to `target_rate` on the device its input lies on (the encoder's GPU), as soxr HQ
-    on the CPU does (`soxr_polyphase`), with the taps of each source rate moved to each device once.
+    on the CPU does (`soxr_polyphase`), with the taps of each source rate moved to each device once. Only for the
+    rates `resamples_on_device` accepts.
 
     The output has `resampled_length` samples, like soxr's. The convolution runs in IEEE float32, not TF32.
     """

@@ -15,7 +15,16 @@ import torch
 
 from schemas.errors import AudioDecodeError, AudioTooLongError, AudioTooShortError, SourceReadError
 from tests.reference import MUSICNN_REFERENCE
-from workers.audio import DecodeConfig, DeviceResampler, _Downmix, decode, load_audio, resample, resampled_length
+from workers.audio import (
+    DecodeConfig,
+    DeviceResampler,
+    _Downmix,
+    decode,
+    load_audio,
+    resample,
+    resampled_length,
+    resamples_on_device,
+)
 
 
 def test_every_codec_decodes_to_mono_float32_at_the_requested_rate(small_catalog, small_labels):
@@ -122,6 +131,11 @@ def test_the_device_resampler_reproduces_soxr_hq(source_rate):
     settled = 16_000 * 5 // 1000
     assert np.abs(resampled[settled:] - expected[settled:]).max() < 1e-5
     assert np.sqrt(np.mean((resampled - expected) ** 2)) < 1e-4
+
+
+def test_the_device_takes_the_usual_rates_and_not_those_that_would_need_gigabytes_of_taps():
+    assert all(resamples_on_device(rate, 16_000) for rate in (8_000, 11_025, 22_050, 44_100, 48_000, 96_000, 192_000))
+    assert not resamples_on_device(44_099, 16_000)  # coprime with 16 kHz: 16,000 phases of 44,705 taps
 
 
 def test_resampled_lengths_are_soxrs():

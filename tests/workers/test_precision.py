@@ -4,6 +4,7 @@ sized to the device."""
 
 from __future__ import annotations
 
+import dataclasses
 import wave
 
 import numpy as np
@@ -114,6 +115,27 @@ def test_front_end_on_the_encoder_gives_the_decode_workers_embeddings(model: str
                 PLACEMENT_MIN_COSINE
             ), layer
         assert min_cosine(torch.from_numpy(device.timeline), torch.from_numpy(worker.timeline)) > PLACEMENT_MIN_COSINE
+
+
+def test_a_rate_the_device_cannot_take_is_resampled_by_the_decoder(tmp_path) -> None:
+    """44,099 Hz shares no factor with 16 kHz but 1: soxr's filter as taps would take gigabytes on the device."""
+    path = tmp_path / "odd-rate.wav"
+    t = np.arange(44_099 * 4) / 44_099
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(44_099)
+        wav.writeframes((np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes())
+    item = WorkItem("odd", str(path), "")
+    config = EncoderConfig(model="musicnn-msd", front_end_on="encoder", batch_windows=2)
+    shipped = DecodeStage(config)(item)
+    assert shipped.sample_rate == 16_000 and shipped.waveform.dtype == torch.float16
+    on_decoder = DecodeStage(EncoderConfig(model="musicnn-msd", batch_windows=2))(item)
+    assert shipped.starts == on_decoder.starts and shipped.duration_s == on_decoder.duration_s
+    [row] = EmbedStage(config)([shipped])
+    [expected] = EmbedStage(dataclasses.replace(config, front_end_on="decoder"))([on_decoder])
+    vectors = [torch.from_numpy(r.pooled["penultimate"])[None] for r in (row, expected)]
+    assert min_cosine(*vectors) > PLACEMENT_MIN_COSINE
 
 
 @pytest.mark.gpu
