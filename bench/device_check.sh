@@ -3,9 +3,9 @@
 # H100/H200 (Python 3.12 with torch, torchaudio, pyarrow and pytest; no PyAV, soxr, demo renderer or internet).
 #
 #   bash bench/device_check.sh prepare      here: wheels into .whl/, the converted musicnn weights into .carry/
-#   device run: command "bash bench/device_check.sh", carry [".whl", ".carry"], timeout_s 590 (it ends in 530 s)
+#   device run: command "bash bench/device_check.sh", carry [".whl", ".carry"], timeout_s 590 (its timeouts end it within 530 s)
 #   DEVICE=cpu PYTHON=.venv/bin/python TRACKS=4 SECONDS_PER_TRACK=30 BENCH_ARGS=--no-compile \
-#     bash bench/device_check.sh            here, without a GPU: checks the script itself, in about 3 minutes
+#     bash bench/device_check.sh            here, without a GPU: checks the script itself (77 s)
 #
 # What travels is about 48 MB (PyAV 36, the demo renderer's SoundFont 6, musicnn's weights 6). deltalake (52 MB)
 # does not fit beside PyAV, so the bench's run_embed sections are skipped there; its "loop" section measures the
