@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import main
 from pipelines.index import INDEXES, AnnIndex, index_folder
 from pipelines.io.store import TableStore
 from pipelines.vectors import ModelLayer
 from schemas.records import TrackEmbedding, WorkItem
 from schemas.tables import EMBEDDINGS
+from tests.cli import run_cli
 from tests.pipelines.io.test_store import _run_row
 from workers.analysis import exact_neighbours, linear_cka, unit_rows
 from workers.rows import RowContext, embedding_rows
@@ -67,16 +67,10 @@ def tables(tmp_path_factory):
     return out, x
 
 
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_exact_similar_matches_numpy_and_writes_the_neighbours(tables, capsys, tmp_path):
     out, x = tables
     written = tmp_path / "n.parquet"
-    code, printed, _ = cli(capsys, "similar", "--out", str(out), "--model", "synth", "--track", "t0007",
+    code, printed, _ = run_cli(capsys, "similar", "--out", str(out), "--model", "synth", "--track", "t0007",
                            "--track", "t0100", "--k", "5", "--output", str(written))
     assert code == 0 and "t0007" in printed
     unit = unit_rows(x)
@@ -92,7 +86,7 @@ def test_where_restricts_the_candidates(tables, capsys, tmp_path):
     written = tmp_path / "n.csv"
     queries = tmp_path / "queries.txt"
     queries.write_text("t0001\n")
-    code, _, _ = cli(capsys, "similar", "--out", str(out), "--model", "synth", "--tracks", str(queries),
+    code, _, _ = run_cli(capsys, "similar", "--out", str(out), "--model", "synth", "--tracks", str(queries),
                      "--where", "track_id >= 't0300'", "--output", str(written))
     assert code == 0
     found = [line.split(",")[2].strip('"') for line in written.read_text().splitlines()[1:]]
@@ -101,7 +95,7 @@ def test_where_restricts_the_candidates(tables, capsys, tmp_path):
 
 def test_the_index_answers_like_exact_search_and_records_what_it_was_built_from(tables, capsys, tmp_path):
     out, x = tables
-    code, _, err = cli(capsys, "index", "--out", str(out), "--model", "synth")
+    code, _, err = run_cli(capsys, "index", "--out", str(out), "--model", "synth")
     assert code == 0 and "recall@10" in err
     store = TableStore(str(out))
     meta = AnnIndex.load_meta(store, index_folder(store, "synth", "pooled"))
@@ -110,11 +104,11 @@ def test_the_index_answers_like_exact_search_and_records_what_it_was_built_from(
     assert meta["recall_at_10"] >= 0.9
     written = tmp_path / "index.parquet"
     queries = ids(40)
-    code, _, err = cli(capsys, "similar", "--out", str(out), "--model", "synth", "--search", "index", "--recall",
+    code, _, err = run_cli(capsys, "similar", "--out", str(out), "--model", "synth", "--search", "index", "--recall",
                        *[a for t in queries for a in ("--track", t)], "--output", str(written))
     assert code == 0 and "recall@10 against exact search" in err
     # Above --exact-below live rows, auto search goes through the index.
-    code, printed, _ = cli(capsys, "similar", "--out", str(out), "--model", "synth", "--track", "t0000",
+    code, printed, _ = run_cli(capsys, "similar", "--out", str(out), "--model", "synth", "--track", "t0000",
                            "--exact-below", "100")
     assert code == 0 and "index (usearch" in printed
     got = pq.read_table(written).to_pylist()
@@ -132,16 +126,16 @@ def test_a_stale_index_is_refused_and_a_refresh_applies_only_the_changes(tmp_pat
     store.ensure_tables()
     x = mixture(200, 8, 5)
     commit(store, "a", "m", dict(zip(ids(200), x, strict=True)))
-    assert cli(capsys, "index", "--out", str(out), "--model", "m")[0] == 0
+    assert run_cli(capsys, "index", "--out", str(out), "--model", "m")[0] == 0
     # Another model's commit leaves this model's index fresh.
     commit(store, "b", "other", {"z0": np.ones(8, np.float32)})
-    assert cli(capsys, "similar", "--out", str(out), "--model", "m", "--track", "t0000", "--search", "index")[0] == 0
+    assert run_cli(capsys, "similar", "--out", str(out), "--model", "m", "--track", "t0000", "--search", "index")[0] == 0
     # A nightly run: two tracks re-embedded, one new, one gone.
     new = mixture(3, 8, 9)
     commit(store, "c", "m", {"t0003": new[0], "t0004": new[1], "n0000": new[2]}, gone=["t0005"])
-    code, _, err = cli(capsys, "similar", "--out", str(out), "--model", "m", "--track", "t0000", "--search", "index")
+    code, _, err = run_cli(capsys, "similar", "--out", str(out), "--model", "m", "--track", "t0000", "--search", "index")
     assert code == 2 and "catalog-embed index --out" in err and "refresh" in err and len(err.strip().splitlines()) == 1
-    code, _, err = cli(capsys, "index", "--out", str(out), "--model", "m")
+    code, _, err = run_cli(capsys, "index", "--out", str(out), "--model", "m")
     assert code == 0 and "added 1, replaced 2, removed 1" in err, err
     folder = index_folder(store, "m", "pooled")
     meta = AnnIndex.load_meta(store, folder)
@@ -168,20 +162,20 @@ def test_bad_input_fails_in_one_line_naming_the_fix(tables, capsys, tmp_path):
         ("compare", "--a", "synth", "--b", "synth", "--fail-under", "accuracy=1"): "METRIC one of overlap",
     }
     for argv, expected in checks.items():
-        code, _, err = cli(capsys, argv[0], "--out", str(out), *argv[1:], "--report", str(tmp_path)) \
-            if argv[0] == "compare" else cli(capsys, argv[0], "--out", str(out), *argv[1:])
+        code, _, err = run_cli(capsys, argv[0], "--out", str(out), *argv[1:], "--report", str(tmp_path)) \
+            if argv[0] == "compare" else run_cli(capsys, argv[0], "--out", str(out), *argv[1:])
         assert code == 2, (argv, err)
         assert expected in err and len(err.strip().splitlines()) == 1, (argv, err)
         assert err.startswith("catalog-embed: error: ")
     # An index built for another model (and dimension) is refused for this one.
     store = TableStore(str(out))
     other = tmp_path / "elsewhere-index"
-    assert cli(capsys, "index", "--out", str(out), "--model", "elsewhere")[0] == 0
+    assert run_cli(capsys, "index", "--out", str(out), "--model", "elsewhere")[0] == 0
     shutil.copytree(index_folder(store, "elsewhere", "pooled"), other)
-    code, _, err = cli(capsys, "similar", "--out", str(out), "--model", "synth", "--track", "t0000", "--search",
+    code, _, err = run_cli(capsys, "similar", "--out", str(out), "--model", "synth", "--track", "t0000", "--search",
                        "index", "--index", str(other))
     assert code == 2 and "was built for elsewhere/pooled" in err and "--rebuild" in err
-    code, _, err = cli(capsys, "similar", "--out", str(out), "--model", "synth-shuffled", "--track", "t0000",
+    code, _, err = run_cli(capsys, "similar", "--out", str(out), "--model", "synth-shuffled", "--track", "t0000",
                        "--search", "index")
     assert code == 2 and "no index at" in err and "catalog-embed index" in err
     assert (out / INDEXES).is_dir()
@@ -189,7 +183,7 @@ def test_bad_input_fails_in_one_line_naming_the_fix(tables, capsys, tmp_path):
 
 def test_compare_identical_rotated_and_shuffled(tables, capsys, tmp_path):
     out, _ = tables
-    code, printed, _ = cli(capsys, "compare", "--out", str(out), "--a", "synth", "--b", "synth-rotated", "--report",
+    code, printed, _ = run_cli(capsys, "compare", "--out", str(out), "--a", "synth", "--b", "synth-rotated", "--report",
                            str(tmp_path / "same"), "--fail-under", "overlap=0.99", "--fail-under", "cka=0.99")
     assert code == 0, printed
     report = json.loads((tmp_path / "same" / "report.json").read_text())
@@ -199,7 +193,7 @@ def test_compare_identical_rotated_and_shuffled(tables, capsys, tmp_path):
     assert report["shared_tracks"] == N and report["passed"]
     assert "overlap@10" in (tmp_path / "same" / "report.md").read_text()
 
-    code, _, err = cli(capsys, "compare", "--out", str(out), "--a", "synth", "--b", "synth-shuffled",
+    code, _, err = run_cli(capsys, "compare", "--out", str(out), "--a", "synth", "--b", "synth-shuffled",
                        "--report", str(tmp_path / "bad"), "--fail-under", "overlap=0.5")
     assert code == 1 and "gate failed: overlap" in err
     report = json.loads((tmp_path / "bad" / "report.json").read_text())
@@ -216,7 +210,7 @@ def test_compare_reaches_earlier_versions_through_time_travel(tmp_path, capsys):
     before = store.table(EMBEDDINGS).version()
     noisy = x + 2.0 * np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
     commit(store, "v2", "m", dict(zip(ids(120), noisy, strict=True)))
-    code, _, _ = cli(capsys, "compare", "--out", str(out), "--a", f"m@{before}", "--b", "m", "--report",
+    code, _, _ = run_cli(capsys, "compare", "--out", str(out), "--a", f"m@{before}", "--b", "m", "--report",
                      str(tmp_path / "r"))
     assert code == 0
     report = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -230,9 +224,9 @@ def test_an_index_asked_for_more_neighbours_than_it_holds_returns_each_track_onc
     store = TableStore(str(out))
     store.ensure_tables()
     commit(store, "a", "m", dict(zip(ids(30), mixture(30, 8, 4), strict=True)))
-    assert cli(capsys, "index", "--out", str(out), "--model", "m")[0] == 0
+    assert run_cli(capsys, "index", "--out", str(out), "--model", "m")[0] == 0
     written = tmp_path / "n.parquet"
-    code, _, _ = cli(capsys, "similar", "--out", str(out), "--model", "m", "--track", "t0003", "--k", "50",
+    code, _, _ = run_cli(capsys, "similar", "--out", str(out), "--model", "m", "--track", "t0003", "--k", "50",
                      "--search", "index", "--output", str(written))
     assert code == 0
     found = pq.read_table(written)["track_id"].to_pylist()

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from pipelines.cli import main
 from pipelines.config import EmbedConfig
 from pipelines.embed import run_embed
+from tests.cli import run_cli
 from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 from workers.stages import EncoderConfig
 
@@ -32,15 +32,9 @@ def embedded(tmp_path_factory):
     return out, catalog
 
 
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_two_models_compare_in_between_and_a_model_with_itself_as_identical(embedded, capsys, tmp_path):
     out, catalog = embedded
-    code, printed, _ = _cli(capsys, "compare", "--out", out, "--a", "mfcc-stats", "--b", "chroma-stats", "--k", "5",
+    code, printed, _ = run_cli(capsys, "compare", "--out", out, "--a", "mfcc-stats", "--b", "chroma-stats", "--k", "5",
                             "--labels", str(catalog.labels_path), "--task", "instrument_family", "--kind", "multiclass",
                             "--report", str(tmp_path / "ab"))
     assert code == 0, printed
@@ -52,7 +46,7 @@ def test_two_models_compare_in_between_and_a_model_with_itself_as_identical(embe
     (probe,) = report["probes"]
     assert probe["metric"] == "accuracy" and probe["delta"] == pytest.approx(probe["b"] - probe["a"])
     assert "instrument_family" in printed
-    code, _, _ = _cli(capsys, "compare", "--out", out, "--a", "mfcc-stats", "--b", "mfcc-stats", "--k", "5",
+    code, _, _ = run_cli(capsys, "compare", "--out", out, "--a", "mfcc-stats", "--b", "mfcc-stats", "--k", "5",
                       "--report", str(tmp_path / "aa"), "--fail-under", "overlap=1", "--fail-under", "cka=0.999")
     assert code == 0
     report = json.loads((tmp_path / "aa" / "report.json").read_text())
@@ -68,8 +62,8 @@ def test_labels_that_do_not_join_are_refused_before_any_work(embedded, capsys, t
          "--kind", "multiclass", "--report", str(tmp_path / "r")),
         ("map", "--labels", str(labels), "--color-by", "genre", "--png", str(tmp_path / "m.png")),
     ):
-        code, _, err = _cli(capsys, argv[0], "--out", out, "--model", "mfcc-stats", *argv[1:]) if argv[0] == "map" \
-            else _cli(capsys, argv[0], "--out", out, *argv[1:])
+        code, _, err = run_cli(capsys, argv[0], "--out", out, "--model", "mfcc-stats", *argv[1:]) if argv[0] == "map" \
+            else run_cli(capsys, argv[0], "--out", out, *argv[1:])
         assert code == 2 and "must use the catalog's ids" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "m.png").exists() and not (tmp_path / "r").exists()
 
@@ -77,7 +71,7 @@ def test_labels_that_do_not_join_are_refused_before_any_work(embedded, capsys, t
 def test_map_writes_a_titled_png_and_a_self_contained_html_with_track_ids(embedded, capsys, tmp_path):
     out, catalog = embedded
     png, page = tmp_path / "map.png", tmp_path / "map.html"
-    code, _, err = _cli(capsys, "map", "--out", out, "--model", "mfcc-stats", "--labels", str(catalog.labels_path),
+    code, _, err = run_cli(capsys, "map", "--out", out, "--model", "mfcc-stats", "--labels", str(catalog.labels_path),
                         "--color-by", "instrument_family", "--png", str(png), "--html", str(page), "--method", "pca")
     assert code == 0 and f"{CATALOG.n_tracks} tracks" in err
     image = matplotlib.image.imread(png)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
+from tests.cli import run_cli
 from tests.probe_fixtures import embeddings_rows, labels_for, latent, write_embeddings
 from workers.encoders import encoder_names
 
@@ -27,20 +28,14 @@ def tables(small_catalog, tmp_path_factory) -> str:
     return out
 
 
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_models_output_is_whole_when_piped(capsys):
-    code, out, _ = _run(capsys, "models")
+    code, out, _ = run_cli(capsys, "models")
     assert code == 0
     # Piped, Rich used to lay the table out 80 columns wide and cut names: `mule-sfnfnet…`.
     for name in encoder_names():
         assert name in out
     assert "…" not in out
-    code, out, _ = _run(capsys, "models", "--json")
+    code, out, _ = run_cli(capsys, "models", "--json")
     listed = json.loads(out)
     assert [m["name"] for m in listed] == list(encoder_names())
     mule = next(m for m in listed if m["name"] == "mule-sfnfnet-f0")
@@ -50,7 +45,7 @@ def test_models_output_is_whole_when_piped(capsys):
 
 
 def test_plan_json_lists_every_track(small_catalog, small_labels, tmp_path, capsys):
-    code, out, _ = _run(
+    code, out, _ = run_cli(
         capsys, "plan", "--catalog", str(small_catalog.manifest_path), "--out", str(tmp_path / "t"), "--model", MODEL,
         "--json",
     )
@@ -67,7 +62,7 @@ def test_plan_prints_brackets_and_long_uris_whole(small_catalog, tmp_path, capsy
     ids = [long_id if i == 0 else t for i, t in enumerate(manifest["track_id"].to_pylist())]
     catalog = small_catalog.root / "bracketed.parquet"
     pq.write_table(manifest.set_column(0, "track_id", pa.array(ids)), catalog)
-    code, out, _ = _run(capsys, "plan", "--catalog", str(catalog), "--out", str(tmp_path / "t"), "--model", MODEL)
+    code, out, _ = run_cli(capsys, "plan", "--catalog", str(catalog), "--out", str(tmp_path / "t"), "--model", MODEL)
     assert code == 0
     # One line per track, the id as given: Rich took `[live]` for markup and wrapped at 80 columns.
     assert any(line.startswith(f"  embed  {long_id}  ") for line in out.splitlines())
@@ -76,12 +71,12 @@ def test_plan_prints_brackets_and_long_uris_whole(small_catalog, tmp_path, capsy
 def test_query_json_and_whole_values(tables, small_labels, capsys):
     good = sorted(la["track_id"] for la in small_labels if la["broken"] is None)
     sql = "SELECT track_id, embedding, embedded_at FROM embeddings ORDER BY track_id"
-    code, out, _ = _run(capsys, "query", "--out", tables, "--json", "--limit", "0", sql)
+    code, out, _ = run_cli(capsys, "query", "--out", tables, "--json", "--limit", "0", sql)
     assert code == 0
     rows = json.loads(out)
     assert [r["track_id"] for r in rows] == good
     assert len(rows[0]["embedding"]) == 120 and isinstance(rows[0]["embedded_at"], str)
-    code, out, _ = _run(capsys, "query", "--out", tables, "SELECT embedding FROM embeddings LIMIT 1")
+    code, out, _ = run_cli(capsys, "query", "--out", tables, "SELECT embedding FROM embeddings LIMIT 1")
     # Piped, the whole embedding is printed; only a terminal gets the 60-character preview.
     assert out.count(",") >= 119 and "..." not in out
 
@@ -89,7 +84,7 @@ def test_query_json_and_whole_values(tables, small_labels, capsys):
 def test_query_reads_only_the_tables_by_default(tables, small_catalog, tmp_path, capsys):
     labels = str(small_catalog.labels_path)
     join = f"SELECT count(*) AS n FROM embeddings e JOIN '{labels}' l USING (track_id)"
-    code, _, err = _run(capsys, "query", "--out", tables, join)
+    code, _, err = run_cli(capsys, "query", "--out", tables, join)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("catalog-embed: error: ") and "--allow-files" in err
     written = tmp_path / "copy.csv"
@@ -101,10 +96,10 @@ def test_query_reads_only_the_tables_by_default(tables, small_catalog, tmp_path,
         "SET enable_external_access = true",
         "SELECT * FROM read_parquet('https://example.com/x.parquet')",
     ):
-        code, out, err = _run(capsys, "query", "--out", tables, sql)
+        code, out, err = run_cli(capsys, "query", "--out", tables, sql)
         assert code == 2 and out == "" and err.count("\n") == 1, (sql, err)
     assert not written.exists()
-    code, out, _ = _run(capsys, "query", "--out", tables, "--allow-files", "--json", join)
+    code, out, _ = run_cli(capsys, "query", "--out", tables, "--allow-files", "--json", join)
     assert code == 0 and json.loads(out)[0]["n"] > 0
 
 
@@ -113,7 +108,7 @@ def test_query_reads_only_the_tables_by_default(tables, small_catalog, tmp_path,
     [("", "the SQL statement is empty"), (" ; ", "the SQL statement is empty"), ("SELEC 1", "the SQL failed")],
 )
 def test_bad_sql_is_one_line(tables, capsys, sql, message):
-    code, out, err = _run(capsys, "query", "--out", tables, sql)
+    code, out, err = run_cli(capsys, "query", "--out", tables, sql)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith(f"catalog-embed: error: {message}")
 
@@ -146,11 +141,11 @@ def test_probe_and_tag_read_the_tables_folder_like_every_other_command(tmp_path,
     base = ["--labels", str(labels), "--task", "genre", "--kind", "multiclass", "--max-epochs", "2"]
     reports = []
     for i, embeddings in enumerate((str(root), str(root / "embeddings"))):
-        code, _, err = _run(capsys, "probe", "--embeddings", embeddings, "--out", str(tmp_path / f"p{i}"), *base)
+        code, _, err = run_cli(capsys, "probe", "--embeddings", embeddings, "--out", str(tmp_path / f"p{i}"), *base)
         assert code == 0, err
         reports.append(json.loads((tmp_path / f"p{i}" / "report.json").read_text()))
     assert reports[0]["probe_id"] == reports[1]["probe_id"]
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys, "tag", "--probe", str(tmp_path / "p0"), "--embeddings", str(root), "--out", str(tmp_path / "pred")
     )
     assert code == 0 and "120 tagged" in err
