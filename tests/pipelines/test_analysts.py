@@ -71,7 +71,7 @@ def test_exact_similar_matches_numpy_and_writes_the_neighbours(tables, capsys, t
     out, x = tables
     written = tmp_path / "n.parquet"
     code, printed, _ = run_cli(capsys, "similar", "--out", str(out), "--model", "synth", "--track", "t0007",
-                           "--track", "t0100", "--k", "5", "--output", str(written))
+                               "--track", "t0100", "--k", "5", "--output", str(written))
     assert code == 0 and "t0007" in printed
     unit = unit_rows(x)
     truth, sims = exact_neighbours(unit[[7, 100]], unit, 5, exclude=np.array([7, 100]))
@@ -87,7 +87,7 @@ def test_where_restricts_the_candidates(tables, capsys, tmp_path):
     queries = tmp_path / "queries.txt"
     queries.write_text("t0001\n")
     code, _, _ = run_cli(capsys, "similar", "--out", str(out), "--model", "synth", "--tracks", str(queries),
-                     "--where", "track_id >= 't0300'", "--output", str(written))
+                         "--where", "track_id >= 't0300'", "--output", str(written))
     assert code == 0
     found = [line.split(",")[2].strip('"') for line in written.read_text().splitlines()[1:]]
     assert len(found) == 10 and all(t >= "t0300" for t in found)
@@ -105,11 +105,11 @@ def test_the_index_answers_like_exact_search_and_records_what_it_was_built_from(
     written = tmp_path / "index.parquet"
     queries = ids(40)
     code, _, err = run_cli(capsys, "similar", "--out", str(out), "--model", "synth", "--search", "index", "--recall",
-                       *[a for t in queries for a in ("--track", t)], "--output", str(written))
+                           *[a for t in queries for a in ("--track", t)], "--output", str(written))
     assert code == 0 and "recall@10 against exact search" in err
     # Above --exact-below live rows, auto search goes through the index.
     code, printed, _ = run_cli(capsys, "similar", "--out", str(out), "--model", "synth", "--track", "t0000",
-                           "--exact-below", "100")
+                               "--exact-below", "100")
     assert code == 0 and "index (usearch" in printed
     got = pq.read_table(written).to_pylist()
     unit = unit_rows(x)
@@ -129,11 +129,12 @@ def test_a_stale_index_is_refused_and_a_refresh_applies_only_the_changes(tmp_pat
     assert run_cli(capsys, "index", "--out", str(out), "--model", "m")[0] == 0
     # Another model's commit leaves this model's index fresh.
     commit(store, "b", "other", {"z0": np.ones(8, np.float32)})
-    assert run_cli(capsys, "similar", "--out", str(out), "--model", "m", "--track", "t0000", "--search", "index")[0] == 0
+    query = ("similar", "--out", str(out), "--model", "m", "--track", "t0000", "--search", "index")
+    assert run_cli(capsys, *query)[0] == 0
     # A nightly run: two tracks re-embedded, one new, one gone.
     new = mixture(3, 8, 9)
     commit(store, "c", "m", {"t0003": new[0], "t0004": new[1], "n0000": new[2]}, gone=["t0005"])
-    code, _, err = run_cli(capsys, "similar", "--out", str(out), "--model", "m", "--track", "t0000", "--search", "index")
+    code, _, err = run_cli(capsys, *query)
     assert code == 2 and "catalog-embed index --out" in err and "refresh" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "index", "--out", str(out), "--model", "m")
     assert code == 0 and "added 1, replaced 2, removed 1" in err, err
@@ -173,10 +174,10 @@ def test_bad_input_fails_in_one_line_naming_the_fix(tables, capsys, tmp_path):
     assert run_cli(capsys, "index", "--out", str(out), "--model", "elsewhere")[0] == 0
     shutil.copytree(index_folder(store, "elsewhere", "pooled"), other)
     code, _, err = run_cli(capsys, "similar", "--out", str(out), "--model", "synth", "--track", "t0000", "--search",
-                       "index", "--index", str(other))
+                           "index", "--index", str(other))
     assert code == 2 and "was built for elsewhere/pooled" in err and "--rebuild" in err
     code, _, err = run_cli(capsys, "similar", "--out", str(out), "--model", "synth-shuffled", "--track", "t0000",
-                       "--search", "index")
+                           "--search", "index")
     assert code == 2 and "no index at" in err and "catalog-embed index" in err
     assert (out / INDEXES).is_dir()
 
@@ -184,7 +185,7 @@ def test_bad_input_fails_in_one_line_naming_the_fix(tables, capsys, tmp_path):
 def test_compare_identical_rotated_and_shuffled(tables, capsys, tmp_path):
     out, _ = tables
     code, printed, _ = run_cli(capsys, "compare", "--out", str(out), "--a", "synth", "--b", "synth-rotated", "--report",
-                           str(tmp_path / "same"), "--fail-under", "overlap=0.99", "--fail-under", "cka=0.99")
+                               str(tmp_path / "same"), "--fail-under", "overlap=0.99", "--fail-under", "cka=0.99")
     assert code == 0, printed
     report = json.loads((tmp_path / "same" / "report.json").read_text())
     assert report["overlap"]["mean"] == pytest.approx(1.0)
@@ -194,7 +195,7 @@ def test_compare_identical_rotated_and_shuffled(tables, capsys, tmp_path):
     assert "overlap@10" in (tmp_path / "same" / "report.md").read_text()
 
     code, _, err = run_cli(capsys, "compare", "--out", str(out), "--a", "synth", "--b", "synth-shuffled",
-                       "--report", str(tmp_path / "bad"), "--fail-under", "overlap=0.5")
+                           "--report", str(tmp_path / "bad"), "--fail-under", "overlap=0.5")
     assert code == 1 and "gate failed: overlap" in err
     report = json.loads((tmp_path / "bad" / "report.json").read_text())
     assert report["overlap"]["mean"] < 0.2 and not report["passed"]
@@ -211,7 +212,7 @@ def test_compare_reaches_earlier_versions_through_time_travel(tmp_path, capsys):
     noisy = x + 2.0 * np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
     commit(store, "v2", "m", dict(zip(ids(120), noisy, strict=True)))
     code, _, _ = run_cli(capsys, "compare", "--out", str(out), "--a", f"m@{before}", "--b", "m", "--report",
-                     str(tmp_path / "r"))
+                         str(tmp_path / "r"))
     assert code == 0
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["a"]["table_version"] == before and report["b"]["table_version"] > before
@@ -227,7 +228,7 @@ def test_an_index_asked_for_more_neighbours_than_it_holds_returns_each_track_onc
     assert run_cli(capsys, "index", "--out", str(out), "--model", "m")[0] == 0
     written = tmp_path / "n.parquet"
     code, _, _ = run_cli(capsys, "similar", "--out", str(out), "--model", "m", "--track", "t0003", "--k", "50",
-                     "--search", "index", "--output", str(written))
+                         "--search", "index", "--output", str(written))
     assert code == 0
     found = pq.read_table(written)["track_id"].to_pylist()
     assert sorted(found) == sorted(set(ids(30)) - {"t0003"})

@@ -35,8 +35,8 @@ def embedded(tmp_path_factory):
 def test_two_models_compare_in_between_and_a_model_with_itself_as_identical(embedded, capsys, tmp_path):
     out, catalog = embedded
     code, printed, _ = run_cli(capsys, "compare", "--out", out, "--a", "mfcc-stats", "--b", "chroma-stats", "--k", "5",
-                            "--labels", str(catalog.labels_path), "--task", "instrument_family", "--kind", "multiclass",
-                            "--report", str(tmp_path / "ab"))
+                               "--labels", str(catalog.labels_path), "--task", "instrument_family",
+                               "--kind", "multiclass", "--report", str(tmp_path / "ab"))
     assert code == 0, printed
     report = json.loads((tmp_path / "ab" / "report.json").read_text())
     assert report["shared_tracks"] == CATALOG.n_tracks
@@ -47,7 +47,7 @@ def test_two_models_compare_in_between_and_a_model_with_itself_as_identical(embe
     assert probe["metric"] == "accuracy" and probe["delta"] == pytest.approx(probe["b"] - probe["a"])
     assert "instrument_family" in printed
     code, _, _ = run_cli(capsys, "compare", "--out", out, "--a", "mfcc-stats", "--b", "mfcc-stats", "--k", "5",
-                      "--report", str(tmp_path / "aa"), "--fail-under", "overlap=1", "--fail-under", "cka=0.999")
+                         "--report", str(tmp_path / "aa"), "--fail-under", "overlap=1", "--fail-under", "cka=0.999")
     assert code == 0
     report = json.loads((tmp_path / "aa" / "report.json").read_text())
     assert report["overlap"]["mean"] == 1.0 and report["cka"] == pytest.approx(1.0)
@@ -72,7 +72,7 @@ def test_map_writes_a_titled_png_and_a_self_contained_html_with_track_ids(embedd
     out, catalog = embedded
     png, page = tmp_path / "map.png", tmp_path / "map.html"
     code, _, err = run_cli(capsys, "map", "--out", out, "--model", "mfcc-stats", "--labels", str(catalog.labels_path),
-                        "--color-by", "instrument_family", "--png", str(png), "--html", str(page), "--method", "pca")
+                           "--color-by", "instrument_family", "--png", str(png), "--html", str(page), "--method", "pca")
     assert code == 0 and f"{CATALOG.n_tracks} tracks" in err
     image = matplotlib.image.imread(png)
     assert image.shape[0] > 500 and image.shape[1] > 700
