@@ -9,10 +9,10 @@ machine is shared: wall-clock medians go into the JSON too.
 Paths (decode-only = decode and downmix to mono at the file's rate; decode+resample = to 16 kHz):
 
   today            to_ndarray() + mean() downmix, torchaudio Kaiser-best sinc (64 zero crossings): the path before.
-  planes + soxr HQ `workers.audio.decode`: downmix from the decoder's float planes, soxr HQ (the chosen path on
+  planes + soxr HQ `catalog_embed.workers.audio.decode`: downmix from the decoder's float planes, soxr HQ (the chosen path on
                    the CPU).
   native, to a GPU what a decode worker does when the front end runs on the GPU: decode at the file's rate and
-                   ship float16 ("+resample" is that: the GPU resamples, `workers.audio.DeviceResampler`, whose
+                   ship float16 ("+resample" is that: the GPU resamples, `catalog_embed.workers.audio.DeviceResampler`, whose
                    quality figures are computed here on the CPU).
   planes + soxr VHQ, planes + torchaudio sinc-16: the same decode, other resamplers.
   swr, swr filter 64: FFmpeg's own resampler through `av.AudioResampler(format="flt", layout="mono")`, which
@@ -45,9 +45,9 @@ import torchaudio.functional as AF
 from rich.console import Console
 from rich.table import Table
 
-from workers.audio import DeviceResampler, decode, resample
-from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
-from workers.stages import SHIPPED_DTYPE
+from catalog_embed.workers.audio import DeviceResampler, decode, resample
+from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
+from catalog_embed.workers.stages import SHIPPED_DTYPE
 
 RESULTS = Path(__file__).parent / "results" / "decode_bench.json"
 TARGET_RATE = 16_000
@@ -77,7 +77,7 @@ def decode_today(path: Path) -> tuple[np.ndarray, int]:
 
 
 def decode_planes(path: Path, rate: int | None = None) -> tuple[np.ndarray, int]:
-    """The decode loop now: `workers.audio.decode`, at `rate` (None: the file's own)."""
+    """The decode loop now: `catalog_embed.workers.audio.decode`, at `rate` (None: the file's own)."""
     with path.open("rb") as fh:
         audio = decode(fh, rate)
     return audio.samples, audio.sample_rate
@@ -97,7 +97,7 @@ def torchaudio_resampler(params: dict) -> Callable[[np.ndarray, int], np.ndarray
 
 
 def device_resampler(samples: np.ndarray, rate: int) -> np.ndarray:
-    """`workers.audio.DeviceResampler`, run here on the CPU (its quality does not depend on the device)."""
+    """`catalog_embed.workers.audio.DeviceResampler`, run here on the CPU (its quality does not depend on the device)."""
     return DeviceResampler(TARGET_RATE)(torch.from_numpy(samples), rate).numpy()
 
 

@@ -27,17 +27,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.config import EmbedConfig
-from pipelines.embed import run_embed
-from pipelines.io.catalog import fingerprints
-from pipelines.io.store import TableStore
-from pipelines.runners import EmbedJob, write_shard
-from schemas.records import WorkItem
-from workers.audio import load_audio
-from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
-from workers.rows import RowContext
-from workers.shard import ShardOutput
-from workers.stages import EmbedStage, EncoderConfig, TrackFeatures
+from catalog_embed.pipelines.embed.config import EmbedConfig
+from catalog_embed.pipelines.embed.job import run_embed
+from catalog_embed.pipelines.io.catalog import fingerprints
+from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.pipelines.runners import EmbedJob, write_shard
+from catalog_embed.schemas.records import WorkItem
+from catalog_embed.workers.audio import load_audio
+from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
+from catalog_embed.workers.rows import RowContext
+from catalog_embed.workers.shard import ShardOutput
+from catalog_embed.workers.stages import EmbedStage, EncoderConfig, TrackFeatures
 
 RESULTS = Path(__file__).parent / "results" / "embed_bench.json"
 

@@ -37,9 +37,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from workers.encoders import Encoder, get_encoder
-from workers.encoders.base import resolve_device
-from workers.encoders.sfnfnet import write_standin_weights
+from catalog_embed.workers.encoders import Encoder, get_encoder
+from catalog_embed.workers.encoders.base import resolve_device
+from catalog_embed.workers.encoders.sfnfnet import write_standin_weights
 
 RESULTS = Path(__file__).parent / "results" / "encoders.json"
 MODELS = ("musicnn-msd", "musicnn-mtt", "mule-sfnfnet-f0", "mfcc-stats", "chroma-stats")

@@ -6,7 +6,7 @@
 
 Sections (each one's figures are rows of the printed table and keys of the JSON it writes):
 
-- decode: `workers.stages.DecodeStage` as the runners configure it for the device (on a GPU only decoding, at
+- decode: `catalog_embed.workers.stages.DecodeStage` as the runners configure it for the device (on a GPU only decoding, at
   the file's own rate: resampling and the front end run on the GPU) on one core in this process, then an
   `IsolatedPool` of `--workers` children: windows per second and times real time.
 - encoder: `Encoder.embed` on one batch of the front end's windows repeated to `--batch` (on a GPU by default the
@@ -16,14 +16,14 @@ Sections (each one's figures are rows of the printed table and keys of the JSON 
   and (`--cold-warm`, the default on CUDA) a cold and a warm start of a fresh process compiling against an empty
   and then the same inductor cache (`TORCHINDUCTOR_CACHE_DIR`). On CUDA, the peak memory of a call per window and
   the footprint `Encoder.measure_memory` reports.
-- end to end: the local runner's loop alone ("loop": `workers.overlap.embed_overlapped`, no planning, tables or
-  commit, so it runs where deltalake is not installed), then `pipelines.embed.run_embed` on the local runner and
+- end to end: the local runner's loop alone ("loop": `catalog_embed.workers.overlap.embed_overlapped`, no planning, tables or
+  commit, so it runs where deltalake is not installed), then `catalog_embed.pipelines.embed.job.run_embed` on the local runner and
   on Ray (a local instance, one encoder actor, which takes the GPU with `--device cuda`), compiled when compiling
   won in the encoder section: windows/s, times real time, and the share of the wall time spent in the encoder
   (`stage_seconds['encode']`, a synchronous call: on a GPU the busy share the encoder can have).
 - efficiency = end-to-end rate / min(decode pool rate, encoder rate), per runner.
 
-The demo catalog (`workers.demo_catalog`, every codec, no broken files) is rendered once into a temporary folder.
+The demo catalog (`catalog_embed.workers.demo_catalog`, every codec, no broken files) is rendered once into a temporary folder.
 Prints a table with the machine's load average and writes bench/results/gpu_bench-<device>.json.
 
 Without a GPU: `--device cpu --tracks 16 --seconds 30 --repeat 3` finishes in about 5 minutes on 2 busy cores
@@ -55,9 +55,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from workers.encoders import Encoder, get_encoder
-from workers.encoders.base import INDUCTOR_CACHE_ENV, resolve_device
-from workers.encoders.sfnfnet import write_standin_weights
+from catalog_embed.workers.encoders import Encoder, get_encoder
+from catalog_embed.workers.encoders.base import INDUCTOR_CACHE_ENV, resolve_device
+from catalog_embed.workers.encoders.sfnfnet import write_standin_weights
 
 RESULTS = Path(__file__).parent / "results"
 DECODE_TIMEOUT_S = 300.0
@@ -115,7 +115,7 @@ def _flops_per_window(encoder: Encoder, windows: torch.Tensor) -> float | None:
 
 def encoder_section(args: argparse.Namespace, device: torch.device, work: Path) -> dict:
     """Eager and compiled windows/s of `args.model` on `device`, with memory and compile-cache figures."""
-    from workers.stages import EncoderConfig
+    from catalog_embed.workers.stages import EncoderConfig
 
     options = _encoder_options(args.model, work)
     eager = get_encoder(args.model, **options)
@@ -186,10 +186,10 @@ def decode_section(args: argparse.Namespace, work: Path) -> tuple[dict, Path]:
     """Windows/s of decoding on one core and in the pool; also returns the catalog's manifest."""
     import pyarrow.parquet as pq
 
-    from schemas.records import WorkItem
-    from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
-    from workers.isolation import IsolatedPool
-    from workers.stages import DecodeStage, EncoderConfig, TrackFeatures
+    from catalog_embed.schemas.records import WorkItem
+    from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
+    from catalog_embed.workers.isolation import IsolatedPool
+    from catalog_embed.workers.stages import DecodeStage, EncoderConfig, TrackFeatures
 
     demo = DemoCatalogConfig(n_tracks=args.tracks, duration_s=args.seconds, n_broken=0)
     catalog = render_demo_catalog(work / "catalog", demo, workers=args.workers)
@@ -228,7 +228,7 @@ def decode_section(args: argparse.Namespace, work: Path) -> tuple[dict, Path]:
 
 
 def _encoder_config(args: argparse.Namespace, work: Path, compiled: bool, batch: int):  # noqa: ANN202
-    from workers.stages import EncoderConfig
+    from catalog_embed.workers.stages import EncoderConfig
 
     options = _encoder_options(args.model, work)
     return EncoderConfig(
@@ -253,9 +253,9 @@ def _run_result(compiled: bool, wall: float, stats, windows: int) -> dict:  # no
 def end_to_end_section(args: argparse.Namespace, manifest: Path, work: Path, runner: str, compiled: bool,
                        batch: int, windows: int) -> dict:  # fmt: skip
     """One `run_embed` on `runner` into a fresh output root."""
-    from pipelines.config import EmbedConfig
-    from pipelines.embed import run_embed
-    from pipelines.runners.options import RayOptions
+    from catalog_embed.pipelines.embed.config import EmbedConfig
+    from catalog_embed.pipelines.embed.job import run_embed
+    from catalog_embed.pipelines.runners.options import RayOptions
 
     config = EmbedConfig(
         catalog=str(manifest),
@@ -272,15 +272,15 @@ def end_to_end_section(args: argparse.Namespace, manifest: Path, work: Path, run
 
 def loop_section(args: argparse.Namespace, manifest: Path, work: Path, compiled: bool, batch: int,
                  windows: int) -> dict:  # fmt: skip
-    """The local runner's loop (`workers.overlap.embed_overlapped`: decode children, feeding thread, shard core)
+    """The local runner's loop (`catalog_embed.workers.overlap.embed_overlapped`: decode children, feeding thread, shard core)
     over the catalog, without planning, tables or commit: it needs neither deltalake nor DuckDB."""
     import pyarrow.parquet as pq
 
-    from schemas.records import WorkItem
-    from workers.overlap import embed_overlapped
-    from workers.rows import RowContext
-    from workers.shard import ShardEmbedder, ShardStats
-    from workers.stages import DecodeStage
+    from catalog_embed.schemas.records import WorkItem
+    from catalog_embed.workers.overlap import embed_overlapped
+    from catalog_embed.workers.rows import RowContext
+    from catalog_embed.workers.shard import ShardEmbedder, ShardStats
+    from catalog_embed.workers.stages import DecodeStage
 
     encoder = _encoder_config(args, work, compiled, batch)
     rows = pq.read_table(manifest).to_pylist()

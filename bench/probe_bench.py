@@ -33,14 +33,14 @@ from deltalake import write_deltalake
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.io.probe_tables import EmbeddingsSource
-from schemas.tables import EMBEDDINGS
-from workers.probes.data import LabelSpec, ProbeDataset, Split, build_dataset
-from workers.probes.metrics import evaluate
-from workers.probes.models import predict_scores
-from workers.probes.search import PRESETS, grid_configs, run_trial, search
-from workers.probes.tasks import TaskKind
-from workers.probes.train import ProbeConfig, restore
+from catalog_embed.pipelines.probes.tables import EmbeddingsSource
+from catalog_embed.schemas.tables import EMBEDDINGS
+from catalog_embed.workers.probes.data import LabelSpec, ProbeDataset, Split, build_dataset
+from catalog_embed.workers.probes.metrics import evaluate
+from catalog_embed.workers.probes.models import predict_scores
+from catalog_embed.workers.probes.search import PRESETS, grid_configs, run_trial, search
+from catalog_embed.workers.probes.tasks import TaskKind
+from catalog_embed.workers.probes.train import ProbeConfig, restore
 
 RESULTS = Path(__file__).parent / "results" / "probe_bench.json"
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from pipelines.probe_job import ProbeJobConfig, run_probe_job
-from workers.probes.data import LabelSpec
-from workers.probes.report import results_table
-from workers.probes.search import PRESETS, preset
-from workers.probes.tasks import TaskKind
+from catalog_embed.pipelines.probes.job import ProbeJobConfig, run_probe_job
+from catalog_embed.workers.probes.data import LabelSpec
+from catalog_embed.workers.probes.report import results_table
+from catalog_embed.workers.probes.search import PRESETS, preset
+from catalog_embed.workers.probes.tasks import TaskKind
 
 TASKS = {
     "instrument": (TaskKind.MULTICLASS, "instrument_family"),

@@ -2,7 +2,7 @@
 
 1. Renders a demo catalog (default 1,000 tracks) whose broken rows cover every broken kind (truncated, empty, not
    audio, corrupt header, missing), and marks further good tracks whose decoder will segfault or hang (injected at
-   the decoder, as `workers.failpoints` documents): 50 hostile rows by default. Three hostile media files join them:
+   the decoder, as `catalog_embed.workers.failpoints` documents): 50 hostile rows by default. Three hostile media files join them:
    an HLS playlist pointing at a file outside the catalog, an ffconcat list and an SDP session description (a
    decoder that followed them would embed the outside file or block on a socket).
 2. Starts `catalog-embed embed` in a process of its own; once a third of the shards are staged it runs
@@ -35,17 +35,17 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.config import EmbedConfig
-from pipelines.embed import run_embed
-from pipelines.io.store import TableStore
-from pipelines.query import connect
-from pipelines.vacuum import vacuum
-from schemas.records import WorkItem
-from schemas.tables import EMBEDDINGS
-from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
-from workers.failpoints import ENV as FAILPOINTS
-from workers.isolation import IsolatedPool
-from workers.stages import DecodeStage, EncoderConfig
+from catalog_embed.pipelines.analysts.query import connect
+from catalog_embed.pipelines.embed.config import EmbedConfig
+from catalog_embed.pipelines.embed.job import run_embed
+from catalog_embed.pipelines.embed.vacuum import vacuum
+from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.schemas.records import WorkItem
+from catalog_embed.schemas.tables import EMBEDDINGS
+from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
+from catalog_embed.workers.failpoints import ENV as FAILPOINTS
+from catalog_embed.workers.isolation import IsolatedPool
+from catalog_embed.workers.stages import DecodeStage, EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "reliability.json"
@@ -54,7 +54,7 @@ RESULTS = ROOT / "bench" / "results" / "reliability.json"
 def _embed(catalog: str, out: str, timeout: float, shard_size: int, failpoints: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), **{FAILPOINTS: failpoints})
     command = [
-        sys.executable, "-m", "pipelines.cli", "embed", "--catalog", catalog, "--out", out,
+        sys.executable, "-m", "catalog_embed.pipelines.cli", "embed", "--catalog", catalog, "--out", out,
         "--decode-timeout", str(timeout), "--shard-size", str(shard_size), "--workers", "2",
     ]
     return subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,

@@ -31,10 +31,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.config import EmbedConfig
-from pipelines.embed import run_embed
-from pipelines.runners.options import RayOptions
-from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
+from catalog_embed.pipelines.embed.config import EmbedConfig
+from catalog_embed.pipelines.embed.job import run_embed
+from catalog_embed.pipelines.runners.options import RayOptions
+from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 
 RESULTS = Path(__file__).parent / "results" / "runners.json"
 # (label, runner, decode workers, encoder actors)

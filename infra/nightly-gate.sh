@@ -20,7 +20,7 @@ MODEL="${MODEL:-musicnn-msd}"
 MIN_OVERLAP="${MIN_OVERLAP:-0.6}"   # mean share of each track's 10 nearest neighbours that stay its neighbours
 MIN_CKA="${MIN_CKA:-0.8}"           # linear CKA between the live and the candidate vectors
 REPORT="${REPORT:-gate-report}"
-# The command to run; tests point it at the working tree (`python -m pipelines.cli`).
+# The command to run; tests point it at the working tree (`python -m catalog_embed.pipelines.cli`).
 read -r -a CLI <<< "${CATALOG_EMBED:-catalog-embed}"
 
 "${CLI[@]}" embed --catalog "${CATALOG}" --out "${CANDIDATE_OUT}" --model "${MODEL}" "$@"

@@ -18,20 +18,20 @@ import threading
 from pathlib import Path
 from typing import NoReturn
 
-from schemas.errors import CatalogEmbedError, ConfigError, MissingExtraError
+from catalog_embed.schemas.errors import CatalogEmbedError, ConfigError, MissingExtraError
 
 # Modules providing subcommands, in the order `--help` lists them.
 _COMMAND_MODULES = (
-    "pipelines.embed",
-    "pipelines.query",
-    "pipelines.vacuum",
-    "pipelines.models",
-    "pipelines.demo",
-    "pipelines.probe_cli",
-    "pipelines.similar",
-    "pipelines.index",
-    "pipelines.catalog_map",
-    "pipelines.compare",
+    "catalog_embed.pipelines.embed.job",
+    "catalog_embed.pipelines.analysts.query",
+    "catalog_embed.pipelines.embed.vacuum",
+    "catalog_embed.pipelines.models",
+    "catalog_embed.pipelines.demo",
+    "catalog_embed.pipelines.probes.cli",
+    "catalog_embed.pipelines.analysts.similar",
+    "catalog_embed.pipelines.analysts.index",
+    "catalog_embed.pipelines.analysts.map",
+    "catalog_embed.pipelines.analysts.compare",
 )
 
 # Top-level modules of the optional dependencies (pyproject.toml) -> the extra that installs them.

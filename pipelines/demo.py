@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
+from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 
 _DEFAULTS = DemoCatalogConfig()
 

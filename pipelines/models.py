@@ -10,9 +10,9 @@ from typing import Any
 
 from rich.table import Table
 
-from pipelines.output import console, print_json
-from schemas.errors import EncoderError
-from workers.encoders import encoder_names, get_encoder
+from catalog_embed.pipelines.output import console, print_json
+from catalog_embed.schemas.errors import EncoderError
+from catalog_embed.workers.encoders import encoder_names, get_encoder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,7 +1,7 @@
 """Named errors shared by every layer.
 
 Each error says what went wrong and, where the user can act, what to change. Errors raised while processing one
-track become a `failures` row (see `schemas.tables.FAILURES`); errors raised while configuring or planning a run
+track become a `failures` row (see `catalog_embed.schemas.tables.FAILURES`); errors raised while configuring or planning a run
 stop it before any audio is read.
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from workers.demo_catalog import DemoCatalog, DemoCatalogConfig, render_demo_catalog
+from catalog_embed.workers.demo_catalog import DemoCatalog, DemoCatalogConfig, render_demo_catalog
 
 # Every codec twice plus one file of each broken kind (truncated mp3 and flac, empty, not audio, corrupt header,
 # missing): 18 rows, 4 s each.

@@ -34,7 +34,7 @@ import numpy as np
 import soxr
 import torch
 
-from schemas.errors import AudioDecodeError, AudioTooLongError, AudioTooShortError, SourceReadError
+from catalog_embed.schemas.errors import AudioDecodeError, AudioTooLongError, AudioTooShortError, SourceReadError
 
 # soxr's HQ recipe, librosa's default ("soxr_hq") and so the musicnn reference's.
 _SOXR_QUALITY = "HQ"

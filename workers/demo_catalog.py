@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.errors import ConfigError
+from catalog_embed.schemas.errors import ConfigError
 
 # General MIDI families (0-based programs) the lead instrument is drawn from: a few typical programs each, with
 # the MIDI note the melody centres on, so every instrument plays in a register where it sounds like itself.

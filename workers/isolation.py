@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from schemas.errors import WorkerError
-from schemas.records import TrackFailure, WorkItem
+from catalog_embed.schemas.errors import WorkerError
+from catalog_embed.schemas.records import TrackFailure, WorkItem
 
 _READY = "ready"
 _PARENT_POLL_S = 1.0

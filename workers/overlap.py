@@ -1,8 +1,8 @@
 """The overlapped loop of a worker that hosts the encoder beside its decoders (the local runner; bench/gpu_bench.py
 measures the same loop without writing tables).
 
-Decoding runs in supervised child processes (`workers.isolation.IsolatedPool`); a thread keeps them busy and queues
-what they decode (at most `AHEAD_PER_WORKER` tracks per worker), and the shard core (`workers.shard.ShardEmbedder`)
+Decoding runs in supervised child processes (`catalog_embed.workers.isolation.IsolatedPool`); a thread keeps them busy and queues
+what they decode (at most `AHEAD_PER_WORKER` tracks per worker), and the shard core (`catalog_embed.workers.shard.ShardEmbedder`)
 takes tracks from that queue as they come, so the decoders work while the encoder runs. The encoder gets every core
 and the decode children, at a lower priority, what it leaves: on a CPU the encoder is the slower side (musicnn:
 decoding is an eighth of the work), and torch's intra-op threads spin-wait on each other, so a decoder that
@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from schemas.records import WorkItem
-from workers.isolation import IsolatedPool
-from workers.shard import Decoded, ShardEmbedder, ShardOutput
-from workers.stages import DecodeStage, TrackFeatures
+from catalog_embed.schemas.records import WorkItem
+from catalog_embed.workers.isolation import IsolatedPool
+from catalog_embed.workers.shard import Decoded, ShardEmbedder, ShardOutput
+from catalog_embed.workers.stages import DecodeStage, TrackFeatures
 
 # Decoded tracks kept in flight per worker: enough to hide decode latency behind the encoder, bounded in memory.
 AHEAD_PER_WORKER = 4

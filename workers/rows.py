@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 
-from schemas.records import TrackEmbedding, TrackFailure
-from schemas.tables import EMBEDDINGS, EXTRA_LAYER_PREFIX, FAILURES, WINDOWS
+from catalog_embed.schemas.records import TrackEmbedding, TrackFailure
+from catalog_embed.schemas.tables import EMBEDDINGS, EXTRA_LAYER_PREFIX, FAILURES, WINDOWS
 
 
 @dataclass(frozen=True)

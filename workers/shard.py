@@ -16,7 +16,7 @@ routing and counting live here only:
 - a track whose embeddings are not finite (NaN, inf) gets a `failures` row, never a table row.
 
 Engine- and storage-free: no apache_beam, ray or deltalake here. The rows come back as Arrow tables; the job layer
-writes them (`pipelines.runners.write_shard`).
+writes them (`catalog_embed.pipelines.runners.write_shard`).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
-from schemas.records import TrackEmbedding, TrackFailure, WorkItem
-from workers.isolation import IsolatedPool
-from workers.rows import RowContext, embedding_rows, failure_rows, window_rows
-from workers.stages import EmbedStage, EncoderConfig, Resources, TrackFeatures
+from catalog_embed.schemas.records import TrackEmbedding, TrackFailure, WorkItem
+from catalog_embed.workers.isolation import IsolatedPool
+from catalog_embed.workers.rows import RowContext, embedding_rows, failure_rows, window_rows
+from catalog_embed.workers.stages import EmbedStage, EncoderConfig, Resources, TrackFeatures
 
 Decoded = tuple[TrackFeatures | TrackFailure, float]  # a decode result and the seconds it took
 DecodedShard = tuple[str, Iterable[Decoded]]  # a shard's part name and its tracks as decoded, in plan order

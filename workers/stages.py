@@ -1,4 +1,4 @@
-"""The two compute stages of the embed job, shared by every runner through the shard core (`workers.shard`).
+"""The two compute stages of the embed job, shared by every runner through the shard core (`catalog_embed.workers.shard`).
 
 `DecodeStage` (CPU: read, decode, resample, front end) turns a work item into windows or a failure.
 `EmbedStage` (the encoder's device) embeds windows batched across tracks and pools them per track.
@@ -21,10 +21,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from schemas.errors import ConfigError, EncoderError, FrontEndError, TrackError
-from schemas.records import TrackEmbedding, TrackFailure, WorkItem
-from workers import failpoints
-from workers.audio import (
+from catalog_embed.schemas.errors import ConfigError, EncoderError, FrontEndError, TrackError
+from catalog_embed.schemas.records import TrackEmbedding, TrackFailure, WorkItem
+from catalog_embed.workers import failpoints
+from catalog_embed.workers.audio import (
     DecodeConfig,
     DeviceResampler,
     load_audio,
@@ -32,8 +32,8 @@ from workers.audio import (
     resampled_length,
     resamples_on_device,
 )
-from workers.encoders import Encoder, FrontEnd, get_encoder
-from workers.encoders.base import MemoryFootprint, parse_device, resolve_precision
+from catalog_embed.workers.encoders import Encoder, FrontEnd, get_encoder
+from catalog_embed.workers.encoders.base import MemoryFootprint, parse_device, resolve_precision
 
 FRONT_END_PLACEMENTS = ("auto", "decoder", "encoder")
 CPU_BATCH_WINDOWS = 64
@@ -92,7 +92,7 @@ class EncoderConfig:
 
     Attributes:
         model: registry name (see `catalog-embed models`), or the path or URI of a bring-your-own encoder's JSON
-            config (any name ending in `.json`, see `workers.encoders.custom`).
+            config (any name ending in `.json`, see `catalog_embed.workers.encoders.custom`).
         layers: layers to write; the first fills the `embedding` column, others `embedding_<layer>`. Empty means
             the encoder's default layer.
         device: 'cpu', 'cuda' or 'cuda:N'; asking for CUDA without a GPU is an error.
@@ -290,7 +290,7 @@ class DecodeStage:
             return TrackFailure.from_error(item, FrontEndError(f"front end failed: {exc}"))
         return TrackFeatures(item=item, windows=windows, starts=starts, duration_s=duration_s)
 
-    __call__ = process  # a plain callable for process pools (`workers.isolation`)
+    __call__ = process  # a plain callable for process pools (`catalog_embed.workers.isolation`)
 
 
 @dataclass
@@ -300,7 +300,7 @@ class EmbedStage:
     Tracks that arrive as waveforms (`EncoderConfig.front_end_on_encoder`) are resampled and go through the front
     end on the encoder's device first, in float32; only the network runs in the configured precision. A track the
     front end fails on, or whose embeddings are not finite (NaN, inf), comes back as a `TrackFailure`; an error of the
-    encoder itself raises, for the shard core (`workers.shard`) to find the track that causes it.
+    encoder itself raises, for the shard core (`catalog_embed.workers.shard`) to find the track that causes it.
     """
 
     encoder: EncoderConfig

@@ -23,8 +23,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from schemas.errors import ManifestError
-from schemas.records import MISSING_FINGERPRINT, REFUSED_FINGERPRINT
+from catalog_embed.schemas.errors import ManifestError
+from catalog_embed.schemas.records import MISSING_FINGERPRINT, REFUSED_FINGERPRINT
 
 AUDIO_EXTENSIONS = (".mp3", ".ogg", ".oga", ".opus", ".flac", ".m4a", ".aac", ".mp4", ".wav", ".aif", ".aiff")
 MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".ndjson": "json"}

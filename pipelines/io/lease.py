@@ -18,8 +18,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from pipelines.io.store import TableStore
-from schemas.errors import RunLostError
+from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.schemas.errors import RunLostError
 
 LEASE_FILE = "lease.json"
 DEFAULT_TTL_S = 120.0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from schemas.errors import ConfigError
+from catalog_embed.schemas.errors import ConfigError
 
 HELP = "deltalake storage option for the tables, e.g. AWS_ENDPOINT_URL=http://127.0.0.1:9000; repeatable"
 

@@ -3,7 +3,7 @@ one idempotent commit per run.
 
 Layout under the root (any fsspec/deltalake URI: local, s3://, gs://):
 
-    embeddings/  windows/  failures/  runs/       Delta tables (see schemas.tables)
+    embeddings/  windows/  failures/  runs/       Delta tables (see catalog_embed.schemas.tables)
     _staging/<run_id>/<table>/part-<shard>.parquet  part files written by workers, invisible to readers
 
 Workers write part files with deterministic names, so a retried shard overwrites itself instead of duplicating.
@@ -35,9 +35,9 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from schemas.errors import TableError
-from schemas.tables import EMBEDDINGS, FAILURES, RUNS, SCHEMA_VERSION, TABLES, WINDOWS, TableSpec
-from workers import failpoints
+from catalog_embed.schemas.errors import TableError
+from catalog_embed.schemas.tables import EMBEDDINGS, FAILURES, RUNS, SCHEMA_VERSION, TABLES, WINDOWS, TableSpec
+from catalog_embed.workers import failpoints
 
 SCHEMA_VERSION_KEY = "catalog_embed.schema_version"
 STAGING = "_staging"

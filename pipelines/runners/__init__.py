@@ -2,7 +2,7 @@
 
 A runner receives an `EmbedJob` (picklable: it travels to remote workers) and only schedules: it decodes each
 shard's work items with `DecodeStage` in supervised processes, hands the decoded shard to the shard core
-(`workers.shard.ShardEmbedder`: batching, failure routing and counting live there), writes the core's rows with
+(`catalog_embed.workers.shard.ShardEmbedder`: batching, failure routing and counting live there), writes the core's rows with
 `write_shard` and merges the shards' stats. The job then commits once on the driver. A new engine is a module here
 with a class exposing `run(job, progress) -> RunStats`, plus a line in `options.RUNNER_CLASSES`; engine imports
 (apache_beam, ray) stay in that module.
@@ -21,18 +21,18 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from pipelines.io.store import TableStore
-from pipelines.runners.options import RUNNER_CLASSES
-from schemas.errors import ConfigError, RunAbortedError
-from schemas.records import WorkItem
-from schemas.tables import EMBEDDINGS, FAILURES, WINDOWS
-from workers import failpoints
-from workers.rows import RowContext
-from workers.shard import ShardEmbedder, ShardOutput, ShardStats
-from workers.stages import DecodeStage
+from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.pipelines.runners.options import RUNNER_CLASSES
+from catalog_embed.schemas.errors import ConfigError, RunAbortedError
+from catalog_embed.schemas.records import WorkItem
+from catalog_embed.schemas.tables import EMBEDDINGS, FAILURES, WINDOWS
+from catalog_embed.workers import failpoints
+from catalog_embed.workers.rows import RowContext
+from catalog_embed.workers.shard import ShardEmbedder, ShardOutput, ShardStats
+from catalog_embed.workers.stages import DecodeStage
 
 if TYPE_CHECKING:  # the config imports the engines' options from this package: no import at run time
-    from pipelines.config import EmbedConfig
+    from catalog_embed.pipelines.embed.config import EmbedConfig
 
 # Below this many finished tracks the failure ratio is too noisy to abort a run on.
 _MIN_TRACKS_FOR_ABORT = 20
@@ -46,7 +46,7 @@ class EmbedJob:
 
     Attributes:
         run_id: the run.
-        config: the run's configuration (a `pipelines.config.EmbedConfig`), as the user gave it, its batch sized.
+        config: the run's configuration (a `catalog_embed.pipelines.embed.config.EmbedConfig`), as the user gave it, its batch sized.
         items: the tracks to embed, in plan order.
         rows: what every row of the run records (model, version, layers, feature hash).
         commit: commits the run, for runners whose graph commits it (Beam).

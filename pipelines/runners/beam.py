@@ -3,7 +3,7 @@
     shards (Parquet, one row per shard) | Reshuffle
       | Decode        DecodeStage in a supervised child process with a timeout and a memory cap (CPU)
       | (Reshuffle)   on Dataflow with GPUs only: decode on CPU workers, encode on GPU workers (right fitting)
-      | RunInference  ShardModelHandler: the shard core (`workers.shard.ShardEmbedder`), one model per worker
+      | RunInference  ShardModelHandler: the shard core (`catalog_embed.workers.shard.ShardEmbedder`), one model per worker
                       process; it batches across the shard's tracks, routes failures and counts
       | WriteShard    write_shard: deterministic part names
       | CombineGlobally(RunStats) | Commit (once, through `EmbedJob.commit`)
@@ -11,7 +11,7 @@
 The shards are staged as one Parquet file under the run's staging folder rather than inlined into the graph,
 which Dataflow caps at a few megabytes. An element is a shard from the first step to the write, as on Ray, so each
 shard's part files are the product of exactly one write without a shuffle. Each worker process decodes in a child
-of its own (`workers.isolation.IsolatedPool`, as the other runners do): a decoder that raises, crashes, hangs past
+of its own (`catalog_embed.workers.isolation.IsolatedPool`, as the other runners do): a decoder that raises, crashes, hangs past
 `--decode-timeout` or balloons costs one `failures` row, and the child ends with its worker even under kill -9.
 An encoder that raises costs the tracks that make it raise (the shard core's dead letters). No track fails a bundle.
 
@@ -42,15 +42,15 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.prism_runner import PrismJobServer
 
-from pipelines.io.store import STAGING
-from pipelines.runners import EmbedJob, Progress, RunStats, write_shard
-from pipelines.runners.options import BeamOptions
-from schemas.errors import ConfigError, TableError
-from schemas.records import WorkItem
-from schemas.tables import FAILURES, RUNS
-from workers.isolation import IsolatedPool
-from workers.shard import DecodedShard, ShardEmbedder, ShardOutput, decode_shard
-from workers.stages import DecodeStage, TrackFeatures
+from catalog_embed.pipelines.io.store import STAGING
+from catalog_embed.pipelines.runners import EmbedJob, Progress, RunStats, write_shard
+from catalog_embed.pipelines.runners.options import BeamOptions
+from catalog_embed.schemas.errors import ConfigError, TableError
+from catalog_embed.schemas.records import WorkItem
+from catalog_embed.schemas.tables import FAILURES, RUNS
+from catalog_embed.workers.isolation import IsolatedPool
+from catalog_embed.workers.shard import DecodedShard, ShardEmbedder, ShardOutput, decode_shard
+from catalog_embed.workers.stages import DecodeStage, TrackFeatures
 
 METRICS_NAMESPACE = "catalog-embed"
 # Stage times reported as distributions `<stage>_ms`.

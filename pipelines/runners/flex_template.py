@@ -13,8 +13,8 @@ import argparse
 import sys
 from dataclasses import replace
 
-from pipelines.config import config_from_args
-from pipelines.embed import register, run_embed
+from catalog_embed.pipelines.embed.config import config_from_args
+from catalog_embed.pipelines.embed.job import register, run_embed
 
 
 def parse_launcher_args(argv: list[str]) -> argparse.Namespace:

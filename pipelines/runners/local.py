@@ -1,7 +1,7 @@
 """The local runner: the reference engine and the embedded default.
 
 Decoding runs in supervised child processes, so a decoder that segfaults, hangs or balloons on hostile input costs
-one `failures` row, not the run; the encoder runs in this process, overlapped with decoding (`workers.overlap`).
+one `failures` row, not the run; the encoder runs in this process, overlapped with decoding (`catalog_embed.workers.overlap`).
 Another thread writes a finished shard's part files while the next shard is embedded (one shard at a time).
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 
-from pipelines.runners import EmbedJob, Progress, RunStats, write_shard
-from workers.overlap import embed_overlapped
-from workers.shard import ShardOutput
+from catalog_embed.pipelines.runners import EmbedJob, Progress, RunStats, write_shard
+from catalog_embed.workers.overlap import embed_overlapped
+from catalog_embed.workers.shard import ShardOutput
 
 
 class LocalRunner:

@@ -1,6 +1,6 @@
 """The engines (`RUNNER_CLASSES`) and the options of the distributed ones (`--runner beam|dataflow|ray`).
 
-The options are frozen dataclasses held by `EmbedConfig` (their flags are declared in `pipelines.config.OPTIONS`),
+The options are frozen dataclasses held by `EmbedConfig` (their flags are declared in `catalog_embed.pipelines.embed.config.OPTIONS`),
 so they are validated with the rest of the config before any work and saved with the run. This module imports neither Beam nor Ray: checks that need the engine (is the
 Prism binary there, does a Ray cluster answer at `--address`) run when the runner is constructed, which
 `run_embed` does before it reads the catalog.
@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from schemas.errors import ConfigError
+from catalog_embed.schemas.errors import ConfigError
 
 # Runner name -> "module:class" of its engine adapter, imported only when that runner is chosen.
 RUNNER_CLASSES: dict[str, str] = {
-    "local": "pipelines.runners.local:LocalRunner",
-    "beam": "pipelines.runners.beam:BeamRunner",
-    "dataflow": "pipelines.runners.beam:DataflowRunner",
-    "ray": "pipelines.runners.ray:RayRunner",
+    "local": "catalog_embed.pipelines.runners.local:LocalRunner",
+    "beam": "catalog_embed.pipelines.runners.beam:BeamRunner",
+    "dataflow": "catalog_embed.pipelines.runners.beam:DataflowRunner",
+    "ray": "catalog_embed.pipelines.runners.ray:RayRunner",
 }
 BEAM_RUNNERS = ("direct", "prism")
 # A Dataflow worker accelerator as Dataflow spells it, e.g. "type:nvidia-l4;count:1;install-nvidia-driver".

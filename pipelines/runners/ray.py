@@ -3,9 +3,9 @@
     shards | map(decode_shard: DecodeStage, CPU tasks) | map(ShardEmbedder actor pool, GPUs with CUDA)
            | write_datasink(PartSink: write_shard per shard; stats gathered on the driver)
 
-Each decode task runs DecodeStage in a supervised child process (`workers.isolation.IsolatedPool`, as the local
+Each decode task runs DecodeStage in a supervised child process (`catalog_embed.workers.isolation.IsolatedPool`, as the local
 runner does): a decoder that crashes, hangs past `--decode-timeout` or balloons costs one `failures` row. The
-encoder actors run the shard core (`workers.shard.ShardEmbedder`), which batches, routes failures and counts; this
+encoder actors run the shard core (`catalog_embed.workers.shard.ShardEmbedder`), which batches, routes failures and counts; this
 module only places the stages (with the resources they declare) and moves shards between them.
 
 A row is a shard, from the first operator to the sink: each shard's part files are then the product of exactly one
@@ -39,13 +39,13 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
 
-from pipelines.runners import EmbedJob, Progress, RunStats, write_shard
-from pipelines.runners.options import RayOptions
-from schemas.errors import ConfigError
-from workers.audio import DecodeConfig
-from workers.isolation import IsolatedPool
-from workers.shard import ShardEmbedder, ShardOutput, decode_shard
-from workers.stages import DecodeStage, EncoderConfig, Stage
+from catalog_embed.pipelines.runners import EmbedJob, Progress, RunStats, write_shard
+from catalog_embed.pipelines.runners.options import RayOptions
+from catalog_embed.schemas.errors import ConfigError
+from catalog_embed.workers.audio import DecodeConfig
+from catalog_embed.workers.isolation import IsolatedPool
+from catalog_embed.workers.shard import ShardEmbedder, ShardOutput, decode_shard
+from catalog_embed.workers.stages import DecodeStage, EncoderConfig, Stage
 
 # Seconds to wait for a cluster's head to accept a connection before calling --address unreachable.
 _CONNECT_TIMEOUT_S = 3.0

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cli import build_parser
-from pipelines.config import EmbedConfig, config_from_args
-from pipelines.runners.flex_template import parse_launcher_args
+from catalog_embed.pipelines.cli import build_parser
+from catalog_embed.pipelines.embed.config import EmbedConfig, config_from_args
+from catalog_embed.pipelines.runners.flex_template import parse_launcher_args
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"

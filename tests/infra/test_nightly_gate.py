@@ -11,11 +11,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipelines.config import EmbedConfig
-from pipelines.embed import run_embed
-from pipelines.io.store import TableStore
-from schemas.tables import RUNS
-from workers.stages import EncoderConfig
+from catalog_embed.pipelines.embed.config import EmbedConfig
+from catalog_embed.pipelines.embed.job import run_embed
+from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.schemas.tables import RUNS
+from catalog_embed.workers.stages import EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "infra" / "nightly-gate.sh"
@@ -25,7 +25,7 @@ def _gate(small_catalog, live: Path, tmp_path: Path, **env: str) -> subprocess.C
     environment = os.environ | {
         "CATALOG": str(small_catalog.manifest_path), "OUT": str(live), "CANDIDATE_OUT": str(tmp_path / "candidate"),
         "MODEL": "chroma-stats", "REPORT": str(tmp_path / "report"), "PYTHONPATH": str(ROOT),
-        "CATALOG_EMBED": f"{sys.executable} -m pipelines.cli",
+        "CATALOG_EMBED": f"{sys.executable} -m catalog_embed.pipelines.cli",
     } | env
     return subprocess.run(["bash", str(SCRIPT), "--workers", "1"], env=environment, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import gcsfs
 import pytest
 
-from pipelines.io.catalog import UriPolicy, catalog_fingerprints, read_catalog
-from pipelines.io.store import RUN_META, TableStore
-from schemas.records import MISSING_FINGERPRINT, TrackFailure, WorkItem
-from schemas.tables import FAILURES
+from catalog_embed.pipelines.io.catalog import UriPolicy, catalog_fingerprints, read_catalog
+from catalog_embed.pipelines.io.store import RUN_META, TableStore
+from catalog_embed.schemas.records import MISSING_FINGERPRINT, TrackFailure, WorkItem
+from catalog_embed.schemas.tables import FAILURES
+from catalog_embed.workers.audio import load_audio
+from catalog_embed.workers.rows import RowContext, failure_rows
+from catalog_embed.workers.stages import DecodeStage, EncoderConfig, TrackFeatures
 from tests.objectstore.conftest import BUCKET
-from workers.audio import load_audio
-from workers.rows import RowContext, failure_rows
-from workers.stages import DecodeStage, EncoderConfig, TrackFeatures
 
 
 def _another_writer() -> gcsfs.GCSFileSystem:

@@ -18,17 +18,17 @@ import pyarrow.parquet as pq
 import s3fs
 from rich.console import Console
 
-from pipelines.config import EmbedConfig
-from pipelines.embed import run_embed
-from pipelines.io.catalog import UriPolicy, catalog_fingerprints, read_catalog
-from pipelines.io.store import TableStore
-from pipelines.query import connect
-from schemas.records import TrackEmbedding, WorkItem
-from schemas.tables import EMBEDDINGS, RUNS
+from catalog_embed.pipelines.analysts.query import connect
+from catalog_embed.pipelines.embed.config import EmbedConfig
+from catalog_embed.pipelines.embed.job import run_embed
+from catalog_embed.pipelines.io.catalog import UriPolicy, catalog_fingerprints, read_catalog
+from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.schemas.records import TrackEmbedding, WorkItem
+from catalog_embed.schemas.tables import EMBEDDINGS, RUNS
+from catalog_embed.workers.rows import RowContext, embedding_rows
+from catalog_embed.workers.stages import EncoderConfig
+from tests.helpers.tables import run_row
 from tests.objectstore.conftest import BUCKET
-from tests.pipelines.io.test_store import _run_row
-from workers.rows import RowContext, embedding_rows
-from workers.stages import EncoderConfig
 
 QUIET = Console(quiet=True)
 # A cheap real encoder whose embedding of a track does not depend on the tracks batched with it, so a
@@ -156,7 +156,7 @@ def test_commits_released_at_the_same_instant_all_land_once(s3_catalog):
     def commit(run: str) -> None:
         writer = TableStore(out, options)
         start.wait()
-        writer.commit(run, _run_row(run))
+        writer.commit(run, run_row(run))
 
     with ThreadPoolExecutor(len(runs)) as pool:
         list(pool.map(commit, runs))
@@ -182,7 +182,7 @@ def test_the_store_reaches_an_endpoint_given_only_as_a_storage_option(s3_catalog
                           {"stats": np.full(4, 2.0, np.float32)})
     with other.open(f"{store.staging_dir('r1', EMBEDDINGS)}/part-001-000000.parquet", "wb") as fh:
         pq.write_table(embedding_rows([late], ctx), fh)
-    store.commit("r1", _run_row("r1"))
+    store.commit("r1", run_row("r1"))
     assert sorted(store.read(EMBEDDINGS)["track_id"].to_pylist()) == ["t1", "t2"]
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.cli import main
-from pipelines.index import AnnIndex, index_folder
-from pipelines.io.store import TableStore
-from schemas.tables import EMBEDDINGS
+from catalog_embed.pipelines.analysts.index import AnnIndex, index_folder
+from catalog_embed.pipelines.cli import main
+from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.schemas.tables import EMBEDDINGS
+from tests.helpers.tables import commit, ids, mixture
 from tests.objectstore.conftest import BUCKET
-from tests.pipelines.test_analysts import commit, ids, mixture
 
 
 def test_index_on_s3_is_built_used_and_refreshed(s3_catalog, capsys, tmp_path):

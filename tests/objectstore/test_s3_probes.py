@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pyarrow.csv as pacsv
 
-from pipelines.cli import main
-from pipelines.io.store import TableStore
-from schemas.tables import PREDICTIONS
+from catalog_embed.pipelines.cli import main
+from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.schemas.tables import PREDICTIONS
+from tests.helpers.probe_fixtures import embeddings_rows, labels_for, latent
+from tests.helpers.tables import commit
 from tests.objectstore.conftest import BUCKET
-from tests.pipelines.test_analysts import commit
-from tests.probe_fixtures import embeddings_rows, labels_for, latent
 
 
 def test_probe_tag_and_query_reach_s3_through_storage_options(s3_catalog, monkeypatch, tmp_path, capsys):

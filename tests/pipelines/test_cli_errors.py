@@ -13,12 +13,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import main
-from tests.faults import kill_session, staged_embedding_parts, wait_for
-from tests.probe_fixtures import embeddings_rows, labels_for, latent, write_embeddings
+from catalog_embed.pipelines.cli import main
+from tests.helpers.faults import kill_session, staged_embedding_parts, wait_for
+from tests.helpers.probe_fixtures import embeddings_rows, labels_for, latent, write_embeddings
 
 MODEL = "mfcc-stats"
-ROOT = Path(__file__).resolve().parents[2]  # this checkout, ahead of any installed copy
+ROOT = Path(__file__).resolve().parents[2]  # this checkout: scripts run here import `tests.*`
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
@@ -125,7 +125,7 @@ def test_a_missing_extra_is_named(small_catalog, probe_tables, tmp_path, module,
     code = f"""
         import sys
         sys.modules[{module!r}] = None  # as if the extra were not installed
-        from pipelines.cli import main
+        from catalog_embed.pipelines.cli import main
         sys.exit(main(sys.argv[1:]))
     """
     done = _python(code, *(a.format(**values) for a in argv))
@@ -143,9 +143,9 @@ def test_an_unfinished_delta_scan_does_not_crash_the_exit(tmp_path):
     uri = write_embeddings(tmp_path / "embeddings", *[rows.slice(i, 1) for i in range(60)])
     code = """
         import sys
-        from pipelines.io.probe_tables import EmbeddingsSource
-        from pipelines.io.store import TableStore
-        from schemas.tables import EMBEDDINGS
+        from catalog_embed.pipelines.probes.tables import EmbeddingsSource
+        from catalog_embed.pipelines.io.store import TableStore
+        from catalog_embed.schemas.tables import EMBEDDINGS
         probe_scan = EmbeddingsSource(sys.argv[1]).batches(1)  # as `probe` and `tag` read
         table_scan = TableStore(sys.argv[2]).scan(EMBEDDINGS).to_batches(batch_size=1)  # as `plan` and `query`
         print(len(next(probe_scan).track_ids) + next(table_scan).num_rows)
@@ -160,7 +160,7 @@ def test_interrupted_run_stops_cleanly(small_catalog, small_labels, tmp_path, se
     good = [la["track_id"] for la in small_labels if la["broken"] is None]
     hang = next(Path(u).name for t, u in zip(*_manifest(small_catalog), strict=True) if t == good[-1])
     out = str(tmp_path / "tables")
-    command = [sys.executable, "-m", "pipelines.cli", "embed", "--catalog", str(small_catalog.manifest_path),
+    command = [sys.executable, "-m", "catalog_embed.pipelines.cli", "embed", "--catalog", str(small_catalog.manifest_path),
                "--out", out, "--model", MODEL, "--workers", "2", "--shard-size", "1", "--decode-timeout", "600"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), CATALOG_EMBED_FAILPOINTS=f"decode=hang:{hang}")
     proc = subprocess.Popen(

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import main
-from tests.cli import run_cli
-from tests.probe_fixtures import embeddings_rows, labels_for, latent, write_embeddings
-from workers.encoders import encoder_names
+from catalog_embed.pipelines.cli import main
+from catalog_embed.workers.encoders import encoder_names
+from tests.helpers.cli import run_cli
+from tests.helpers.probe_fixtures import embeddings_rows, labels_for, latent, write_embeddings
 
 MODEL = "mfcc-stats"  # no weights to fetch: the fastest real encoder
 
@@ -156,7 +156,7 @@ def test_a_reader_that_stops_early_is_no_error(tables):
     root = Path(__file__).resolve().parents[2]
     sql = "SELECT * FROM range(300000)"  # megabytes: far more than a pipe holds
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "query", "--out", tables, "--json", "--limit", "0", sql],
+        [sys.executable, "-m", "catalog_embed.pipelines.cli", "query", "--out", tables, "--json", "--limit", "0", sql],
         env=dict(os.environ, PYTHONPATH=str(root)), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     assert proc.stdout.read(100)

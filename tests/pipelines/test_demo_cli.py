@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import main
+from catalog_embed.pipelines.cli import main
 
 
 def test_demo_catalog_writes_a_labeled_catalog(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

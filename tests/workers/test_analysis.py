@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers import analysis
-from workers.analysis import (
+from catalog_embed.workers import analysis
+from catalog_embed.workers.analysis import (
     distribution,
     exact_neighbours,
     linear_cka,

@@ -13,9 +13,8 @@ import pytest
 import soxr
 import torch
 
-from schemas.errors import AudioDecodeError, AudioTooLongError, AudioTooShortError, SourceReadError
-from tests.reference import MUSICNN_REFERENCE
-from workers.audio import (
+from catalog_embed.schemas.errors import AudioDecodeError, AudioTooLongError, AudioTooShortError, SourceReadError
+from catalog_embed.workers.audio import (
     DecodeConfig,
     DeviceResampler,
     _Downmix,
@@ -25,6 +24,7 @@ from workers.audio import (
     resampled_length,
     resamples_on_device,
 )
+from tests.helpers.reference import MUSICNN_REFERENCE
 
 
 def test_every_codec_decodes_to_mono_float32_at_the_requested_rate(small_catalog, small_labels):
@@ -240,8 +240,8 @@ def test_session_description_is_refused_without_opening_sockets(hostile_catalog)
     """
     script = (
         "import sys\n"
-        "from schemas.errors import AudioDecodeError\n"
-        "from workers.audio import load_audio\n"
+        "from catalog_embed.schemas.errors import AudioDecodeError\n"
+        "from catalog_embed.workers.audio import load_audio\n"
         "try:\n"
         "    load_audio(sys.argv[1], 16_000)\n"
         "except AudioDecodeError as exc:\n"

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.cli import build_parser
-from pipelines.config import config_from_args
-from schemas.errors import EncoderError
-from tests.reference import MUSICNN_REFERENCE
-from workers.encoders import get_encoder
-from workers.encoders.base import INDUCTOR_CACHE_ENV, inductor_cache_dir
-from workers.encoders.sfnfnet import write_standin_weights
-from workers.stages import EmbedStage, EncoderConfig
+from catalog_embed.pipelines.cli import build_parser
+from catalog_embed.pipelines.embed.config import config_from_args
+from catalog_embed.schemas.errors import EncoderError
+from catalog_embed.workers.encoders import get_encoder
+from catalog_embed.workers.encoders.base import INDUCTOR_CACHE_ENV, inductor_cache_dir
+from catalog_embed.workers.encoders.sfnfnet import write_standin_weights
+from catalog_embed.workers.stages import EmbedStage, EncoderConfig
+from tests.helpers.reference import MUSICNN_REFERENCE
 
 # test_musicnn.py holds the port to 2.5e-5 of the original (relative to the layer's largest value) and the
 # taggram to 1e-5; sfnfnet's tests hold it to atol = rtol = 1e-4.

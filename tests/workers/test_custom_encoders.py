@@ -19,18 +19,18 @@ import safetensors.torch
 import torch
 from rich.console import Console
 
-from pipelines.cli import main
-from pipelines.config import EmbedConfig
-from pipelines.embed import run_embed
-from pipelines.io.store import TableStore
-from schemas.errors import EncoderError, WeightsError
-from schemas.records import WorkItem
-from schemas.tables import EMBEDDINGS, RUNS
-from workers.audio import DeviceResampler, load_audio
-from workers.encoders import get_encoder
-from workers.encoders.custom import FactoryEncoder, LogMelFrontEnd, OnnxEncoder, TorchScriptEncoder
-from workers.encoders.weights import state_dict_sha256
-from workers.stages import DecodeStage, EmbedStage, EncoderConfig
+from catalog_embed.pipelines.cli import main
+from catalog_embed.pipelines.embed.config import EmbedConfig
+from catalog_embed.pipelines.embed.job import run_embed
+from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.schemas.errors import EncoderError, WeightsError
+from catalog_embed.schemas.records import WorkItem
+from catalog_embed.schemas.tables import EMBEDDINGS, RUNS
+from catalog_embed.workers.audio import DeviceResampler, load_audio
+from catalog_embed.workers.encoders import get_encoder
+from catalog_embed.workers.encoders.custom import FactoryEncoder, LogMelFrontEnd, OnnxEncoder, TorchScriptEncoder
+from catalog_embed.workers.encoders.weights import state_dict_sha256
+from catalog_embed.workers.stages import DecodeStage, EmbedStage, EncoderConfig
 
 QUIET = Console(quiet=True)
 LICENCE = {"code": "MIT", "weights": "CC-BY-4.0"}
@@ -60,7 +60,7 @@ def build(dim: int = 8) -> torch.nn.Module:
 
 
 def mfcc():
-    from workers.encoders import get_encoder
+    from catalog_embed.workers.encoders import get_encoder
 
     return get_encoder("mfcc-stats")
 '''

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.errors import ConfigError
-from workers.demo_catalog import (
+from catalog_embed.schemas.errors import ConfigError
+from catalog_embed.workers.demo_catalog import (
     BROKEN_KINDS,
     CODECS,
     DemoCatalog,

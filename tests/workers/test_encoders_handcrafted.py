@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.errors import EncoderError
-from workers.encoders import encoder_names, get_encoder
+from catalog_embed.schemas.errors import EncoderError
+from catalog_embed.workers.encoders import encoder_names, get_encoder
 
 SR = 22_050
 

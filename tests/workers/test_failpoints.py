@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers import failpoints
+from catalog_embed.workers import failpoints
 
 
 def test_a_counted_raise_fires_that_often_then_lets_the_retry_through(monkeypatch):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.errors import EncoderError
-from tests.reference import MUSICNN_REFERENCE
-from workers.encoders import get_encoder
-from workers.encoders.base import MemoryFootprint
-from workers.stages import CUDA_MEMORY_SHARE, MAX_CUDA_BATCH_WINDOWS, EncoderConfig, cuda_batch_windows
+from catalog_embed.schemas.errors import EncoderError
+from catalog_embed.workers.encoders import get_encoder
+from catalog_embed.workers.encoders.base import MemoryFootprint
+from catalog_embed.workers.stages import CUDA_MEMORY_SHARE, MAX_CUDA_BATCH_WINDOWS, EncoderConfig, cuda_batch_windows
+from tests.helpers.reference import MUSICNN_REFERENCE
 
 LAYER_TOLERANCE = 2.5e-5  # test_musicnn.py's, relative to the layer's largest value
 MIB = 2**20

@@ -11,9 +11,9 @@ import threading
 import time
 from pathlib import Path
 
-from schemas.records import TrackFailure, WorkItem
-from tests.faults import alive
-from workers.isolation import IsolatedPool
+from catalog_embed.schemas.records import TrackFailure, WorkItem
+from catalog_embed.workers.isolation import IsolatedPool
+from tests.helpers.faults import alive
 
 
 class ScriptedStage:
@@ -106,7 +106,7 @@ def test_a_child_stuck_in_a_decoder_ends_when_its_supervisor_is_killed(tmp_path)
     """kill -9 of the supervisor (a lost Ray worker, a killed driver) must not leave a hung decoder behind."""
     script = (
         "from tests.workers.test_isolation import ScriptedStage, _items\n"
-        "from workers.isolation import IsolatedPool\n"
+        "from catalog_embed.workers.isolation import IsolatedPool\n"
         "pool = IsolatedPool(ScriptedStage(), workers=1, timeout_s=3600.0, memory_mb=1024)\n"
         f"list(pool.imap(_items('stuck:{tmp_path}'), ahead=1))\n"
     )

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.errors import EncoderError, FrontEndError
-from tests.reference import MUSICNN_REFERENCE
-from workers.encoders import get_encoder
-from workers.encoders.musicnn import MSD_TAGS, MTT_TAGS, Musicnn, MusicnnFrontEnd
-from workers.encoders.weights import cache_dir
+from catalog_embed.schemas.errors import EncoderError, FrontEndError
+from catalog_embed.workers.encoders import get_encoder
+from catalog_embed.workers.encoders.musicnn import MSD_TAGS, MTT_TAGS, Musicnn, MusicnnFrontEnd
+from catalog_embed.workers.encoders.weights import cache_dir
+from tests.helpers.reference import MUSICNN_REFERENCE
 
 REFERENCE = MUSICNN_REFERENCE
 LAYER_TOLERANCE = 2.5e-5

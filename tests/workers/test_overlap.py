@@ -8,11 +8,11 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.errors import WorkerError
-from schemas.records import TrackFailure, WorkItem
-from workers.isolation import IsolatedPool
-from workers.overlap import DecodeFeeder
-from workers.stages import DecodeStage, EncoderConfig, TrackFeatures
+from catalog_embed.schemas.errors import WorkerError
+from catalog_embed.schemas.records import TrackFailure, WorkItem
+from catalog_embed.workers.isolation import IsolatedPool
+from catalog_embed.workers.overlap import DecodeFeeder
+from catalog_embed.workers.stages import DecodeStage, EncoderConfig, TrackFeatures
 
 AHEAD = 3
 # Generous: decoding three 4 s tracks takes well under a second; the wait ends as soon as they are decoded.

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from schemas.errors import EncoderError
-from schemas.records import WorkItem
-from tests.reference import MUSICNN_REFERENCE
-from workers.encoders import get_encoder
-from workers.encoders.sfnfnet import write_standin_weights
-from workers.stages import DecodeStage, EmbedStage, EncoderConfig, TrackFeatures
+from catalog_embed.schemas.errors import EncoderError
+from catalog_embed.schemas.records import WorkItem
+from catalog_embed.workers.encoders import get_encoder
+from catalog_embed.workers.encoders.sfnfnet import write_standin_weights
+from catalog_embed.workers.stages import DecodeStage, EmbedStage, EncoderConfig, TrackFeatures
+from tests.helpers.reference import MUSICNN_REFERENCE
 
 MIN_COSINE = 0.999
 SIGNALS = ("chord_16k_mono", "chord_44k1_stereo")

@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import write_deltalake
 
-from pipelines.io.probe_tables import EmbeddingsSource, read_labels
-from schemas.errors import LabelsError
-from tests.probe_fixtures import embeddings_rows, labels_for, latent, write_embeddings
-from workers.probes.data import LabelSpec, build_dataset, encode_targets
-from workers.probes.tasks import KEY_CLASSES, TaskKind
+from catalog_embed.pipelines.probes.tables import EmbeddingsSource, read_labels
+from catalog_embed.schemas.errors import LabelsError
+from catalog_embed.workers.probes.data import LabelSpec, build_dataset, encode_targets
+from catalog_embed.workers.probes.tasks import KEY_CLASSES, TaskKind
+from tests.helpers.probe_fixtures import embeddings_rows, labels_for, latent, write_embeddings
 
 N = 300
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from sklearn.metrics import r2_score
 
-from schemas.errors import ConfigError, ProbeError
-from workers.probes.data import ProbeDataset, Split
-from workers.probes.metrics import evaluate, primary_score
-from workers.probes.models import MaskDropout, Probe, ProbeSpec, predict_scores
-from workers.probes.search import GRID, PRESETS, grid_configs, run_trial, search
-from workers.probes.tasks import KEY_CLASSES, TaskKind
-from workers.probes.train import ProbeConfig, lr_factor, restore
+from catalog_embed.schemas.errors import ConfigError, ProbeError
+from catalog_embed.workers.probes.data import ProbeDataset, Split
+from catalog_embed.workers.probes.metrics import evaluate, primary_score
+from catalog_embed.workers.probes.models import MaskDropout, Probe, ProbeSpec, predict_scores
+from catalog_embed.workers.probes.search import GRID, PRESETS, grid_configs, run_trial, search
+from catalog_embed.workers.probes.tasks import KEY_CLASSES, TaskKind
+from catalog_embed.workers.probes.train import ProbeConfig, lr_factor, restore
 
 
 def train_probe(data: ProbeDataset, config: ProbeConfig):

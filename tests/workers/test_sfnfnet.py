@@ -5,7 +5,7 @@ Keras code with deterministic stand-in weights; these tests rebuild those weight
 the release's file layout, import them as a user's file would be, and require the reference outputs.
 
 The reference files (28 MB) live outside the repository, in `shared/reference/mule` beside the checkout (see
-`tests/reference.py`); CI has them, so a missing reference fails rather than skips.
+`tests/helpers/reference.py`); CI has them, so a missing reference fails rather than skips.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.errors import WeightsError
-from tests.reference import MULE_REFERENCE
-from workers.encoders import get_encoder
-from workers.encoders.keras_import import CONVERTED_WEIGHTS, h5_variables
-from workers.encoders.sfnfnet import TAPS, MuleFrontEnd, MuleSfnfnetF0, SfNfNetF0, state_shapes
+from catalog_embed.schemas.errors import WeightsError
+from catalog_embed.workers.encoders import get_encoder
+from catalog_embed.workers.encoders.keras_import import CONVERTED_WEIGHTS, h5_variables
+from catalog_embed.workers.encoders.sfnfnet import TAPS, MuleFrontEnd, MuleSfnfnetF0, SfNfNetF0, state_shapes
+from tests.helpers.reference import MULE_REFERENCE
 
 REFERENCE = MULE_REFERENCE
 TOL = {"rtol": 1e-4, "atol": 1e-4}  # the original reproduces itself to ~1e-6; porting mistakes move it >1e-3

@@ -11,13 +11,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from schemas.records import WorkItem
-from tests.byo_encoders import loud_half, loud_nan_encoder, small_memory_encoder
-from workers import failpoints
-from workers.encoders.sfnfnet import write_standin_weights
-from workers.rows import RowContext
-from workers.shard import Decoded, ShardEmbedder, ShardOutput
-from workers.stages import DecodeStage, EmbedStage, EncoderConfig, TrackFeatures
+from catalog_embed.schemas.records import WorkItem
+from catalog_embed.workers import failpoints
+from catalog_embed.workers.encoders.sfnfnet import write_standin_weights
+from catalog_embed.workers.rows import RowContext
+from catalog_embed.workers.shard import Decoded, ShardEmbedder, ShardOutput
+from catalog_embed.workers.stages import DecodeStage, EmbedStage, EncoderConfig, TrackFeatures
+from tests.helpers.byo_encoders import loud_half, loud_nan_encoder, small_memory_encoder
 
 ROWS = RowContext("run", "model", ("embedding",), "v1", "features")
 LOGMEL = {

@@ -12,10 +12,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from schemas.errors import WeightsError
-from workers.encoders.musicnn import WHEEL_FILENAME, WHEEL_PROJECT, WHEEL_SHA256, WHEEL_VERSION
-from workers.encoders.tf_checkpoint import crc32c, load_checkpoint, read_checkpoint, read_index
-from workers.encoders.weights import fetch_pypi_wheel
+from catalog_embed.schemas.errors import WeightsError
+from catalog_embed.workers.encoders.musicnn import WHEEL_FILENAME, WHEEL_PROJECT, WHEEL_SHA256, WHEEL_VERSION
+from catalog_embed.workers.encoders.tf_checkpoint import crc32c, load_checkpoint, read_checkpoint, read_index
+from catalog_embed.workers.encoders.weights import fetch_pypi_wheel
 
 # The 64 model variables of a musicnn checkpoint (MSD and MTT alike) and their TensorFlow shapes.
 _BN_WIDTHS = {"": 1, "_1": 204, "_2": 204, "_3": 51, "_4": 51, "_5": 51, "_6": 64, "_7": 64, "_8": 64,

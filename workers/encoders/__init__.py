@@ -4,7 +4,7 @@ A new encoder is a module in this package with an `Encoder` subclass, plus one l
 imported lazily so listing models stays cheap and an encoder's optional dependencies are only needed when used.
 
 Users bring their own encoder without touching the registry: a name ending in `.json` is the path or URI of an
-encoder config (TorchScript, ONNX or a Python factory; see `workers.encoders.custom`).
+encoder config (TorchScript, ONNX or a Python factory; see `catalog_embed.workers.encoders.custom`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from schemas.errors import EncoderError
-from workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
+from catalog_embed.schemas.errors import EncoderError
+from catalog_embed.workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
 
 __all__ = ["CONFIG_SUFFIX", "Encoder", "FrontEnd", "LayerSpec", "Licence", "encoder_names", "get_encoder"]
 
@@ -22,11 +22,11 @@ CONFIG_SUFFIX = ".json"
 
 # name -> "module:Class[:variant]"; the variant is passed to the class as its first argument.
 _REGISTRY: dict[str, str] = {
-    "musicnn-msd": "workers.encoders.musicnn:Musicnn:MSD",
-    "musicnn-mtt": "workers.encoders.musicnn:Musicnn:MTT",
-    "mule-sfnfnet-f0": "workers.encoders.sfnfnet:MuleSfnfnetF0",
-    "mfcc-stats": "workers.encoders.handcrafted:MfccStats",
-    "chroma-stats": "workers.encoders.handcrafted:ChromaStats",
+    "musicnn-msd": "catalog_embed.workers.encoders.musicnn:Musicnn:MSD",
+    "musicnn-mtt": "catalog_embed.workers.encoders.musicnn:Musicnn:MTT",
+    "mule-sfnfnet-f0": "catalog_embed.workers.encoders.sfnfnet:MuleSfnfnetF0",
+    "mfcc-stats": "catalog_embed.workers.encoders.handcrafted:MfccStats",
+    "chroma-stats": "catalog_embed.workers.encoders.handcrafted:ChromaStats",
 }
 
 
@@ -42,7 +42,7 @@ def get_encoder(name: str, **options: Any) -> Encoder:
         EncoderError: `name` is neither registered (the message lists the valid names) nor a valid config.
     """
     if name.endswith(CONFIG_SUFFIX):
-        custom = importlib.import_module("workers.encoders.custom")
+        custom = importlib.import_module("catalog_embed.workers.encoders.custom")
         return custom.load_custom_encoder(name, **options)
     try:
         target = _REGISTRY[name]

@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from schemas.errors import EncoderError, FrontEndError
-from workers.encoders.weights import cache_dir
+from catalog_embed.schemas.errors import EncoderError, FrontEndError
+from catalog_embed.workers.encoders.weights import cache_dir
 
 PROBE_WINDOWS = (8, 32)
 """Batch sizes `Encoder.measure_memory` runs: small enough for any GPU, far enough apart for a slope."""
@@ -73,7 +73,7 @@ class FrontEnd(torch.nn.Module, ABC):
     @property
     @abstractmethod
     def window_samples(self) -> int:
-        """Samples one window spans: shorter audio is zero-padded to this length (see `workers.audio`)."""
+        """Samples one window spans: shorter audio is zero-padded to this length (see `catalog_embed.workers.audio`)."""
 
     @abstractmethod
     def config(self) -> dict[str, Any]:

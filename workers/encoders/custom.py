@@ -55,11 +55,11 @@ import torch
 import torchaudio
 from safetensors import SafetensorError
 
-from schemas.errors import EncoderError, WeightsError
-from workers.encoders import encoder_names
-from workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
-from workers.encoders.handcrafted import WaveformWindows
-from workers.encoders.weights import sha256_file, state_dict_sha256
+from catalog_embed.schemas.errors import EncoderError, WeightsError
+from catalog_embed.workers.encoders import encoder_names
+from catalog_embed.workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
+from catalog_embed.workers.encoders.handcrafted import WaveformWindows
+from catalog_embed.workers.encoders.weights import sha256_file, state_dict_sha256
 
 __all__ = [
     "CustomEncoderSpec",

@@ -20,8 +20,8 @@ import torch
 import torchaudio
 from torch.nn import functional as F
 
-from schemas.errors import EncoderError
-from workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
+from catalog_embed.schemas.errors import EncoderError
+from catalog_embed.workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
 
 __all__ = ["ChromaFilterbank", "ChromaStats", "MfccStats", "WaveformWindows"]
 

@@ -42,8 +42,8 @@ import safetensors
 import safetensors.numpy
 from fsspec.implementations.local import LocalFileSystem
 
-from schemas.errors import WeightsError
-from workers.encoders.weights import cache_dir, offline, sha256_file, verify_sha256
+from catalog_embed.schemas.errors import WeightsError
+from catalog_embed.workers.encoders.weights import cache_dir, offline, sha256_file, verify_sha256
 
 ENCODER = "mule-sfnfnet-f0"
 KERAS_FILE = "model.keras"

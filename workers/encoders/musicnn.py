@@ -2,7 +2,7 @@
 
 The pretrained weights are the TensorFlow checkpoints that ship in the `musicnn` 0.1.0 wheel on PyPI (ISC
 licence, like the original code). `prepare()` downloads that wheel once (sha256-pinned), reads the checkpoints
-with our own reader (`workers.encoders.tf_checkpoint`; TensorFlow is never needed), converts the 64 model
+with our own reader (`catalog_embed.workers.encoders.tf_checkpoint`; TensorFlow is never needed), converts the 64 model
 variables to PyTorch layout and caches them as safetensors; later runs are offline.
 
 Each 3 s window (187 frames x 96 mel bands) goes through an input BatchNorm, a front end of "timbral" convolutions
@@ -39,10 +39,10 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from schemas.errors import EncoderError, WeightsError
-from workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
-from workers.encoders.tf_checkpoint import read_checkpoint
-from workers.encoders.weights import cache_dir, fetch_pypi_wheel, state_dict_sha256
+from catalog_embed.schemas.errors import EncoderError, WeightsError
+from catalog_embed.workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
+from catalog_embed.workers.encoders.tf_checkpoint import read_checkpoint
+from catalog_embed.workers.encoders.weights import cache_dir, fetch_pypi_wheel, state_dict_sha256
 
 __all__ = ["MTT_TAGS", "MSD_TAGS", "Musicnn", "MusicnnFrontEnd", "MusicnnNet"]
 

@@ -7,7 +7,7 @@ squeeze-excite, the fast path fused into the slow one before each of the four st
 
 This port was written from the published facts of the network (layer shapes, constants and reference outputs),
 not from the original code. The released weights are CC BY-NC 4.0 and are not shipped: `MuleSfnfnetF0` imports
-the release's `model.keras` (see `workers.encoders.keras_import`) from a path the user passes.
+the release's `model.keras` (see `catalog_embed.workers.encoders.keras_import`) from a path the user passes.
 
 Tensors are NCHW with (frequency, time) as (H, W).
 """
@@ -26,9 +26,9 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from schemas.errors import EncoderError, WeightsError
-from workers.encoders import keras_import
-from workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
+from catalog_embed.schemas.errors import EncoderError, WeightsError
+from catalog_embed.workers.encoders import keras_import
+from catalog_embed.workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
 
 GELU_GAIN = 1.7015043497085571
 """Scale that makes GELU preserve unit variance for unit-Gaussian inputs (the NFNet 'gamma')."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.errors import WeightsError
+from catalog_embed.schemas.errors import WeightsError
 
 __all__ = ["TensorEntry", "crc32c", "load_checkpoint", "read_checkpoint", "read_index"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import fsspec
 import torch
 
-from schemas.errors import WeightsError
+from catalog_embed.schemas.errors import WeightsError
 
 _CHUNK = 1 << 20
 

@@ -1,6 +1,6 @@
 """Probe data: join embeddings (arrays of one model and layer) with a labels table on track_id, and split.
 
-The job layer reads both (`pipelines.io.probe_tables`): live embeddings as `Embeddings` arrays, labels as an Arrow
+The job layer reads both (`catalog_embed.pipelines.probes.tables`): live embeddings as `Embeddings` arrays, labels as an Arrow
 table with a `track_id` column plus label columns; how those are read depends on the task kind (see
 `encode_targets`). Splits come from a `split`
 column when there is one, else from a seeded split grouped by artist (no artist in two splits) or stratified by
@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.errors import LabelsError, ProbeError
-from workers.probes.tasks import KEY_CLASSES, TaskKind
+from catalog_embed.schemas.errors import LabelsError, ProbeError
+from catalog_embed.workers.probes.tasks import KEY_CLASSES, TaskKind
 
 SPLITS = ("train", "valid", "test")
 _SPLIT_ALIASES = {

@@ -14,7 +14,7 @@ import mir_eval
 import numpy as np
 from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, r2_score, roc_auc_score
 
-from workers.probes.tasks import KEY_CLASSES, TaskKind
+from catalog_embed.workers.probes.tasks import KEY_CLASSES, TaskKind
 
 PRIMARY_METRIC = {
     TaskKind.MULTILABEL: "roc_auc",

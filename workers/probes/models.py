@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from schemas.errors import ProbeError
-from workers.probes.tasks import TaskKind
+from catalog_embed.schemas.errors import ProbeError
+from catalog_embed.workers.probes.tasks import TaskKind
 
 WEIGHTS_FILE = "probe.safetensors"
 SPEC_FILE = "probe.json"

@@ -1,6 +1,6 @@
-"""Rows of the predictions table (`schemas.tables.PREDICTIONS`) for embeddings a probe scored.
+"""Rows of the predictions table (`catalog_embed.schemas.tables.PREDICTIONS`) for embeddings a probe scored.
 
-The job layer writes them (`pipelines.probe_job`: a probe job's test split, and `tag` over a whole table).
+The job layer writes them (`catalog_embed.pipelines.probes.job`: a probe job's test split, and `tag` over a whole table).
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 
-from schemas.tables import PREDICTIONS
-from workers.probes.data import Embeddings
-from workers.probes.models import Probe
-from workers.probes.tasks import TaskKind
+from catalog_embed.schemas.tables import PREDICTIONS
+from catalog_embed.workers.probes.data import Embeddings
+from catalog_embed.workers.probes.models import Probe
+from catalog_embed.workers.probes.tasks import TaskKind
 
 
 def _vectors(matrix: np.ndarray) -> pa.Array:

@@ -15,9 +15,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve
 
-from workers.probes.metrics import PRIMARY_METRIC, Evaluation
-from workers.probes.tasks import TaskKind
-from workers.probes.train import TrialResult
+from catalog_embed.workers.probes.metrics import PRIMARY_METRIC, Evaluation
+from catalog_embed.workers.probes.tasks import TaskKind
+from catalog_embed.workers.probes.train import TrialResult
 
 REPORT_FILE = "report.json"
 SUMMARY_FILE = "report.md"

@@ -25,9 +25,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from schemas.errors import ConfigError, ProbeError
-from workers.probes.data import ProbeDataset
-from workers.probes.train import ProbeConfig, TrialResult, train_probe
+from catalog_embed.schemas.errors import ConfigError, ProbeError
+from catalog_embed.workers.probes.data import ProbeDataset
+from catalog_embed.workers.probes.train import ProbeConfig, TrialResult, train_probe
 
 PRESETS: dict[str, ProbeConfig] = {
     "linear": ProbeConfig(),

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from schemas.errors import ConfigError
-from workers.probes.data import ProbeDataset
-from workers.probes.metrics import primary_score
-from workers.probes.models import ProbeNet, predict_scores
-from workers.probes.tasks import TaskKind
+from catalog_embed.schemas.errors import ConfigError
+from catalog_embed.workers.probes.data import ProbeDataset
+from catalog_embed.workers.probes.metrics import primary_score
+from catalog_embed.workers.probes.models import ProbeNet, predict_scores
+from catalog_embed.workers.probes.tasks import TaskKind
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def _loss(kind: TaskKind, net: ProbeNet, out: torch.Tensor, y: torch.Tensor) -> 
 def train_probe(dataset: ProbeDataset, config: ProbeConfig) -> TrialResult:
     """Train one probe on the train split, early-stopping on the valid split's primary metric.
 
-    The caller sets torch's thread count (see `workers.probes.search.run_trial`).
+    The caller sets torch's thread count (see `catalog_embed.workers.probes.search.run_trial`).
     """
     started = time.perf_counter()
     torch.manual_seed(config.seed)

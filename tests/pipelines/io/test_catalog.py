@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.io.catalog import UriPolicy, fingerprint_from_info, fingerprints, read_catalog
-from schemas.errors import ManifestError
-from schemas.records import MISSING_FINGERPRINT
+from catalog_embed.pipelines.io.catalog import UriPolicy, fingerprint_from_info, fingerprints, read_catalog
+from catalog_embed.schemas.errors import ManifestError
+from catalog_embed.schemas.records import MISSING_FINGERPRINT
 
 
 @pytest.fixture

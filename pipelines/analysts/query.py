@@ -1,0 +1,135 @@
+"""`catalog-embed query`: SQL over the output tables with DuckDB, no server and no extension download.
+
+Each table is registered as a view over its current Delta snapshot (`TableStore.scan`), so rows replaced by later
+runs are never seen twice, as they would be by a bare `read_parquet` glob over the folder.
+
+The SQL may come from elsewhere (a dashboard, a script, a service), so by default it sees those views and nothing
+else: DuckDB's external access (files, URLs, ATTACH, INSTALL/LOAD) is off, extensions are neither installed nor
+loaded on demand, Python objects are not scanned, and the configuration is locked so the statement cannot turn any
+of it back on. `--allow-files` gives the statement DuckDB's local file access (read and write), e.g. to join a
+labels file; extensions still never download.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import duckdb
+from rich.table import Table
+
+from catalog_embed.pipelines.io.storage import add_storage_option_argument, storage_options_from_args
+from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.pipelines.output import console, print_json
+from catalog_embed.schemas.errors import QueryError
+from catalog_embed.schemas.tables import TABLES
+
+# Settings applied after the views are registered; the last one locks them all for the statement's lifetime.
+_NO_DOWNLOADS = (
+    ("autoinstall_known_extensions", False),
+    ("autoload_known_extensions", False),
+    ("allow_community_extensions", False),
+)
+_SANDBOX = (("enable_external_access", False), ("python_enable_replacements", False))
+_LOCK = (("lock_configuration", True),)
+# On a terminal, long values (embeddings) are shortened to this many characters; piped output keeps them whole.
+_TERMINAL_CELL_CHARS = 60
+
+
+def connect(
+    out: str, storage_options: dict[str, str] | None = None, allow_files: bool = False
+) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with one view per table under `out` (embeddings, windows, failures, runs).
+
+    Args:
+        out: the output root given to `embed`.
+        storage_options: deltalake storage options for `out`.
+        allow_files: let SQL read and write local files; otherwise it reaches only the views.
+    """
+    store = TableStore(out, storage_options)
+    con = duckdb.connect()
+    for name, spec in TABLES.items():
+        con.register(name, store.scan(spec))
+    settings = _NO_DOWNLOADS + (() if allow_files else _SANDBOX) + _LOCK
+    for key, value in settings:
+        con.execute(f"SET {key} = {str(value).lower()}")
+    return con
+
+
+def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], duckdb.DuckDBPyConnection | None]:
+    """Execute `sql`; returns the column names (none for a statement without a result) and the open result.
+
+    Raises:
+        QueryError: the statement is empty, malformed, or reaches beyond what the connection allows.
+    """
+    if not sql.strip().strip(";").strip():
+        msg = 'the SQL statement is empty: pass one, e.g. "SELECT model, count(*) FROM embeddings GROUP BY model"'
+        raise QueryError(msg)
+    try:
+        result = con.execute(sql)
+    except duckdb.PermissionException as exc:
+        msg = (
+            f"{_first_line(exc)}: `query` reads only the tables under --out by default; pass --allow-files to let "
+            "the SQL read local files"
+        )
+        raise QueryError(msg) from exc
+    except duckdb.Error as exc:
+        msg = f"the SQL failed: {_first_line(exc)} (tables: {', '.join(TABLES)}): fix the statement"
+        raise QueryError(msg) from exc
+    if result.description is None:
+        return [], None
+    return [column[0] for column in result.description], result
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `query` subcommand."""
+    parser = subparsers.add_parser(
+        "query",
+        help="run SQL over the output tables (DuckDB)",
+        description="Run SQL over the tables under --out: embeddings, windows, failures, runs. The SQL sees only "
+        "those tables unless --allow-files is given; nothing is ever downloaded.",
+    )
+    parser.add_argument("--out", required=True, help="output root given to `embed`")
+    parser.add_argument("sql", help="e.g. \"SELECT model, count(*) FROM embeddings GROUP BY model\"")
+    parser.add_argument("--limit", type=int, default=50, help="rows to print; 0 prints every row")
+    parser.add_argument(
+        "--allow-files",
+        action="store_true",
+        help="let the SQL read and write local files (e.g. join 'labels.parquet'); only for SQL you trust",
+    )
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON array of objects")
+    add_storage_option_argument(parser)
+    parser.set_defaults(handler=_handle)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        msg = f"--limit must be 0 (every row) or more, got {args.limit}"
+        raise QueryError(msg)
+    columns, result = run_query(
+        connect(args.out, storage_options_from_args(args), allow_files=args.allow_files), args.sql
+    )
+    rows = [] if result is None else result.fetchall() if args.limit == 0 else result.fetchmany(args.limit)
+    if args.json:
+        print_json([dict(zip(columns, row, strict=True)) for row in rows])
+        return 0
+    out = console(markup=False)
+    table = Table(show_lines=False)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(_cell(v, out.is_terminal) for v in row))
+    out.print(table)
+    return 0
+
+
+def _cell(value: Any, terminal: bool) -> str:
+    text = str(value)
+    if terminal and len(text) > _TERMINAL_CELL_CHARS:
+        return text[: _TERMINAL_CELL_CHARS - 3] + "..."
+    return text

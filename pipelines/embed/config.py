@@ -1,0 +1,348 @@
+"""The configuration of an embed run, declared once.
+
+`EmbedConfig` (nested frozen dataclasses: `EncoderConfig`, `DecodeConfig`, `UriPolicy`, the engine options) holds
+every option's type and default. `OPTIONS` adds, per option, its flag, its help and the rule its value must meet.
+From these two derive: the `embed` and `plan` command lines (`add_run_arguments`, `config_from_args`), the checks
+(`EmbedConfig.validate`), the Dataflow Flex Template's parameters (the launcher parses them with the same parser;
+`tests/infra` checks `infra/dataflow/metadata.json` against `OPTIONS`) and the `runs` row (the config, as JSON).
+A new option is a field with its default plus one `Option` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from catalog_embed.pipelines.io import storage
+from catalog_embed.pipelines.io.catalog import UriPolicy
+from catalog_embed.pipelines.io.store import run_id_problem
+from catalog_embed.pipelines.runners.options import (
+    ACCELERATOR_EXAMPLE,
+    BEAM_RUNNERS,
+    RUNNER_CLASSES,
+    BeamOptions,
+    RayOptions,
+)
+from catalog_embed.schemas.errors import ConfigError
+from catalog_embed.workers.audio import DecodeConfig
+from catalog_embed.workers.stages import FRONT_END_PLACEMENTS, EncoderConfig
+
+# Decode processes per core beyond which --workers is a typo, not a plan (each process holds a decoder and memory).
+WORKERS_PER_CORE = 4
+# Parallelism hint of the distributed runners: far above any one job's useful fan-out.
+MAX_ENGINE_WORKERS = 4096
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """A whole embed run; saved as JSON with its `runs` row. Flags and help: `OPTIONS`.
+
+    Attributes:
+        catalog: manifest file, directory or glob URI.
+        out: output root holding the tables.
+        encoder: which encoder, where and how it runs.
+        decode: the decode stage's limits.
+        runner: engine name (see `catalog_embed.pipelines.runners.options.RUNNER_CLASSES`).
+        workers: decode worker processes (local runner) or parallelism hint (other runners).
+        shard_size: tracks per part file.
+        write_windows: also write the per-window timeline to the `windows` table.
+        decode_timeout_s: a track whose decode takes longer fails (the worker is replaced).
+        max_failure_ratio: abort the run when more than this fraction of tracks fail.
+        retry_failed: retry tracks that failed before even if their file is unchanged.
+        run_id: explicit run id (letters, digits, '.', '_', '-'); an id already committed is refused. When None, an
+            interrupted run (its process dead) that planned the same work is resumed, else a new id is made.
+        prune: delete the rows of tracks gone from the catalog instead of marking them `deleted`.
+        policy: which URIs the manifest may point at.
+        storage_options: deltalake storage options for --out (an S3 endpoint, locking); credentials come from
+            the environment's default chain, never from here.
+        beam: options of `--runner beam` and `--runner dataflow`.
+        ray: options of `--runner ray`.
+    """
+
+    catalog: str
+    out: str
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    runner: str = "local"
+    workers: int = 2
+    shard_size: int = 64
+    write_windows: bool = False
+    decode_timeout_s: float = 300.0
+    max_failure_ratio: float = 0.5
+    retry_failed: bool = False
+    run_id: str | None = None
+    prune: bool = False
+    policy: UriPolicy = field(default_factory=UriPolicy)
+    storage_options: dict[str, str] | None = None
+    beam: BeamOptions = field(default_factory=BeamOptions)
+    ray: RayOptions = field(default_factory=RayOptions)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the option to change: each option's own rule (`OPTIONS`), then the rules
+        between options."""
+        for option in OPTIONS:
+            option.check(self)
+        if self.workers > self.max_workers():
+            per_core = f" ({WORKERS_PER_CORE} decode processes per core of this machine)" if self.runner == "local" else ""
+            msg = f"--workers {self.workers} is more than {self.max_workers()}{per_core}: lower it"
+            raise ConfigError(msg)
+        if self.decode.min_duration_s > self.decode.max_duration_s:
+            msg = (
+                f"--min-duration {self.decode.min_duration_s:g} is above --max-duration {self.decode.max_duration_s:g}: "
+                "every track would fail; lower --min-duration or raise --max-duration"
+            )
+            raise ConfigError(msg)
+        self.beam.validate(self.runner, self.out, self.catalog, self.encoder.device)
+        self.ray.validate(self.runner)
+
+    def max_workers(self) -> int:
+        """The largest --workers accepted: decode processes are local to this machine on the local runner."""
+        if self.runner == "local":
+            return WORKERS_PER_CORE * len(os.sched_getaffinity(0))
+        return MAX_ENGINE_WORKERS
+
+    def runner_options(self) -> dict[str, object]:
+        """Keyword arguments of the selected runner's constructor: its engine options."""
+        engine = {"beam": self.beam, "dataflow": self.beam, "ray": self.ray}
+        return {"options": engine[self.runner]} if self.runner in engine else {}
+
+    def encoder_runs_here(self) -> bool:
+        """Whether the encoder runs on this machine, so that its device can be checked before any work.
+
+        On Dataflow and on a Ray cluster the device is the workers' (the Ray runner checks the cluster's GPUs).
+        """
+        return self.runner != "dataflow" and not (self.runner == "ray" and self.ray.uses_cluster())
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option of `embed` and `plan`: where its value lives in `EmbedConfig`, and how it is spelt,
+    explained and checked. Its type and default are the field's.
+
+    Attributes:
+        path: the field, dotted through nested configs ('decode.max_duration_s').
+        flag: the command-line flag.
+        help: one line for `--help`.
+        rule: what a valid value is, completing "--flag must ..." (empty: any value of the type).
+        valid: the rule as a predicate on the value.
+        parse: turns the parsed command-line value into the field's value (e.g. a list into a tuple).
+        kind: 'value' (takes an argument), 'switch' (store_true), 'toggle' (--x/--no-x) or 'repeat' (append).
+        type: the argument's type, when the field's default (None) does not tell it.
+        choices: the values allowed.
+        metavar: the argument's name in `--help`.
+        group: the `--help` section, for engine options.
+        required: must be given.
+    """
+
+    path: str
+    flag: str
+    help: str
+    rule: str = ""
+    valid: Callable[[Any], bool] | None = None
+    parse: Callable[[Any], Any] | None = None
+    kind: str = "value"
+    type: type | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    group: str | None = None
+    required: bool = False
+
+    @property
+    def dest(self) -> str:
+        """The argparse attribute."""
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def value(self, config: EmbedConfig) -> Any:
+        """This option's value in `config`."""
+        value: Any = config
+        for name in self.path.split("."):
+            value = getattr(value, name)
+        return value
+
+    def check(self, config: EmbedConfig) -> None:
+        """Raise ConfigError when the value breaks this option's rule."""
+        value = self.value(config)
+        if self.valid is not None and value is not None and not self.valid(value):
+            msg = f"{self.flag} must {self.rule}, got {value!r}"
+            raise ConfigError(msg)
+
+    def default(self) -> Any:
+        """The field's default."""
+        return self.value(EmbedConfig(catalog="", out=""))
+
+    def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+        """Add the flag, its default shown in `--help` (the field's default, translated back for the CLI)."""
+        shown = self.default()
+        options: dict[str, Any] = {"help": self.help}
+        if self.kind == "switch":
+            options |= {"action": "store_true"}
+        elif self.kind == "toggle":
+            options |= {"action": argparse.BooleanOptionalAction, "default": shown}
+        elif self.kind == "repeat":
+            options |= {"action": "append", "default": [], "metavar": self.metavar}
+        else:
+            kind = self.type or (type(shown) if shown is not None and not isinstance(shown, tuple) else str)
+            options |= {"type": kind, "default": _cli_form(shown), "required": self.required}
+            options |= {k: v for k, v in (("choices", self.choices), ("metavar", self.metavar)) if v}
+        parser.add_argument(self.flag, **options)
+
+
+def _cli_form(value: Any) -> Any:
+    """A field's default as typed on the command line (layers: a comma-separated string)."""
+    return ",".join(value) if isinstance(value, tuple) else value
+
+
+def _layers(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _beam_options(options: list[str]) -> tuple[str, ...]:
+    return tuple(option if option.startswith("--") else f"--{option}" for option in options)
+
+
+def _run_id(value: str) -> bool:
+    return run_id_problem(value) is None
+
+
+_POSITIVE = "be positive"
+_BEAM = "Beam and Dataflow (--runner beam, --runner dataflow)"
+
+OPTIONS: tuple[Option, ...] = (
+    Option("catalog", "--catalog", "manifest (.csv/.parquet/.jsonl), directory or glob; any fsspec URI", required=True),
+    Option("out", "--out", "output root for the tables (local path, s3://, gs://)", required=True),
+    Option(
+        "encoder.model", "--model",
+        "encoder name (see `catalog-embed models`), or a bring-your-own encoder's config: a path or URI *.json",
+    ),
+    Option(
+        "encoder.layers", "--layer", "layer(s) to write, comma-separated (empty: the encoder's default layer)",
+        parse=_layers,
+    ),
+    Option("encoder.device", "--device", "cpu, cuda or cuda:N"),
+    Option("encoder.precision", "--precision", "network precision (fp16: GPU only)", choices=("fp32", "bf16", "fp16")),
+    Option(
+        "encoder.front_end_on", "--front-end-on",
+        "where spectrograms are made: decode workers, the encoder's device, or auto (the GPU when there is one)",
+        choices=FRONT_END_PLACEMENTS,
+    ),
+    Option(
+        "encoder.compile", "--compile",
+        "torch.compile the network (musicnn, MULE) in fixed-shape batches, code cached (unset: on a GPU)",
+        kind="toggle",
+    ),
+    Option("encoder.weights", "--weights", "weights file or folder, for encoders that need them"),
+    Option("encoder.weights_sha256", "--weights-sha256", "refuse weights whose sha256 differs"),
+    Option(
+        "runner", "--runner", f"engine: {', '.join(RUNNER_CLASSES)}", rule=f"be one of {', '.join(RUNNER_CLASSES)}",
+        valid=RUNNER_CLASSES.__contains__,
+    ),
+    Option("workers", "--workers", "decode worker processes (Beam: SDK workers)", rule="be at least 1",
+           valid=lambda v: v >= 1),
+    Option(
+        "encoder.batch_windows", "--batch-windows",
+        "windows per encoder call (unset: 64 on a CPU, sized to a GPU's measured memory)",
+        rule="be at least 1", valid=lambda v: v >= 1, type=int,
+    ),
+    Option("shard_size", "--shard-size", "tracks per part file", rule="be at least 1", valid=lambda v: v >= 1),
+    Option("write_windows", "--windows", "also write per-window embeddings (windows table)", kind="switch"),
+    Option("decode.max_duration_s", "--max-duration", "seconds; longer tracks fail", rule=_POSITIVE,
+           valid=lambda v: v > 0),
+    Option("decode.min_duration_s", "--min-duration", "seconds; shorter tracks fail", rule="be >= 0",
+           valid=lambda v: v >= 0),
+    Option("decode.max_file_mb", "--max-file-mb", "larger files fail without being read", rule=_POSITIVE,
+           valid=lambda v: v > 0),
+    Option("decode_timeout_s", "--decode-timeout", "seconds per track before it fails", rule=_POSITIVE,
+           valid=lambda v: v > 0),
+    Option(
+        "decode.max_memory_mb", "--decode-memory-mb",
+        "memory a decode process may add while decoding one track; beyond it that track fails",
+        rule="be at least 64 (decoding needs working memory)", valid=lambda v: v >= 64,
+    ),
+    Option("max_failure_ratio", "--max-failure-ratio", "abort when a larger share of tracks fails",
+           rule="be in [0, 1]", valid=lambda v: 0.0 <= v <= 1.0),
+    Option("retry_failed", "--retry-failed", "retry tracks that failed before", kind="switch"),
+    Option(
+        "run_id", "--run-id", "explicit run id (unset: resume an interrupted run of the same work, else a new id)",
+        rule="be 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit (no '/', no '..')",
+        valid=_run_id,
+    ),
+    Option("prune", "--prune", "delete rows of tracks gone from the catalog", kind="switch"),
+    Option(
+        "policy.allow_prefixes", "--allow-prefix",
+        "also allow manifest URIs under this prefix (default: only under the catalog's folder); repeatable",
+        kind="repeat", parse=tuple, metavar="URI",
+    ),
+    Option("policy.allow_http", "--allow-http", "allow http(s) URIs in the manifest", kind="switch"),
+    Option("storage_options", "--storage-option", storage.HELP, kind="repeat", parse=storage.parse_storage_options,
+           metavar="KEY=VALUE"),
+    Option("beam.beam_runner", "--beam-runner", "local Beam runner of --runner beam", choices=BEAM_RUNNERS, group=_BEAM),
+    Option("beam.project", "--project", "Dataflow: Google Cloud project", group=_BEAM),
+    Option("beam.region", "--region", "Dataflow: region, e.g. us-central1", group=_BEAM),
+    Option("beam.temp_location", "--temp-location", "Dataflow: gs:// folder for temporary files", group=_BEAM),
+    Option(
+        "beam.staging_location", "--staging-location", "Dataflow: gs:// folder for staged files (unset: temp location)",
+        group=_BEAM,
+    ),
+    Option("beam.sdk_container_image", "--sdk-container-image", "Dataflow: worker image built from infra/Dockerfile",
+           group=_BEAM),
+    Option(
+        "beam.worker_accelerator", "--worker-accelerator",
+        f"Dataflow: GPUs of the encode step's workers, e.g. '{ACCELERATOR_EXAMPLE}'", group=_BEAM,
+    ),
+    Option(
+        "beam.machine_type", "--machine-type",
+        "Dataflow: worker machine type, e.g. g2-standard-8 (with --worker-accelerator: the encode step's workers)",
+        group=_BEAM,
+    ),
+    Option("beam.max_num_workers", "--max-num-workers", "Dataflow: autoscaling limit", type=int, group=_BEAM),
+    Option("beam.job_name", "--job-name", "Dataflow: job name (unset: derived from the run id)", group=_BEAM),
+    Option(
+        "beam.detach", "--detach", "Dataflow: return once the job is submitted (it commits the run when it finishes)",
+        kind="switch", group=_BEAM,
+    ),
+    Option(
+        "beam.pipeline_args", "--beam-option", "any other Beam pipeline option, e.g. network=default (repeatable)",
+        kind="repeat", parse=_beam_options, metavar="KEY=VALUE", group=_BEAM,
+    ),
+    Option(
+        "ray.address", "--address", "existing Ray cluster: auto, host:port or ray://host:10001 (unset: a local one)",
+        group="Ray (--runner ray)",
+    ),
+    Option("ray.embed_actors", "--embed-actors", "encoder actors (one GPU each with --device cuda)",
+           group="Ray (--runner ray)"),
+    Option(
+        "ray.object_store_mb", "--object-store-mb",
+        "object-store memory for shards in flight; decoders wait when it is full (unset: Ray Data's share of the "
+        "cluster's object store)",
+        type=int, group="Ray (--runner ray)",
+    ),
+)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every option of `OPTIONS` to the `embed` or `plan` parser, engine options in their own sections."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in OPTIONS:
+        target = parser
+        if option.group is not None:
+            target = groups.setdefault(option.group, parser.add_argument_group(option.group))
+        option.add_to(target)
+
+
+def config_from_args(args: argparse.Namespace) -> EmbedConfig:
+    """Build the config from a namespace `add_run_arguments` parsed (no other logic: checks are `validate`'s)."""
+    config = EmbedConfig(catalog=args.catalog, out=args.out)
+    for option in OPTIONS:
+        value = getattr(args, option.dest)
+        config = _replaced(config, option.path.split("."), option.parse(value) if option.parse else value)
+    return config
+
+
+def _replaced(config: Any, path: list[str], value: Any) -> Any:
+    """`config` with the field at `path` (through nested frozen dataclasses) set to `value`."""
+    name, rest = path[0], path[1:]
+    return dataclasses.replace(config, **{name: _replaced(getattr(config, name), rest, value) if rest else value})

@@ -1,0 +1,220 @@
+"""Planning: diff the catalog against what the tables already hold, so a run embeds only what changed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.schemas.records import MISSING_FINGERPRINT, REFUSED_FINGERPRINT, WorkItem
+from catalog_embed.schemas.tables import EMBEDDINGS, FAILURES, RUNS, WINDOWS
+
+# Failures at these stages are properties of the file itself: retrying an unchanged file would fail the same way.
+# Read failures (permissions, network) are retried by every run, except for a file that is still missing.
+_DETERMINISTIC_STAGES = ("decode", "frontend")
+_STILL_BAD = (MISSING_FINGERPRINT, REFUSED_FINGERPRINT)
+# Failures that a run's limits caused rather than the file alone: retried once the limits they met have changed.
+LIMIT_ERRORS = ("AudioTooLongError", "AudioTooShortError", "DecodeTimeout", "DecodeOutOfMemory")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a run asks of each track's row, beyond its fingerprint and the encoder's identity.
+
+    Attributes:
+        layers: the layers it writes: a row embedded with another first layer, or without one of the others, is
+            embedded again.
+        windows: whether it writes the `windows` timeline: a track without one (of the first layer) is embedded
+            again.
+        limits: the options that decide limit failures (`LIMIT_ERRORS`): durations, decode memory and timeout
+            (read failures, a file over --max-file-mb among them, are retried by every run anyway). A track that failed under other limits is retried.
+    """
+
+    layers: tuple[str, ...]
+    windows: bool
+    limits: dict[str, float]
+
+
+def read_state(store: TableStore, model: str, request: Request) -> tuple[pa.Table, pa.Table]:
+    """What the tables hold for `model`, shaped for `plan_run`; empty when the tables do not exist yet.
+
+    Returns:
+        embedded: track_id, source_fingerprint, model_version, feature_hash, deleted, and `covered` (the row has
+            what `request` asks for).
+        failed: track_id, source_fingerprint, stage, and `limits_changed` (a limit failure under other limits).
+    """
+    embedded_columns = ["track_id", "source_fingerprint", "model_version", "feature_hash", "deleted"]
+    if store.exists(EMBEDDINGS):
+        # Vectors are read only for the extra layers asked for (their presence is the question), never the main one.
+        stored = set(pa.schema(store.table(EMBEDDINGS).schema()).names)
+        extra = [f"embedding_{layer}" for layer in request.layers[1:]]
+        columns = [*embedded_columns, "layer", *(c for c in extra if c in stored)]
+        rows = store.read(EMBEDDINGS, columns, partition={"model": model})
+        covered = pc.equal(rows["layer"], request.layers[0])
+        for column in extra:
+            has = pc.is_valid(rows[column]) if column in rows.column_names else pa.repeat(False, rows.num_rows)
+            covered = pc.and_(covered, has)
+        if request.windows:
+            timelines = _windows_of(store, model, request.layers[0])
+            covered = pc.and_(covered, pc.is_in(rows["track_id"], timelines))
+        embedded = rows.select(embedded_columns).append_column("covered", covered)
+    else:
+        schema = EMBEDDINGS.schema
+        embedded = pa.schema([schema.field(c) for c in embedded_columns] + [pa.field("covered", pa.bool_())])
+        embedded = embedded.empty_table()
+    failed_columns = ["track_id", "source_fingerprint", "stage"]
+    if store.exists(FAILURES):
+        failed = store.read(FAILURES, [*failed_columns, "error_type", "run_id"], pc.field("model") == model)
+    else:
+        failed = pa.schema([FAILURES.schema.field(c) for c in [*failed_columns, "error_type", "run_id"]]).empty_table()
+    changed = _runs_with_other_limits(store, set(failed["run_id"].to_pylist()), request.limits)
+    limits_changed = pc.and_(pc.is_in(failed["error_type"], pa.array(LIMIT_ERRORS)), pc.is_in(failed["run_id"], changed))
+    return embedded, failed.select(failed_columns).append_column("limits_changed", limits_changed)
+
+
+def _windows_of(store: TableStore, model: str, layer: str) -> pa.Array:
+    if not store.exists(WINDOWS):
+        return pa.array([], pa.string())
+    rows = store.read(WINDOWS, ["track_id", "layer"], pc.field("model") == model)
+    return rows.filter(pc.equal(rows["layer"], layer))["track_id"].combine_chunks()
+
+
+def _runs_with_other_limits(store: TableStore, run_ids: set[str], limits: dict[str, float]) -> pa.Array:
+    """The runs among `run_ids` whose recorded config had other limits than `limits`."""
+    if not run_ids or not store.exists(RUNS):
+        return pa.array([], pa.string())
+    runs = store.read(RUNS, ["run_id", "config_json"], pc.is_in(pc.field("run_id"), pa.array(sorted(run_ids))))
+    changed = [
+        run_id
+        for run_id, config in zip(runs["run_id"].to_pylist(), runs["config_json"].to_pylist(), strict=True)
+        if run_limits(json.loads(config)) != limits
+    ]
+    return pa.array(changed, pa.string())
+
+
+def run_limits(config: dict) -> dict[str, float]:
+    """The limit options of a run's config (as `EmbedConfig` saves it in its runs row)."""
+    decode = config.get("decode", {})
+    return {
+        "max_duration_s": float(decode.get("max_duration_s", 0)),
+        "min_duration_s": float(decode.get("min_duration_s", 0)),
+        "max_memory_mb": float(decode.get("max_memory_mb", 0)),
+        "decode_timeout_s": float(config.get("decode_timeout_s", 0)),
+    }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do.
+
+    Attributes:
+        items: tracks to embed.
+        refused: tracks whose URI the policy refuses, with the reason, to record as failures.
+        gone: track ids with a live embedding or a failure that left the catalog: embeddings are marked deleted
+            (or pruned), failures removed.
+    """
+
+    items: tuple[WorkItem, ...]
+    refused: tuple[tuple[WorkItem, str], ...]
+    gone: tuple[str, ...]
+    n_catalog: int
+    n_new: int
+    n_changed: int
+    n_unchanged: int
+    n_known_bad: int
+
+    @property
+    def n_skipped(self) -> int:
+        """Tracks the run leaves alone."""
+        return self.n_unchanged + self.n_known_bad
+
+    @property
+    def has_work(self) -> bool:
+        """Whether the run changes any table."""
+        return bool(self.items or self.refused or self.gone)
+
+    def describe(self) -> str:
+        """One line for humans."""
+        return (
+            f"{self.n_catalog} tracks in the catalog: {self.n_new} new, {self.n_changed} changed, "
+            f"{self.n_unchanged} unchanged, {self.n_known_bad} known bad (unchanged since they failed), "
+            f"{len(self.refused)} refused by the URI policy; {len(self.gone)} gone from the catalog"
+        )
+
+
+def plan_run(
+    catalog: pa.Table,
+    fingerprints: list[str],
+    embedded: pa.Table,
+    failed: pa.Table,
+    model_version: str,
+    feature_hash: str,
+    retry_failed: bool = False,
+) -> Plan:
+    """Decide which catalog tracks to embed.
+
+    A track is embedded when it has no live embedding for this model, its source fingerprint, the encoder's
+    version or the front end's hash differ from its row, or its row lacks what the run asks for (a layer, the
+    timeline). A track that failed deterministically with the same fingerprint is skipped unless `retry_failed`
+    or the limits it failed on have changed since.
+
+    Args:
+        catalog: validated catalog (`track_id`, `uri`, `refused`).
+        fingerprints: one per catalog row (`REFUSED_FINGERPRINT` for refused rows).
+        embedded: this model's `embeddings` state (see `read_state`).
+        failed: this model's `failures` state (see `read_state`).
+        model_version: the encoder's current version.
+        feature_hash: the front end's current hash.
+        retry_failed: retry known-bad tracks even when unchanged.
+    """
+    current = {
+        row["track_id"]: (row["source_fingerprint"], row["model_version"], row["feature_hash"], row["covered"])
+        for row in embedded.to_pylist()
+        if not row["deleted"]
+    }
+    known_bad = {
+        row["track_id"]: row["source_fingerprint"]
+        for row in failed.to_pylist()
+        if (row["stage"] in _DETERMINISTIC_STAGES or row["source_fingerprint"] in _STILL_BAD)
+        and not row["limits_changed"]
+    }
+    items: list[WorkItem] = []
+    refused: list[tuple[WorkItem, str]] = []
+    n_new = n_changed = n_unchanged = n_known_bad = 0
+    ids = catalog["track_id"].to_pylist()
+    for track_id, uri, fingerprint, reason in zip(
+        ids, catalog["uri"].to_pylist(), fingerprints, catalog["refused"].to_pylist(), strict=True
+    ):
+        if reason is not None:
+            if known_bad.get(track_id) == REFUSED_FINGERPRINT:
+                n_known_bad += 1
+            else:
+                refused.append((WorkItem(track_id, uri, REFUSED_FINGERPRINT), reason))
+            continue
+        have = current.get(track_id)
+        if have == (fingerprint, model_version, feature_hash, True):
+            n_unchanged += 1
+            continue
+        if not retry_failed and known_bad.get(track_id) == fingerprint:
+            n_known_bad += 1
+            continue
+        if have is None:
+            n_new += 1
+        else:
+            n_changed += 1
+        items.append(WorkItem(track_id=track_id, uri=uri, fingerprint=fingerprint))
+    in_catalog = set(ids)
+    known = set(current) | set(failed["track_id"].to_pylist())
+    return Plan(
+        items=tuple(items),
+        refused=tuple(refused),
+        gone=tuple(sorted(known - in_catalog)),
+        n_catalog=catalog.num_rows,
+        n_new=n_new,
+        n_changed=n_changed,
+        n_unchanged=n_unchanged,
+        n_known_bad=n_known_bad,
+    )

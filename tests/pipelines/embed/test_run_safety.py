@@ -1,0 +1,284 @@
+"""Nothing lost, nothing reached: run ids, live staging, reused ids, output roots, and plans that follow the request.
+
+Each test runs the real job on real audio into real Delta tables; runs that must overlap run as real processes
+(`tests.helpers.faults.embed_process`), held open by a decoder that hangs until its timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from rich.console import Console
+
+from catalog_embed.pipelines.analysts.query import connect
+from catalog_embed.pipelines.cli import main
+from catalog_embed.pipelines.embed.config import EmbedConfig
+from catalog_embed.pipelines.embed.job import run_embed
+from catalog_embed.pipelines.embed.vacuum import vacuum
+from catalog_embed.pipelines.io.lease import LEASE_FILE, read_lease
+from catalog_embed.pipelines.io.store import STAGING, TableStore
+from catalog_embed.schemas.errors import ConfigError, TableError
+from catalog_embed.workers.audio import DecodeConfig
+from catalog_embed.workers.stages import EncoderConfig
+from tests.helpers.faults import embed_process, expected_tracks, finish, staged_embedding_parts, table_tracks, wait_for
+
+QUIET = Console(quiet=True)
+FAST = EncoderConfig(model="chroma-stats")
+# A run held open: shards of 2 tracks, one worker, and a decoder that hangs on one track until this timeout.
+HOLD_S = "25"
+
+
+def _catalog(small_catalog, folder: Path, keep) -> str:
+    """A manifest of the tracks `keep` selects, in its own folder (another catalog than the shared one)."""
+    folder.mkdir(parents=True)
+    table = pq.read_table(small_catalog.manifest_path)
+    rows = []
+    for row in table.to_pylist():
+        if keep(row["track_id"]) and Path(row["uri"]).exists():
+            target = folder / Path(row["uri"]).name
+            shutil.copy(row["uri"], target)
+            rows.append({"track_id": row["track_id"], "uri": target.name})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
+    return str(folder / "manifest.parquet")
+
+
+def _held_run(catalog: str, out: str, hang: str):
+    """An `embed` process that stages shards, then hangs on `hang` for HOLD_S seconds before it finishes."""
+    proc = embed_process(
+        catalog, out, "--model", "chroma-stats", "--shard-size", "2", "--workers", "1", "--decode-timeout", HOLD_S,
+        failpoints=f"decode=hang:{hang}",
+    )
+    wait_for(lambda: staged_embedding_parts(out) >= 2, proc, "two shards were staged")
+    return proc
+
+
+def _staged_run(out: str) -> str:
+    runs = TableStore(out).staged_runs()
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+class Held(NamedTuple):
+    """A held run (see `_held_run`) on the first 10 good tracks, and a second catalog of the other good ones."""
+
+    good: list[str]
+    catalog: str
+    other_catalog: str
+    out: str
+    proc: subprocess.Popen
+    run_id: str
+
+
+@pytest.fixture
+def held(small_catalog, small_labels, tmp_path) -> Held:
+    good, _ = expected_tracks(small_labels)
+    catalog = _catalog(small_catalog, tmp_path / "first", lambda t: t in good[:10])
+    other = _catalog(small_catalog, tmp_path / "second", lambda t: t in good[10:])
+    out = str(tmp_path / "out")
+    proc = _held_run(catalog, out, hang=good[6])
+    return Held(good, catalog, other, out, proc, _staged_run(out))
+
+
+# -- 1: run ids are names, never paths ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run_id", ["..", "/tmp/victim", "a/b", ".hidden", "", "x" * 200])
+def test_a_run_id_that_could_name_a_path_is_refused_before_any_work(small_catalog, tmp_path, capsys, run_id):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    out = tmp_path / "out"
+    rc = main(["embed", "--catalog", str(small_catalog.manifest_path), "--out", str(out), "--run-id", run_id])
+    assert rc == 2
+    assert "--run-id" in capsys.readouterr().err
+    assert (victim / "keep.txt").read_text() == "mine"
+    assert not out.exists()
+
+
+def test_the_store_never_resolves_a_run_id_outside_its_staging(tmp_path):
+    store = TableStore(str(tmp_path / "out"))
+    for run_id in ("..", "../..", "/etc", "a/../../b"):
+        with pytest.raises(TableError, match="not allowed"):
+            store.drop_staging(run_id)
+    assert tmp_path.exists()
+
+
+# -- 2: no run adopts another's live staging; a run that loses its staging fails loudly ---------------------------
+
+
+def test_a_run_on_another_catalog_does_not_adopt_a_live_run(held):
+    good, second, out, proc, live = held.good, held.other_catalog, held.out, held.proc, held.run_id
+    other = run_embed(EmbedConfig(catalog=second, out=out, encoder=FAST), QUIET)
+    assert other.run_id != live and other.status == "succeeded"
+    assert other.stats.n_embedded == len(good[10:])
+    log = finish(proc)
+    assert proc.returncode == 0, log
+    assert "succeeded: 9 embedded, 1 failed" in log  # the hung track failed by its timeout; nothing went missing
+    embedded, failed = table_tracks(out)
+    assert embedded == sorted(set(good) - {good[6]}) and failed == [good[6]]
+
+
+def test_an_interrupted_run_is_resumed_only_by_a_run_of_the_same_work(held):
+    good, first, second, out, proc, interrupted = held
+    os.killpg(proc.pid, signal.SIGINT)
+    finish(proc)
+    other = run_embed(EmbedConfig(catalog=second, out=out, encoder=FAST), QUIET)
+    assert other.run_id != interrupted
+    assert table_tracks(out) == (sorted(good[10:]), [])  # none of the interrupted run's staged tracks
+    again = run_embed(EmbedConfig(catalog=first, out=out, encoder=FAST, decode_timeout_s=float(HOLD_S)), QUIET)
+    assert again.run_id == interrupted
+    # The out holds one catalog: the other run's tracks, absent from this one, are marked deleted.
+    assert table_tracks(out) == (sorted(good[:10]), [])
+
+
+def test_a_run_whose_staging_is_taken_over_commits_nothing_and_fails(held):
+    out, proc, run_id = held.out, held.proc, held.run_id
+    lease_path = Path(out, STAGING, run_id, LEASE_FILE)
+    lease = json.loads(lease_path.read_text())
+    lease_path.write_text(json.dumps(lease | {"owner": "someone-else"}))
+    log = finish(proc)
+    assert proc.returncode == 2, log
+    assert "committed nothing" in log and "succeeded" not in log
+    assert table_tracks(out) == ([], [])
+
+
+def test_a_live_run_id_is_refused_to_a_second_run(held, capsys):
+    catalog, out, proc, run_id = held.catalog, held.out, held.proc, held.run_id
+    rc = main(["embed", "--catalog", catalog, "--out", out, "--model", "chroma-stats", "--run-id", run_id])
+    assert rc == 2 and "running now" in capsys.readouterr().err
+    assert finish(proc) and proc.returncode == 0
+
+
+# -- 3: vacuum leaves live runs and foreign folders alone -----------------------------------------------------------
+
+
+def test_vacuum_during_a_run_skips_its_staging_and_folders_it_did_not_write(held):
+    good, out, proc, run_id = held.good, held.out, held.proc, held.run_id
+    foreign = Path(out, STAGING, "notes")
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    report = vacuum(out, staging_hours=0, retention_hours=168, dry_run=False)
+    assert report.staging_removed == [] and report.staging_live == [run_id] and report.staging_foreign == ["notes"]
+    assert (foreign / "todo.txt").read_text() == "mine"
+    log = finish(proc)
+    assert proc.returncode == 0, log
+    assert table_tracks(out)[0] == sorted(set(good[:10]) - {good[6]})
+
+
+def test_vacuum_removes_the_staging_of_a_dead_run(held):
+    out, proc, run_id = held.out, held.proc, held.run_id
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not read_lease(TableStore(out), run_id).alive()  # its process is gone: dead at once, not after the TTL
+    assert vacuum(out, staging_hours=0, retention_hours=168, dry_run=False).staging_removed == [run_id]
+
+
+# -- 4: a run id names one run ----------------------------------------------------------------------------------
+
+
+def test_a_committed_run_id_is_refused_so_new_work_is_never_dropped(small_catalog, small_labels, tmp_path):
+    good, _ = expected_tracks(small_labels)
+    catalog_dir = tmp_path / "catalog"
+    catalog = _catalog(small_catalog, catalog_dir, lambda t: t in good)
+    out = str(tmp_path / "out")
+    table = pq.read_table(catalog)
+    pq.write_table(table.slice(0, 6), catalog)
+    run_embed(EmbedConfig(catalog=catalog, out=out, encoder=FAST, run_id="nightly"), QUIET)
+    pq.write_table(table, catalog)
+    with pytest.raises(ConfigError, match="already committed"):
+        run_embed(EmbedConfig(catalog=catalog, out=out, encoder=FAST, run_id="nightly"), QUIET)
+    run_embed(EmbedConfig(catalog=catalog, out=out, encoder=FAST), QUIET)
+    assert table_tracks(out)[0] == sorted(table["track_id"].to_pylist())
+
+
+# -- 5: --out is a table set of ours, and `plan` only reads ---------------------------------------------------------
+
+
+def test_an_out_that_is_not_a_table_set_is_refused(small_catalog, tmp_path, capsys):
+    catalog = str(small_catalog.manifest_path)
+    users = tmp_path / "documents"
+    users.mkdir()
+    (users / "thesis.txt").write_text("mine")
+    assert main(["embed", "--catalog", catalog, "--out", str(users), "--model", "chroma-stats"]) == 2
+    assert "thesis.txt" in capsys.readouterr().err
+    assert sorted(p.name for p in users.iterdir()) == ["thesis.txt"]
+    a_file = tmp_path / "file.parquet"
+    a_file.write_bytes(b"x")
+    assert main(["embed", "--catalog", catalog, "--out", str(a_file), "--model", "chroma-stats"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["embed", "--catalog", catalog, "--out", str(out), "--model", "chroma-stats"]) == 0
+    capsys.readouterr()
+    for inside in (out / "embeddings", out / "embeddings" / "sub"):
+        assert main(["embed", "--catalog", catalog, "--out", str(inside), "--model", "chroma-stats"]) == 2
+        assert "Delta table" in capsys.readouterr().err
+    assert not (out / "embeddings" / "sub").exists() and not (out / "embeddings" / "failures").exists()
+
+
+def test_plan_creates_no_tables(small_catalog, tmp_path):
+    out = tmp_path / "out"
+    assert main(["plan", "--catalog", str(small_catalog.manifest_path), "--out", str(out)]) == 0
+    assert not out.exists() or not any(out.iterdir())
+
+
+# -- 9: a new layer or the timeline is embedded, not reported unchanged ---------------------------------------------
+
+
+def test_a_new_layer_or_the_timeline_re_embeds_what_lacks_it(small_catalog, small_labels, tmp_path):
+    good, _ = expected_tracks(small_labels)
+    out = str(tmp_path / "out")
+    catalog = str(small_catalog.manifest_path)
+    musicnn = EncoderConfig(model="musicnn-msd")
+    run_embed(EmbedConfig(catalog=catalog, out=out, encoder=musicnn), QUIET)
+    two = EncoderConfig(model="musicnn-msd", layers=("penultimate", "taggram"))
+    layered = run_embed(EmbedConfig(catalog=catalog, out=out, encoder=two), QUIET)
+    assert layered.stats.n_embedded == len(good)
+    con = connect(out)
+    assert con.execute("SELECT count(*) FROM embeddings WHERE embedding_taggram IS NOT NULL").fetchone() == (len(good),)
+    # Asking for fewer layers than a row has is already satisfied; asking for the timeline is not.
+    assert run_embed(EmbedConfig(catalog=catalog, out=out, encoder=musicnn), QUIET).plan.has_work is False
+    timeline = run_embed(EmbedConfig(catalog=catalog, out=out, encoder=musicnn, write_windows=True), QUIET)
+    assert timeline.stats.n_embedded == len(good)
+    assert connect(out).execute("SELECT count(*) FROM windows").fetchone() == (len(good),)
+    assert run_embed(EmbedConfig(catalog=catalog, out=out, encoder=musicnn, write_windows=True), QUIET).plan.has_work is False
+
+
+# -- 10: duration limits -------------------------------------------------------------------------------------------
+
+
+def test_min_duration_above_max_duration_is_refused(small_catalog, tmp_path, capsys):
+    args = ["embed", "--catalog", str(small_catalog.manifest_path), "--out", str(tmp_path / "out")]
+    assert main([*args, "--min-duration", "10", "--max-duration", "5"]) == 2
+    assert "--min-duration 10 is above --max-duration 5" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tracks_that_failed_a_limit_are_retried_once_the_limit_changes(small_catalog, small_labels, tmp_path):
+    good, bad = expected_tracks(small_labels)
+    out = str(tmp_path / "out")
+    catalog = str(small_catalog.manifest_path)
+    strict = EmbedConfig(
+        catalog=catalog, out=out, encoder=FAST, decode=DecodeConfig(max_duration_s=2.0), max_failure_ratio=1.0
+    )
+    first = run_embed(strict, QUIET)
+    assert first.stats.n_embedded == 0
+    assert run_embed(strict, QUIET).plan.has_work is False  # same limits: still known bad
+    relaxed = run_embed(EmbedConfig(catalog=catalog, out=out, encoder=FAST), QUIET)
+    assert set(good) <= {i.track_id for i in relaxed.plan.items}
+    assert table_tracks(out) == (good, bad)
+
+
+def test_an_absurd_worker_count_is_refused_before_any_process_starts(small_catalog, tmp_path, capsys):
+    args = ["embed", "--catalog", str(small_catalog.manifest_path), "--out", str(tmp_path / "out")]
+    assert main([*args, "--workers", "100000"]) == 2
+    assert "--workers 100000 is more than" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
