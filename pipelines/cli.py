@@ -3,8 +3,10 @@
 Each subcommand lives in its own module under `pipelines/` and exposes `register(subparsers)`, which adds its
 parser and sets `handler` to a function taking the parsed namespace and returning an exit code.
 
-Exit codes: 0 on success, 2 on an error the user can fix (printed as one line `catalog-embed: error: ...`, never a
-traceback), 130 when interrupted (Ctrl-C) and 143 when terminated (SIGTERM), both without a traceback.
+Exit codes: 0 on success; an error's own `exit_code` (`catalog_embed.schemas.errors`), printed as one line
+`catalog-embed: error: ...`, never a traceback: 2 for an error the user can fix, 1 for a run aborted as broken, 75
+(EX_TEMPFAIL) for a run that stopped resumable (run again); 130 when interrupted (Ctrl-C) and 143 when terminated
+(SIGTERM), both without a traceback. A command may use 1 for a result of its own (`compare`: the gate failed).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import os
 import signal
 import sys
 import threading
+from importlib.metadata import version
 from pathlib import Path
 from typing import NoReturn
 
+from catalog_embed.pipelines import logs
 from catalog_embed.schemas.errors import CatalogEmbedError, ConfigError, MissingExtraError
 
 # Modules providing subcommands, in the order `--help` lists them.
@@ -85,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="catalog-embed",
         description="Turn a music catalog into embeddings: decode, log-mel, frozen encoder, Delta tables.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('catalog-embed')}")
+    logs.add_logging_arguments(parser)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in _COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -115,18 +121,19 @@ def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         command = args.command
+        logs.configure(args.log_level, args.log_format)
         _check_output_folder(args)
         return int(args.handler(args) or 0)
     except KeyboardInterrupt as exc:
-        print("catalog-embed: interrupted; run again to resume", file=sys.stderr)
+        logs.say("catalog-embed: interrupted; run again to resume")
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except CatalogEmbedError as exc:
-        return _user_error(exc)
+        return _error(exc)
     except ImportError as exc:
         missing = missing_extra(exc, command)
         if missing is None:
             raise
-        return _user_error(missing)
+        return _error(missing)
     except BrokenPipeError:
         # The reader went away (`| head`): what it wanted was printed. Python would report the failed flush of
         # stdout at exit; point stdout at /dev/null so it does not.
@@ -134,10 +141,10 @@ def _main(argv: list[str] | None) -> int:
         return 0
 
 
-def _user_error(exc: Exception) -> int:
+def _error(exc: CatalogEmbedError) -> int:
     message = " ".join(str(exc).split("\n"))
-    print(f"catalog-embed: error: {message}", file=sys.stderr)
-    return EXIT_USER_ERROR
+    logs.say(f"catalog-embed: error: {message}")
+    return exc.exit_code
 
 
 def missing_extra(exc: ImportError, command: str | None = None) -> MissingExtraError | None:

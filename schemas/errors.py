@@ -3,13 +3,27 @@
 Each error says what went wrong and, where the user can act, what to change. Errors raised while processing one
 track become a `failures` row (see `catalog_embed.schemas.tables.FAILURES`); errors raised while configuring or planning a run
 stop it before any audio is read.
+
+Each error carries the command line's exit code for it (`exit_code`), so that a scheduler can tell "fix the
+command" (2, the default) from "the run is broken as a whole" (1) and "run again and it resumes" (75, EX_TEMPFAIL
+of sysexits.h: `RetryableError`).
 """
 
 from __future__ import annotations
 
 
+# sysexits.h: a temporary failure; the user is invited to retry.
+EX_TEMPFAIL = 75
+
+
 class CatalogEmbedError(Exception):
-    """Base class of every error this project raises on purpose."""
+    """Base class of every error this project raises on purpose.
+
+    Attributes:
+        exit_code: the command line's exit status for this error: 2, an error the user can fix.
+    """
+
+    exit_code = 2
 
 
 class ConfigError(CatalogEmbedError):
@@ -73,11 +87,25 @@ class WorkerError(CatalogEmbedError):
 
 
 class RunAbortedError(CatalogEmbedError):
-    """The run was stopped as a whole, e.g. because too many tracks failed."""
+    """The run was stopped as a whole, e.g. because too many tracks failed (exit 1: retrying repeats it)."""
+
+    exit_code = 1
 
 
-class RunLostError(CatalogEmbedError):
+class RetryableError(CatalogEmbedError):
+    """The run stopped for a reason outside it and left its staging resumable: the same command run again resumes
+    it (exit 75, EX_TEMPFAIL)."""
+
+    exit_code = EX_TEMPFAIL
+
+
+class RunLostError(RetryableError):
     """A run lost its staging while it ran (taken over by another run, or removed): it commits nothing."""
+
+
+class EngineError(RetryableError):
+    """The engine lost a part of the run (a crashed worker or actor, a lost node) and gave up on it; the shards
+    already written stay staged for the next run."""
 
 
 class LabelsError(CatalogEmbedError):

@@ -2,8 +2,8 @@
 
 `EmbedConfig` (nested frozen dataclasses: `EncoderConfig`, `DecodeConfig`, `UriPolicy`, the engine options) holds
 every option's type and default. `OPTIONS` adds, per option, its flag, its help and the rule its value must meet.
-From these two derive: the `embed` and `plan` command lines (`add_run_arguments`, `config_from_args`), the checks
-(`EmbedConfig.validate`), the Dataflow Flex Template's parameters (the launcher parses them with the same parser;
+From these two derive: the `embed` and `plan` command lines (`add_run_arguments`, `config_from_args`), their
+`--config` file (TOML, one key per option, read through the same declarations), the checks (`EmbedConfig.validate`), the Dataflow Flex Template's parameters (the launcher parses them with the same parser;
 `tests/infra` checks `infra/dataflow/metadata.json` against `OPTIONS`) and the `runs` row (the config, as JSON).
 A new option is a field with its default plus one `Option` line.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,11 @@ class Option:
         """The argparse attribute."""
         return self.flag.removeprefix("--").replace("-", "_")
 
+    @property
+    def key(self) -> str:
+        """The option's key in a `--config` file: the flag without its dashes ('max-duration')."""
+        return self.flag.removeprefix("--")
+
     def value(self, config: EmbedConfig) -> Any:
         """This option's value in `config`."""
         value: Any = config
@@ -175,20 +181,55 @@ class Option:
         return self.value(EmbedConfig(catalog="", out=""))
 
     def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-        """Add the flag, its default shown in `--help` (the field's default, translated back for the CLI)."""
-        shown = self.default()
-        options: dict[str, Any] = {"help": self.help}
+        """Add the flag, its default shown in `--help` (the field's default, translated back for the CLI).
+
+        A flag left out leaves no attribute (argparse.SUPPRESS), so that `config_from_args` can tell it from a flag
+        given with the default's value: the `--config` file fills only the options left out.
+        """
+        shown = _cli_form(self.default())
+        described = f"{self.help} (default: {shown})" if shown not in (None, False, "") else self.help
+        if self.required:
+            described += " (required: here or in --config)"
+        options: dict[str, Any] = {"help": described, "default": argparse.SUPPRESS}
         if self.kind == "switch":
             options |= {"action": "store_true"}
         elif self.kind == "toggle":
-            options |= {"action": argparse.BooleanOptionalAction, "default": shown}
+            options |= {"action": argparse.BooleanOptionalAction}
         elif self.kind == "repeat":
-            options |= {"action": "append", "default": [], "metavar": self.metavar}
+            options |= {"action": "append", "metavar": self.metavar}
         else:
-            kind = self.type or (type(shown) if shown is not None and not isinstance(shown, tuple) else str)
-            options |= {"type": kind, "default": _cli_form(shown), "required": self.required}
+            options |= {"type": self.value_type()}
             options |= {k: v for k, v in (("choices", self.choices), ("metavar", self.metavar)) if v}
         parser.add_argument(self.flag, **options)
+
+    def value_type(self) -> type:
+        """The type of the flag's argument (options that take one)."""
+        default = self.default()
+        return self.type or (type(default) if default is not None and not isinstance(default, tuple) else str)
+
+    def from_file(self, value: Any, path: str) -> Any:
+        """A `--config` file's value for this option, as the flag would have parsed it.
+
+        Raises:
+            ConfigError: the value is not of the type (or among the choices) the flag takes.
+        """
+        if self.kind in ("switch", "toggle"):
+            expected, ok = "true or false", isinstance(value, bool)
+        elif self.kind == "repeat":
+            expected = "a list of strings"
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            kind = self.value_type()
+            expected = {int: "an integer", float: "a number"}.get(kind, "a string")
+            accepted = (int, float) if kind is float else kind
+            ok = isinstance(value, accepted) and not isinstance(value, bool)
+            if ok and self.choices and value not in self.choices:
+                expected, ok = f"one of {', '.join(self.choices)}", False
+            value = kind(value) if ok else value
+        if not ok:
+            msg = f"--config {path}: {self.key} = {value!r} must be {expected}, as {self.flag} takes"
+            raise ConfigError(msg)
+        return value
 
 
 def _cli_form(value: Any) -> Any:
@@ -324,7 +365,13 @@ OPTIONS: tuple[Option, ...] = (
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every option of `OPTIONS` to the `embed` or `plan` parser, engine options in their own sections."""
+    """Add every option of `OPTIONS` to the `embed` or `plan` parser, engine options in their own sections, and
+    `--config`."""
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="TOML file of these options, keyed by their flags' names (max-duration = 600, windows = true, "
+             "allow-prefix = [\"s3://b/\"]); a flag given too overrides the file's value",
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for option in OPTIONS:
         target = parser
@@ -334,12 +381,53 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EmbedConfig:
-    """Build the config from a namespace `add_run_arguments` parsed (no other logic: checks are `validate`'s)."""
-    config = EmbedConfig(catalog=args.catalog, out=args.out)
+    """Build the config from a namespace `add_run_arguments` parsed: each option from its flag, else from the
+    `--config` file, else its default (no other logic: checks are `validate`'s).
+
+    Raises:
+        ConfigError: the file is unreadable or not TOML, holds a key that is no option or a value of the wrong
+            type, or a required option is in neither.
+    """
+    from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    config = EmbedConfig(catalog="", out="")
     for option in OPTIONS:
-        value = getattr(args, option.dest)
+        if hasattr(args, option.dest):
+            value = getattr(args, option.dest)
+        elif option.key in from_file:
+            value = from_file[option.key]
+        elif option.required:
+            msg = f"{option.flag} is required: pass it, or set {option.key} in the --config file"
+            raise ConfigError(msg)
+        else:
+            continue
         config = _replaced(config, option.path.split("."), option.parse(value) if option.parse else value)
     return config
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The options a `--config` TOML file sets, by key, each as its flag would have parsed it.
+
+    Raises:
+        ConfigError: unreadable, not TOML, an unknown key (the message lists the valid ones) or a wrong type.
+    """
+    try:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except OSError as exc:
+        msg = f"--config {path} cannot be read ({exc.strerror or exc}): pass a readable TOML file"
+        raise ConfigError(msg) from exc
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"--config {path} is not valid TOML ({exc}): fix the file"
+        raise ConfigError(msg) from exc
+    options = {option.key: option for option in OPTIONS}
+    unknown = sorted(set(table) - set(options))
+    if unknown:
+        msg = (
+            f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"valid keys (the flags' names): {', '.join(options)}"
+        )
+        raise ConfigError(msg)
+    return {key: options[key].from_file(value, path) for key, value in table.items()}
 
 
 def _replaced(config: Any, path: list[str], value: Any) -> Any:

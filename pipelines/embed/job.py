@@ -20,6 +20,7 @@ import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from catalog_embed.pipelines import logs
 from catalog_embed.pipelines.embed.config import EmbedConfig, add_run_arguments, config_from_args
 from catalog_embed.pipelines.embed.plan import Plan, Request, plan_run, read_state, run_limits
 from catalog_embed.pipelines.io.catalog import catalog_fingerprints, read_catalog
@@ -27,10 +28,10 @@ from catalog_embed.pipelines.io.lease import RunLease, read_lease
 from catalog_embed.pipelines.io.store import RUN_META, TableStore, run_id_problem
 from catalog_embed.pipelines.output import console as output_console
 from catalog_embed.pipelines.output import print_json
-from catalog_embed.pipelines.runners import EmbedJob, RunStats, get_runner, write_shard
+from catalog_embed.pipelines.runners import EmbedJob, Runner, RunStats, get_runner, write_shard
 from catalog_embed.schemas.errors import ConfigError, RunAbortedError, RunLostError
 from catalog_embed.schemas.records import TrackFailure
-from catalog_embed.schemas.tables import EMBEDDINGS, RUNS
+from catalog_embed.schemas.tables import EMBEDDINGS, RUNS, TABLES
 from catalog_embed.workers.encoders.base import Licence, resolve_device
 from catalog_embed.workers.rows import RowContext
 from catalog_embed.workers.shard import ShardOutput
@@ -42,7 +43,18 @@ _LAUNCHED_LEASE_S = 48 * 3600.0
 
 @dataclass(frozen=True)
 class RunSummary:
-    """What a finished run did."""
+    """What a finished run did.
+
+    Attributes:
+        run_id: the run.
+        status: 'succeeded', or 'launched' when the run goes on in a Dataflow job that commits it.
+        plan: what the run planned.
+        stats: the runner's counts and stage times.
+        wall_seconds: from the start of `run_embed` to the end of the commit.
+        out: the output root holding the tables.
+        model: the encoder's name.
+        model_version: the encoder's version (the sha256 of its weights).
+    """
 
     run_id: str
     status: str
@@ -50,6 +62,8 @@ class RunSummary:
     stats: RunStats
     wall_seconds: float
     out: str
+    model: str
+    model_version: str
 
     @property
     def throughput(self) -> float:
@@ -141,7 +155,8 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
     run_id = _claimable_run(store, config.run_id, prepared.meta()) or f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
     lease = RunLease(store, run_id).acquire()
     try:
-        return _run_claimed(config, prepared, runner, run_id, lease, started, clock, console)
+        with logs.bound_run_id(run_id):
+            return _run_claimed(config, prepared, runner, run_id, lease, started, clock, console)
     finally:
         lease.release()
 
@@ -181,7 +196,7 @@ def _resumable(store: TableStore, run_id: str, meta: dict[str, object]) -> str |
 def _run_claimed(
     config: EmbedConfig,
     prepared: PreparedRun,
-    runner: object,
+    runner: Runner,
     run_id: str,
     lease: RunLease,
     started: datetime,
@@ -249,7 +264,9 @@ def _run_claimed(
         lease.release()  # no heartbeat may recreate the staging folder that the commit removes
         commit.succeed(stats)
         stats.add_time("commit", time.perf_counter() - commit_start)
-    summary = RunSummary(run_id, status, plan, stats, time.perf_counter() - clock, config.out)
+    summary = RunSummary(
+        run_id, status, plan, stats, time.perf_counter() - clock, config.out, prepared.model, prepared.model_version
+    )
     print_summary(summary, console)
     return summary
 
@@ -379,6 +396,30 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     console.print(f"tables: {summary.out}/{EMBEDDINGS.name} (and failures, runs)")
 
 
+def summary_document(summary: RunSummary) -> dict[str, object]:
+    """The run as `embed --json` prints it, for schedulers to keep: its id and status, the model, the counts of
+    the `runs` row (`failed` counts every failures row, the URI policy's refusals included), throughput, and the
+    tables' URIs."""
+    stats, plan = summary.stats, summary.plan
+    return {
+        "run_id": summary.run_id,
+        "status": summary.status,
+        "model": summary.model,
+        "model_version": summary.model_version,
+        "counts": {
+            "embedded": stats.n_embedded,
+            "failed": stats.n_failed,
+            "skipped": plan.n_skipped,
+            "refused": len(plan.refused),
+            "deleted": len(plan.gone) if summary.status == "succeeded" else 0,
+        },
+        "audio_hours": stats.audio_seconds / 3600,
+        "x_real_time": summary.throughput,
+        "wall_seconds": summary.wall_seconds,
+        "tables": {name: f"{summary.out}/{name}" for name in TABLES},
+    }
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `embed` and `plan` subcommands (they take the same options)."""
     embed = subparsers.add_parser(
@@ -387,6 +428,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Embed every new or changed track of a catalog and commit the rows to Delta tables under --out.",
     )
     add_run_arguments(embed)
+    embed.add_argument(
+        "--json", action="store_true",
+        help="print the finished run as one JSON object on stdout (run id, status, counts, tables); "
+             "the summary for people still goes to stderr",
+    )
     embed.set_defaults(handler=_handle)
     plan = subparsers.add_parser(
         "plan",
@@ -399,7 +445,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    run_embed(config_from_args(args))
+    summary = run_embed(config_from_args(args), logs.console(__name__))
+    if args.json:
+        print_json(summary_document(summary))
     return 0
 
 

@@ -5,21 +5,28 @@ shard's work items with `DecodeStage` in supervised processes, hands the decoded
 (`catalog_embed.workers.shard.ShardEmbedder`: batching, failure routing and counting live there), writes the core's rows with
 `write_shard` and merges the shards' stats. The job then commits once on the driver. A new engine is a module here
 with a class exposing `run(job, progress) -> RunStats`, plus a line in `options.RUNNER_CLASSES`; engine imports
-(apache_beam, ray) stay in that module.
+(apache_beam, ray) stay in that module. `Runner` states that protocol.
 
 A runner whose driver may exit before its job ends (Beam: a Dataflow Flex Template launcher only builds the
 graph) commits from its graph's last step through `job.commit` and says so in `RunStats.status`.
+
+Runners whose shards run out of the driver's sight (Beam, Ray) report progress with `ShardWatcher`, which watches
+the run's staging for finished shards: it works the same on any engine and any store.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import posixpath
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.pipelines.runners.options import RUNNER_CLASSES
@@ -36,6 +43,9 @@ if TYPE_CHECKING:  # the config imports the engines' options from this package: 
 
 # Below this many finished tracks the failure ratio is too noisy to abort a run on.
 _MIN_TRACKS_FOR_ABORT = 20
+# Seconds between two looks of `ShardWatcher` at the staging: one listing of a folder, cheap on object stores too.
+_WATCH_INTERVAL_S = 2.0
+_LOG = logging.getLogger(__name__)
 
 Progress = Callable[[int, float], None]  # (tracks finished since last call, audio seconds)
 
@@ -160,7 +170,101 @@ def write_shard(job: EmbedJob, store: TableStore, shard: ShardOutput) -> float:
     return time.perf_counter() - start
 
 
-def get_runner(name: str, **options: object) -> object:
+class Runner(Protocol):
+    """What every engine's runner offers the embed job."""
+
+    def run(self, job: EmbedJob, progress: Progress | None = None) -> RunStats:
+        """Embed and stage every shard of `job`, calling `progress(tracks, audio_seconds)` as shards finish.
+
+        Returns:
+            The merged stats of the shards; `status` set when the runner committed (or launched) the run itself.
+
+        Raises:
+            RunAbortedError: too many tracks failed.
+        """
+        ...
+
+
+class ShardWatcher:
+    """Reports a job's shards to `progress` while an engine runs them out of the driver's sight (Beam's workers,
+    Dataflow, a Ray cluster), per shard as each finishes rather than once at the end.
+
+    A thread on the driver lists the run's staged embeddings parts every few seconds: `write_shard` writes that
+    part last, so each one of this job's shards that appears is a finished shard (its tracks, and the audio its
+    rows hold). Use it as a context manager around the engine's run, then call `finish` with the run's stats.
+
+    Args:
+        job: the running job.
+        progress: the callback; None reports nothing.
+        interval_s: seconds between two looks at the staging.
+    """
+
+    def __init__(self, job: EmbedJob, progress: Progress | None, interval_s: float = _WATCH_INTERVAL_S) -> None:
+        self._store = job.store()
+        self._run_id = job.run_id
+        self._progress = progress
+        self._interval_s = interval_s
+        self._pending = {f"part-{name}.parquet": len(items) for name, items in job.shards()}
+        self._total = len(job.items)
+        self._tracks = 0
+        self._audio_s = 0.0
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="shard-watcher", daemon=True)
+
+    def __enter__(self) -> ShardWatcher:
+        if self._progress is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def poll(self) -> None:
+        """Report the shards staged since the last look."""
+        try:
+            parts = self._store.staged_parts(self._run_id, EMBEDDINGS)
+            finished = {name: path for path in parts if (name := posixpath.basename(path)) in self._pending}
+            audio_s = {name: self._audio_seconds(path) for name, path in finished.items()}
+        except OSError as exc:  # progress is no reason to fail a run: look again next time
+            _LOG.debug("run %s: could not read the staged shards (%s)", self._run_id, exc)
+            return
+        for name, seconds in audio_s.items():
+            self._report(self._pending.pop(name), seconds)
+
+    def finish(self, audio_seconds: float) -> None:
+        """Report what the looks did not catch once the engine has returned, or raise what `progress` raised
+        meanwhile (a lost lease: `RunLostError`).
+
+        Args:
+            audio_seconds: the whole run's audio seconds.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._progress is not None and self._tracks < self._total:
+            self._progress(self._total - self._tracks, max(audio_seconds - self._audio_s, 0.0))
+
+    def _audio_seconds(self, path: str) -> float:
+        """The audio a staged embeddings part holds."""
+        return float(pq.read_table(path, columns=["duration_s"], filesystem=self._store.fs)["duration_s"].sum().as_py() or 0)
+
+    def _report(self, n_tracks: int, audio_s: float) -> None:
+        self._tracks += n_tracks
+        self._audio_s += audio_s
+        self._progress(n_tracks, audio_s)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.poll()
+            except Exception as exc:  # noqa: BLE001 (handed to the driver's thread by `finish`)
+                self._error = exc
+                return
+
+
+def get_runner(name: str, **options: object) -> Runner:
     """Construct the runner registered as `name`.
 
     Raises:

@@ -17,7 +17,8 @@ An encoder that raises costs the tracks that make it raise (the shard core's dea
 
 The commit is the graph's last step because a Dataflow Flex Template launcher only builds the graph and exits:
 nothing after `run()` would ever commit. Where the driver does wait (DirectRunner, Prism, Dataflow launched
-from this CLI), it reports the counts of the `runs` row the job committed, and stage times from Beam metrics in
+from this CLI), it reports progress per shard as the shards' parts are staged (`ShardWatcher`), then the counts
+of the `runs` row the job committed, and stage times from Beam metrics in
 the namespace `catalog-embed`: distributions `load_model_ms`, `decode_ms`, `encode_ms`, `write_ms`, next to counters
 `tracks_embedded`, `tracks_failed` and `audio_milliseconds` for monitoring. Counts are not taken from metrics: a
 runner that repeats a failed bundle may count that bundle's increments twice (Beam's bundle-based DirectRunner
@@ -43,7 +44,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.prism_runner import PrismJobServer
 
 from catalog_embed.pipelines.io.store import STAGING
-from catalog_embed.pipelines.runners import EmbedJob, Progress, RunStats, write_shard
+from catalog_embed.pipelines.runners import EmbedJob, Progress, RunStats, ShardWatcher, write_shard
 from catalog_embed.pipelines.runners.options import BeamOptions
 from catalog_embed.schemas.errors import ConfigError, TableError
 from catalog_embed.schemas.records import WorkItem
@@ -106,13 +107,15 @@ class BeamRunner:
         shards_uri = _stage_shards(job)
         pipeline = beam.Pipeline(options=self.pipeline_options(job))
         build_pipeline(pipeline, job, shards_uri, self.encoder_accelerator())
-        result = pipeline.run()
-        # A Flex Template launcher gets a result without a job (it only built the graph); a detached submission
-        # does not wait. Either way the job commits the run from its last step.
-        if self.options.detach or not getattr(result, "has_job", True):
-            _LOG.warning("run %s launched: the Dataflow job commits it from its last step", job.run_id)
-            return RunStats(status="launched")
-        result.wait_until_finish()
+        # The DirectRunner runs the whole pipeline inside run(): the watcher reports its shards meanwhile.
+        with ShardWatcher(job, progress) as watcher:
+            result = pipeline.run()
+            # A Flex Template launcher gets a result without a job (it only built the graph); a detached submission
+            # does not wait. Either way the job commits the run from its last step.
+            if self.options.detach or not getattr(result, "has_job", True):
+                _LOG.warning("run %s launched: the Dataflow job commits it from its last step", job.run_id)
+                return RunStats(status="launched")
+            result.wait_until_finish()
         stats = _stage_times(result)
         committed = _committed_run(job)
         if committed["status"] == "aborted":
@@ -124,8 +127,7 @@ class BeamRunner:
         stats.audio_seconds = committed["audio_seconds"]
         if stats.n_failed:
             stats.first_errors = _first_errors(job)
-        if progress:
-            progress(len(job.items), stats.audio_seconds)
+        watcher.finish(stats.audio_seconds)
         return stats
 
 

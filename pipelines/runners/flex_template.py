@@ -24,7 +24,7 @@ def parse_launcher_args(argv: list[str]) -> argparse.Namespace:
     hyphenated = [_hyphenated(arg) for arg in argv]
     original = dict(zip(hyphenated, argv, strict=True))
     args, unknown = parser.parse_known_args(["embed", *hyphenated])
-    args.beam_option = [*args.beam_option, *(original[arg] for arg in unknown)]
+    args.beam_option = [*getattr(args, "beam_option", []), *(original[arg] for arg in unknown)]
     return args
 
 

@@ -15,7 +15,7 @@ CPU tasks decode the next ones. On a cluster the `--workers` decode tasks run on
 node. A shard's decoded windows travel as one row, so `--shard-size` sets the unit of memory in flight, and the
 object-store budget (`--object-store-mb`, else Ray Data's default share) bounds the shards in flight: decoders
 that outrun the encoders wait. The sink's `on_write_complete` runs on the driver and gathers the shards' stats;
-`run_embed` then commits the run there.
+`run_embed` then commits the run there. Progress is reported per shard as its parts are staged (`ShardWatcher`).
 
 `--address` reaches an existing cluster; under `ray job submit` the entrypoint runs on the cluster with
 RAY_ADDRESS set, so the same command line works with or without `--address auto`. Without either, a local Ray
@@ -39,7 +39,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
 
-from catalog_embed.pipelines.runners import EmbedJob, Progress, RunStats, write_shard
+from catalog_embed.pipelines.runners import EmbedJob, Progress, RunStats, ShardWatcher, write_shard
 from catalog_embed.pipelines.runners.options import RayOptions
 from catalog_embed.schemas.errors import ConfigError
 from catalog_embed.workers.audio import DecodeConfig
@@ -89,12 +89,12 @@ class RayRunner:
                 # "local": a new instance even when `ray start` left a cluster on this machine for ray.init to join.
                 ray.init(address="local", num_cpus=job.workers + self.options.embed_actors, include_dashboard=False)
         try:
-            stats = self._run(job)
+            with ShardWatcher(job, progress) as watcher:
+                stats = self._run(job)
         finally:
             if started_here:
                 ray.shutdown()
-        if progress:
-            progress(len(job.items), stats.audio_seconds)
+        watcher.finish(stats.audio_seconds)
         stats.check_failure_ratio(job.max_failure_ratio)
         return stats
 
