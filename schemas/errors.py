@@ -11,7 +11,6 @@ of sysexits.h: `RetryableError`).
 
 from __future__ import annotations
 
-
 # sysexits.h: a temporary failure; the user is invited to retry.
 EX_TEMPFAIL = 75
 

@@ -29,6 +29,7 @@ from catalog_embed.pipelines.io.store import RUN_META, TableStore, run_id_proble
 from catalog_embed.pipelines.output import console as output_console
 from catalog_embed.pipelines.output import print_json
 from catalog_embed.pipelines.runners import EmbedJob, Runner, RunStats, get_runner, write_shard
+from catalog_embed.pipelines.runners import Progress as ShardProgress
 from catalog_embed.schemas.errors import ConfigError, RunAbortedError, RunLostError
 from catalog_embed.schemas.records import TrackFailure
 from catalog_embed.schemas.tables import EMBEDDINGS, RUNS, TABLES
@@ -133,12 +134,17 @@ def prepare_run(config: EmbedConfig, create_tables: bool = True) -> PreparedRun:
     return PreparedRun(config, encoder.name, encoder.version, encoder.licence, layers, feature_hash, plan, store)
 
 
-def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary:
+def run_embed(config: EmbedConfig, console: Console | None = None, progress: ShardProgress | None = None) -> RunSummary:
     """Run one embed job end to end; see the module docstring.
 
     An interrupted run (its process dead: killed driver, lost machine, Ctrl-C) that planned the same work is
     resumed: the tracks it already staged are not embedded again, and its parts are committed with the new ones.
     The run holds a lease on its staging while it runs (`catalog_embed.pipelines.io.lease`), so no other run adopts or vacuums it.
+
+    Args:
+        config: the run (`EmbedConfig`: the same options as the command line's flags).
+        console: where the messages for people go (default: stderr; `Console(quiet=True)` for none).
+        progress: called with (tracks finished, their audio seconds) as shards finish, on every runner.
 
     Raises:
         ConfigError, EncoderError, ManifestError, TableError: before any work.
@@ -156,7 +162,7 @@ def run_embed(config: EmbedConfig, console: Console | None = None) -> RunSummary
     lease = RunLease(store, run_id).acquire()
     try:
         with logs.bound_run_id(run_id):
-            return _run_claimed(config, prepared, runner, run_id, lease, started, clock, console)
+            return _run_claimed(config, prepared, runner, run_id, lease, started, clock, console, progress)
     finally:
         lease.release()
 
@@ -202,6 +208,7 @@ def _run_claimed(
     started: datetime,
     clock: float,
     console: Console,
+    on_progress: ShardProgress | None,
 ) -> RunSummary:
     """Run `run_id`, whose lease this process holds; see `run_embed`."""
     plan, store = prepared.plan, prepared.store
@@ -248,9 +255,11 @@ def _run_claimed(
             with _progress_bar(console) as bar:
                 task = bar.add_task("embedding", total=len(items))
 
-                def progress(n: int, _audio: float) -> None:
+                def progress(n: int, audio_s: float) -> None:
                     lease.check()  # stop as soon as the heartbeat finds the run taken over, not at the commit
                     bar.advance(task, n)
+                    if on_progress:
+                        on_progress(n, audio_s)
 
                 stats.merge(runner.run(job, progress))
         except RunAbortedError:

@@ -23,9 +23,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, Self
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from catalog_embed.pipelines.io.store import TableStore
@@ -212,7 +213,7 @@ class ShardWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="shard-watcher", daemon=True)
 
-    def __enter__(self) -> ShardWatcher:
+    def __enter__(self) -> Self:
         if self._progress is not None:
             self._thread.start()
         return self
@@ -248,7 +249,8 @@ class ShardWatcher:
 
     def _audio_seconds(self, path: str) -> float:
         """The audio a staged embeddings part holds."""
-        return float(pq.read_table(path, columns=["duration_s"], filesystem=self._store.fs)["duration_s"].sum().as_py() or 0)
+        durations = pq.read_table(path, columns=["duration_s"], filesystem=self._store.fs)["duration_s"]
+        return pc.sum(durations).as_py() or 0.0
 
     def _report(self, n_tracks: int, audio_s: float) -> None:
         self._tracks += n_tracks
