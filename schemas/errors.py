@@ -102,11 +102,6 @@ class RunLostError(RetryableError):
     """A run lost its staging while it ran (taken over by another run, or removed): it commits nothing."""
 
 
-class EngineError(RetryableError):
-    """The engine lost a part of the run (a crashed worker or actor, a lost node) and gave up on it; the shards
-    already written stay staged for the next run."""
-
-
 class LabelsError(CatalogEmbedError):
     """A labels table is unreadable or does not fit the probe task (columns, types, ids, splits)."""
 
