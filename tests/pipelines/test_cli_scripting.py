@@ -56,7 +56,7 @@ def nightly(small_catalog, tmp_path_factory) -> Nightly:
     ]))
     command = [sys.executable, "-m", "catalog_embed.pipelines.cli", "--log-format", "json",
                "embed", "--config", config, "--shard-size", "5", "--json"]
-    done = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, capture_output=True,
+    done = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, capture_output=True, check=False,
                           text=True, timeout=600)
     return Nightly(done.returncode, done.stdout, done.stderr, out)
 
@@ -169,3 +169,9 @@ def test_catalog_and_out_may_come_from_the_config_but_must_come_from_somewhere(t
     code, _, err = run_cli(capsys, "plan", "--config", config)
     assert code == 2
     assert "--catalog is required: pass it, or set catalog in the --config file" in err
+
+
+def test_a_missing_config_file_is_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "plan", "--config", str(tmp_path / "absent.toml"))
+    assert code == 2
+    assert err.count("\n") == 1 and "absent.toml cannot be read (No such file or directory)" in err
