@@ -25,7 +25,8 @@ def test_the_readme_python_api_example_runs(small_catalog, small_labels, tmp_pat
     out = tmp_path / "tables"
     done = subprocess.run(
         [sys.executable, str(script), str(small_catalog.manifest_path), str(out)],
-        env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     good, bad = expected_tracks(small_labels)

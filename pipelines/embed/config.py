@@ -3,7 +3,8 @@
 `EmbedConfig` (nested frozen dataclasses: `EncoderConfig`, `DecodeConfig`, `UriPolicy`, the engine options) holds
 every option's type and default. `OPTIONS` adds, per option, its flag, its help and the rule its value must meet.
 From these two derive: the `embed` and `plan` command lines (`add_run_arguments`, `config_from_args`), their
-`--config` file (TOML, one key per option, read through the same declarations), the checks (`EmbedConfig.validate`), the Dataflow Flex Template's parameters (the launcher parses them with the same parser;
+`--config` file (TOML, one key per option, read through the same declarations), the checks
+(`EmbedConfig.validate`), the Dataflow Flex Template's parameters (the launcher parses them with the same parser;
 `tests/infra` checks `infra/dataflow/metadata.json` against `OPTIONS`) and the `runs` row (the config, as JSON).
 A new option is a field with its default plus one `Option` line.
 """

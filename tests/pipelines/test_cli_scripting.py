@@ -56,8 +56,8 @@ def nightly(small_catalog, tmp_path_factory) -> Nightly:
     ]))
     command = [sys.executable, "-m", "catalog_embed.pipelines.cli", "--log-format", "json",
                "embed", "--config", config, "--shard-size", "5", "--json"]
-    done = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, capture_output=True, check=False,
-                          text=True, timeout=600)
+    done = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, capture_output=True,
+                          check=False, text=True, timeout=600)
     return Nightly(done.returncode, done.stdout, done.stderr, out)
 
 
