@@ -82,6 +82,27 @@ def test_torch_front_end_matches_the_feature_extractor_on_real_audio(checkpoints
     assert torch.allclose(ours, reference.float(), rtol=0, atol=1e-5), (ours - reference).abs().max()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_front_end_and_encoder_on_the_gpu_match_the_cpu(checkpoints, catalog, family) -> None:
+    """On a GPU the front end runs on the device (`--front-end-on encoder`): its features stay within 1e-5 of the
+    extractor's, and the embeddings within 1e-4 of the CPU's."""
+    cpu, gpu = _encoder(checkpoints, family), _encoder(checkpoints, family)
+    cpu.load("cpu")
+    gpu.load("cuda")
+    front_end = cpu.front_end()
+    samples = torch.from_numpy(_track(catalog, front_end.sample_rate))
+    with torch.inference_mode():
+        on_cpu = front_end(samples)
+        on_gpu = gpu.front_end().to("cuda")(samples.to("cuda"))
+    assert torch.allclose(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-5)
+    names = tuple(spec.name for spec in cpu.layers)
+    ours, theirs = gpu.embed(on_gpu, names), cpu.embed(on_cpu, names)
+    for name in names:
+        assert torch.allclose(ours[name].cpu(), theirs[name], rtol=0, atol=1e-4), name
+
+
 def _reference_states(family: str, folder: str, inputs: dict[str, torch.Tensor]):
     """`transformers`' own forward pass: the hidden states and the pooled output (None where there is none)."""
     if family == "clap":
