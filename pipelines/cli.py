@@ -51,6 +51,9 @@ EXTRAS = {
     "onnxruntime": "onnx",
     "pretty_midi": "demo",
     "tinysoundfont": "demo",
+    "transformers": "hf",
+    "huggingface_hub": "hf",
+    "yaml": "hf",
 }
 
 # Subcommand -> the option naming the local folder it writes into, checked before any work.

@@ -1,11 +1,17 @@
 """`catalog-embed models`: the encoders this install can run, with their outputs, versions and licences.
 
-Bring-your-own encoders are listed by naming their configs: `catalog-embed models my-encoder.json`.
+Bring-your-own encoders are listed by naming their configs: `catalog-embed models my-encoder.json`, and
+`transformers` checkpoints by theirs: `catalog-embed models hf:<repo-id or folder>`.
+
+The table holds short columns only (name, layers, version, licence); what a model is and what it still needs (its
+weights, say) are notes under the table, wrapped, so that piped output stays readable line by line.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import textwrap
 from typing import Any
 
 from rich.table import Table
@@ -26,13 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "models",
         nargs="*",
         metavar="MODEL",
-        help="registered names or bring-your-own encoder configs (*.json) to list instead of every registered one",
+        help="registered names, bring-your-own encoder configs (*.json) or hf: checkpoints to list instead of every "
+        "registered one",
     )
     parser.add_argument(
         "--json",
         action="store_true",
         help="print a JSON array: name, layers (name, dim, default), version (null when weights are missing), "
-        "needs (why), licence, description",
+        "needs (what is missing, the note under the table), licence, description",
     )
     parser.set_defaults(handler=_handle)
 
@@ -58,19 +65,59 @@ def describe(name: str) -> dict[str, Any]:
     }
 
 
+NOTE_WIDTH = 120
+"""Characters per line of the notes under the table."""
+_NUMBERED = re.compile(r"(.*?)(\d+)")
+
+
+def layers_text(layers: list[dict[str, Any]]) -> str:
+    """Layers as `name (dim)`, the default starred; a run of numbered layers of one width as `hidden_0..24 (1024)`
+    (a 24-layer checkpoint would otherwise fill a line)."""
+    groups: list[list[dict[str, Any]]] = []
+    for layer in layers:
+        last = groups[-1][-1] if groups else None
+        if last is not None and _follows(last, layer) and not (last["default"] or layer["default"]):
+            groups[-1].append(layer)
+        else:
+            groups.append([layer])
+    parts = []
+    for group in groups:
+        first, end = group[0], group[-1]
+        name = first["name"] if len(group) == 1 else f"{first['name']}..{_NUMBERED.fullmatch(end['name'])[2]}"
+        parts.append(f"{'*' if first['default'] else ''}{name} ({first['dim']})")
+    return ", ".join(parts)
+
+
+def _follows(previous: dict[str, Any], layer: dict[str, Any]) -> bool:
+    """Whether `layer` is `previous`'s successor: same stem, next number, same width."""
+    a, b = _NUMBERED.fullmatch(previous["name"]), _NUMBERED.fullmatch(layer["name"])
+    return bool(a and b and a[1] == b[1] and int(b[2]) == int(a[2]) + 1 and previous["dim"] == layer["dim"])
+
+
+def notes(models: list[dict[str, Any]]) -> list[str]:
+    """The lines under the table: each model's description and what it needs, wrapped to `NOTE_WIDTH`."""
+    lines = []
+    for model in models:
+        for text in (model["description"], model["needs"]):
+            if text:
+                lines += textwrap.wrap(f"{model['name']}: {text}", NOTE_WIDTH, subsequent_indent="    ")
+    return lines
+
+
 def _handle(args: argparse.Namespace) -> int:
     models = [describe(name) for name in args.models or encoder_names()]
     if args.json:
         print_json(models)
         return 0
     table = Table(title="encoders")
-    for column in ("model", "layers (dim)", "version", "licence", "description"):
+    for column in ("model", "layers (dim)", "version", "licence"):
         table.add_column(column)
     for model in models:
-        layers = ", ".join(f"{'*' if s['default'] else ''}{s['name']} ({s['dim']})" for s in model["layers"])
         licence = f"code {model['licence']['code']}, weights {model['licence']['weights']}"
-        table.add_row(model["name"], layers, model["version"] or model["needs"], licence, model["description"])
+        table.add_row(model["name"], layers_text(model["layers"]), model["version"] or "needs weights: see below", licence)
     out = console(markup=False)
     out.print(table)
     out.print("* default layer. Pick others with --layer a,b")
+    for line in notes(models):
+        out.print(line)
     return 0

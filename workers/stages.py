@@ -106,6 +106,9 @@ class EncoderConfig:
             encoder's when it is a GPU).
         compile: run the network through `torch.compile` in batches of one fixed shape (see `Encoder.compile`);
             None: where it applies, on a GPU (see `compiles`).
+        trust_remote_code: `hf:` models only: let `transformers` run Python code the checkpoint ships (its own
+            model classes). Off unless asked for; recorded with the run's config.
+        window_s: `hf:` models whose network takes any length (wav2vec2-style): seconds per window (None: 10 s).
     """
 
     model: str = "musicnn-msd"
@@ -117,6 +120,8 @@ class EncoderConfig:
     precision: str = "fp32"
     front_end_on: str = "auto"
     compile: bool | None = None
+    trust_remote_code: bool = False
+    window_s: float | None = None
 
     def build(self) -> Encoder:
         """Construct the encoder (no weights loaded), after checking the options that need no encoder.
@@ -130,7 +135,16 @@ class EncoderConfig:
             msg = f"--front-end-on {self.front_end_on!r} is unknown; choose one of: {', '.join(FRONT_END_PLACEMENTS)}"
             raise ConfigError(msg)
         resolve_precision(self.precision, self.device)
-        options = {k: v for k, v in (("weights", self.weights), ("weights_sha256", self.weights_sha256)) if v}
+        options = {
+            k: v
+            for k, v in (
+                ("weights", self.weights),
+                ("weights_sha256", self.weights_sha256),
+                ("trust_remote_code", self.trust_remote_code),
+                ("window_s", self.window_s),
+            )
+            if v
+        }
         encoder = get_encoder(self.model, **options)
         if self.compile and not encoder.compilable:
             msg = f"--compile: encoder {encoder.name!r} has no PyTorch network to compile; run it without --compile"

@@ -279,6 +279,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("encoder.weights", "--weights", "weights file or folder, for encoders that need them"),
     Option("encoder.weights_sha256", "--weights-sha256", "refuse weights whose sha256 differs"),
     Option(
+        "encoder.trust_remote_code", "--trust-remote-code",
+        "hf: models: run Python code shipped with the checkpoint (its own model classes); read it first",
+        kind="switch",
+    ),
+    Option(
+        "encoder.window_s", "--window-s", "hf: wav2vec2-style models: seconds per window (unset: 10)",
+        rule=_POSITIVE, valid=lambda v: v > 0, type=float,
+    ),
+    Option(
         "runner", "--runner", f"engine: {', '.join(RUNNER_CLASSES)}", rule=f"be one of {', '.join(RUNNER_CLASSES)}",
         valid=RUNNER_CLASSES.__contains__,
     ),
