@@ -32,7 +32,6 @@ import pytest
 import torch
 from deltalake import DeltaTable
 
-from catalog_embed.pipelines.cli import main
 from catalog_embed.schemas.errors import EncoderError, WeightsError
 from catalog_embed.schemas.records import WorkItem
 from catalog_embed.workers.encoders import get_encoder

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import posixpath
 import re
 import tempfile
 import zipfile
@@ -30,12 +29,11 @@ import fsspec
 import safetensors
 import safetensors.torch
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
 from catalog_embed.schemas.errors import EncoderError, WeightsError
 from catalog_embed.workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
-from catalog_embed.workers.encoders.weights import cache_dir, offline, state_dict_sha256, verify_sha256
+from catalog_embed.workers.encoders.weights import cache_dir, local_copy, state_dict_sha256, verify_sha256
 
 ENCODER = "clmr-samplecnn"
 
@@ -197,7 +195,7 @@ def import_checkpoint(uri: str, weights_sha256: str | None = None) -> ImportedWe
             msg = f"weights not found: {uri} (pass the .ckpt file of a CLMR release)"
             raise WeightsError(msg)
         with tempfile.TemporaryDirectory(prefix=".staging-", dir=root) as staging:
-            local = _local_copy(fs, path, Path(staging))
+            local = local_copy(fs, path, Path(staging))
             source_sha = verify_sha256(local, pin)
             entry = root / f"{source_sha}.safetensors"
             if entry.is_file():
@@ -211,21 +209,6 @@ def import_checkpoint(uri: str, weights_sha256: str | None = None) -> ImportedWe
         msg = f"cannot read weights {uri}: {exc}"
         raise WeightsError(msg) from exc
     return ImportedWeights(entry, digest)
-
-
-def _local_copy(fs: fsspec.AbstractFileSystem, path: str, staging: Path) -> Path:
-    """A local path of the file: itself when local, else a download into `staging` (refused when offline)."""
-    if isinstance(fs, LocalFileSystem):
-        return Path(path)
-    if offline():
-        msg = (
-            f"{fs.unstrip_protocol(path)} is not cached and CATALOG_EMBED_OFFLINE is set: run once online, or "
-            "pass a local copy with --weights"
-        )
-        raise WeightsError(msg)
-    target = staging / posixpath.basename(path)
-    fs.get_file(path, str(target))
-    return target
 
 
 def _load_checkpoint(path: Path, source: str) -> object:
