@@ -20,6 +20,7 @@ cosine distance, more than bf16 does.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,15 @@ from catalog_embed.schemas.errors import AudioDecodeError, AudioTooLongError, Au
 
 # soxr's HQ recipe, librosa's default ("soxr_hq") and so the musicnn reference's.
 _SOXR_QUALITY = "HQ"
+
+SOXR_HQ = "soxr_hq"
+"""The default resampler: soxr's HQ mode, after the channels are averaged."""
+SWR = "swr"
+"""FFmpeg's own resampler (libswresample at its defaults, as `ffmpeg -ar RATE` runs it), inside the decode loop:
+for encoders whose original preprocessing was the FFmpeg command line (CLMR's)."""
+RESAMPLERS = (SOXR_HQ, SWR)
+CHANNEL_RULES = ("mean", "each")
+"""How channels reach the front end: averaged to mono (the default), or each kept, (channels, samples)."""
 
 # How far, in input samples per unit of `max(1, source/target rate)`, soxr HQ's filter reaches either side of an
 # output sample: its taps beyond are below 1e-7 (measured from 8 to 96 kHz into 16 kHz, `soxr_polyphase`).
@@ -85,9 +95,9 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class Audio:
-    """Decoded mono audio."""
+    """Decoded audio: mono, or one row per channel when decoded with `channels="each"`."""
 
-    samples: np.ndarray  # (n,) float32
+    samples: np.ndarray  # (n,) float32, or (channels, n)
     sample_rate: int
     source_sample_rate: int
     source_channels: int
@@ -96,16 +106,24 @@ class Audio:
     @property
     def duration_s(self) -> float:
         """Duration in seconds."""
-        return len(self.samples) / self.sample_rate
+        return self.samples.shape[-1] / self.sample_rate
 
 
-def load_audio(uri: str, sample_rate: int | None, config: DecodeConfig = DecodeConfig()) -> Audio:
+def load_audio(
+    uri: str,
+    sample_rate: int | None,
+    config: DecodeConfig = DecodeConfig(),
+    channels: str = "mean",
+    resampler: str = SOXR_HQ,
+) -> Audio:
     """Read, decode, downmix and resample one file.
 
     Args:
         uri: any fsspec URI.
         sample_rate: the rate to resample to; None keeps the file's own rate (for resampling elsewhere).
         config: limits of the decode stage.
+        channels: "mean" (mono) or "each" (one row per channel), see `CHANNEL_RULES`.
+        resampler: `SOXR_HQ` or `SWR`.
 
     Raises:
         SourceReadError: the file is missing, unreadable or above `max_file_mb`.
@@ -129,7 +147,7 @@ def load_audio(uri: str, sample_rate: int | None, config: DecodeConfig = DecodeC
         raise AudioDecodeError(msg)
     try:
         with fs.open(path, "rb") as fh:
-            audio = decode(fh, sample_rate, config)
+            audio = decode(fh, sample_rate, config, channels, resampler)
     except (AudioDecodeError, AudioTooLongError):
         raise
     except OSError as exc:
@@ -141,10 +159,17 @@ def load_audio(uri: str, sample_rate: int | None, config: DecodeConfig = DecodeC
     return audio
 
 
-def decode(fh: IO[bytes], sample_rate: int | None, config: DecodeConfig = DecodeConfig()) -> Audio:
-    """Decode the first audio stream of an open binary file to mono float32 at `sample_rate` (None: its own).
+def decode(
+    fh: IO[bytes],
+    sample_rate: int | None,
+    config: DecodeConfig = DecodeConfig(),
+    channels: str = "mean",
+    resampler: str = SOXR_HQ,
+) -> Audio:
+    """Decode the first audio stream of an open binary file to float32 at `sample_rate` (None: its own).
 
     Only the bytes of `fh` are read: containers that reference other resources are refused (`AUDIO_DEMUXERS`).
+    Mono by the channels' mean unless `channels` is "each"; resampled by `resampler` (see `RESAMPLERS`).
     """
     with _open(fh) as container:
         if not container.streams.audio:
@@ -155,14 +180,18 @@ def decode(fh: IO[bytes], sample_rate: int | None, config: DecodeConfig = Decode
         if not source_rate:
             msg = "the audio stream declares no sample rate"
             raise AudioDecodeError(msg)
-        max_samples = int(config.max_duration_s * source_rate) + 1
-        # Normalise every sample format to planar float without touching rate or layout (most decoders already
-        # give planar float: then frames pass through untouched).
-        to_float = av.AudioResampler(format="fltp")
-        mono = _Downmix(min(_declared_samples(stream, source_rate), max_samples))
+        target_rate = sample_rate or source_rate
+        # FFmpeg's resampler runs in the loop and counts samples at the target rate; soxr runs after it.
+        loop_rate = target_rate if resampler == SWR else source_rate
+        max_samples = int(config.max_duration_s * loop_rate) + 1
+        # Normalise every sample format to planar float without touching the layout, nor the rate but for SWR
+        # (most decoders already give planar float: then frames pass through untouched).
+        to_float = av.AudioResampler(format="fltp", rate=loop_rate if resampler == SWR else None)
+        capacity = min(_declared_samples(stream, loop_rate), max_samples)
+        mono = _Downmix(capacity) if channels == "mean" else _Channels()
         try:
-            for frame in container.decode(stream):
-                for converted in to_float.resample(frame):
+            for frame in itertools.chain(container.decode(stream), [None] if resampler == SWR else []):
+                for converted in to_float.resample(frame):  # None flushes FFmpeg's resampler
                     mono.add(converted.planes, converted.samples)
                 if mono.n_samples > max_samples:
                     msg = f"audio is longer than the {config.max_duration_s:g} s cap (raise --max-duration)"
@@ -175,10 +204,9 @@ def decode(fh: IO[bytes], sample_rate: int | None, config: DecodeConfig = Decode
         if mono.n_samples == 0:
             msg = f"the {stream.codec_context.name} stream decoded to no samples (empty or truncated)"
             raise AudioDecodeError(msg)
-        _check_complete(stream, mono.n_samples / source_rate)
-        target_rate = sample_rate or source_rate
+        _check_complete(stream, mono.n_samples / loop_rate)
         return Audio(
-            samples=resample(mono.samples(), source_rate, target_rate),
+            samples=resample(mono.samples(), loop_rate, target_rate),
             sample_rate=target_rate,
             source_sample_rate=source_rate,
             source_channels=stream.codec_context.channels,
@@ -226,6 +254,31 @@ class _Downmix:
             if channels > 1:
                 samples[start:end] *= np.float32(1 / channels)
         return samples
+
+
+class _Channels:
+    """Planar float frames kept channel by channel: (channels, n_samples) at the end."""
+
+    def __init__(self) -> None:
+        self._frames: list[np.ndarray] = []
+        self.n_samples = 0
+
+    def add(self, planes: tuple, n: int) -> None:
+        """Append one frame's `n` samples, given as one float32 plane per channel.
+
+        Raises:
+            AudioDecodeError: the channel count changed within the stream (no one channel to follow).
+        """
+        frame = np.stack([np.frombuffer(plane, np.float32, n) for plane in planes])
+        if self._frames and len(frame) != len(self._frames[0]):
+            msg = f"the stream changes from {len(self._frames[0])} to {len(frame)} channels: decode it to mono"
+            raise AudioDecodeError(msg)
+        self._frames.append(frame)
+        self.n_samples += n
+
+    def samples(self) -> np.ndarray:
+        """(channels, n_samples) float32."""
+        return np.concatenate(self._frames, axis=1)
 
 
 def _declared_samples(stream: av.audio.stream.AudioStream, rate: int) -> int:
@@ -286,9 +339,11 @@ def _check_complete(stream: av.audio.stream.AudioStream, decoded_s: float) -> No
 
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
-    """Band-limited resampling of mono float32 audio with soxr's HQ mode (librosa's default)."""
+    """Band-limited resampling of float32 audio, (n,) or (channels, n), with soxr's HQ mode (librosa's default)."""
     if source_rate == target_rate:
         return samples
+    if samples.ndim == 2:  # soxr takes (frames, channels)
+        return np.ascontiguousarray(soxr.resample(samples.T, source_rate, target_rate, quality=_SOXR_QUALITY).T)
     return soxr.resample(samples, source_rate, target_rate, quality=_SOXR_QUALITY)
 
 

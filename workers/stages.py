@@ -25,6 +25,7 @@ from catalog_embed.schemas.errors import ConfigError, EncoderError, FrontEndErro
 from catalog_embed.schemas.records import TrackEmbedding, TrackFailure, WorkItem
 from catalog_embed.workers import failpoints
 from catalog_embed.workers.audio import (
+    SOXR_HQ,
     DecodeConfig,
     DeviceResampler,
     load_audio,
@@ -284,15 +285,21 @@ class DecodeStage:
         front_end = self._front_end
         on_encoder = self.encoder.front_end_on_encoder
         failpoints.hit("decode", item.uri)
+        # The device's resampler is soxr HQ's: another resampler runs here, in the decoder.
+        stop_at_own_rate = on_encoder and front_end.resampler == SOXR_HQ
         try:
-            audio = load_audio(item.uri, None if on_encoder else front_end.sample_rate, self.decode)
+            audio = load_audio(
+                item.uri, None if stop_at_own_rate else front_end.sample_rate, self.decode,
+                front_end.channels, front_end.resampler,
+            )
         except TrackError as exc:
             return TrackFailure.from_error(item, exc)
         samples, rate = audio.samples, audio.sample_rate
         if not resamples_on_device(rate, front_end.sample_rate):  # a rate the device's resampler does not take
             samples, rate = resample(samples, rate, front_end.sample_rate), front_end.sample_rate
-        n_samples = resampled_length(len(samples), rate, front_end.sample_rate)
-        starts = front_end.window_starts(n_samples)
+        n_samples = resampled_length(samples.shape[-1], rate, front_end.sample_rate)
+        # Channels kept apart are windowed one after the other, each on the same timeline.
+        starts = front_end.window_starts(n_samples) * (len(samples) if samples.ndim == 2 else 1)
         duration_s = n_samples / front_end.sample_rate
         if on_encoder:
             waveform = torch.from_numpy(samples).to(SHIPPED_DTYPE)

