@@ -116,3 +116,12 @@ class MissingExtraError(ConfigError):
 
 class QueryError(CatalogEmbedError):
     """A `catalog-embed query` statement is empty, malformed, or reaches beyond the tables it may read."""
+
+
+class OutputError(CatalogEmbedError):
+    """An output file cannot be written where the user asked: a folder, a missing folder, a file of a table, a place
+    this user cannot write."""
+
+
+class AnnIndexError(CatalogEmbedError):
+    """An ANN index folder is damaged, or its `index.json` names files outside the folder."""

@@ -6,6 +6,8 @@ Similarity is cosine throughout: rows are L2-normalised once (`unit_rows`) and c
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 # Queries and candidate rows scored per block: the (queries x rows) score matrix stays under 256 MiB.
@@ -102,12 +104,15 @@ def neighbour_rank_correlation(
         (q,) correlations (NaN where a neighbourhood has constant similarities in one space). Unrelated spaces
         score below 0: each space's own neighbours are strangers in the other.
     """
-    from scipy.stats import spearmanr  # scipy comes with the [analysts] extra; the rest of this module needs numpy only
+    from scipy.stats import ConstantInputWarning, spearmanr  # scipy: the [analysts] extra; the rest needs numpy only
 
     out = np.empty(len(rows), dtype=np.float64)
-    for i, row in enumerate(rows):
-        union = np.union1d(a_neighbours[i], b_neighbours[i])
-        out[i] = spearmanr(a[union] @ a[row], b[union] @ b[row]).statistic
+    with warnings.catch_warnings():
+        # A constant neighbourhood has no rank correlation: NaN, as documented, without a warning per track.
+        warnings.simplefilter("ignore", ConstantInputWarning)
+        for i, row in enumerate(rows):
+            union = np.union1d(a_neighbours[i], b_neighbours[i])
+            out[i] = spearmanr(a[union] @ a[row], b[union] @ b[row]).statistic
     return out
 
 

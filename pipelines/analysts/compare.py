@@ -14,13 +14,17 @@ version), compared on the tracks both hold:
 
 Writes report.json and report.md; each `--fail-under METRIC=VALUE` that fails makes the command exit 1 (2 stays
 for a usage error), so a nightly schedule can hold a new encoder version back before it replaces the catalog's rows.
+Exit 1 means a gate failed and nothing else: too few shared tracks for k is a usage error (2), a metric that is
+undefined (NaN, e.g. every similarity equal) fails its gate, and a crash of this command exits 70, never 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,8 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog_embed.pipelines.analysts.outputs import OutputFile, make_folder, output_folder
 from catalog_embed.pipelines.analysts.vectors import ModelLayer, ModelRef, Vectors, add_table_arguments, store_from_args
-from catalog_embed.schemas.errors import ConfigError, LabelsError
+from catalog_embed.schemas.errors import CatalogEmbedError, ConfigError, LabelsError
 from catalog_embed.workers.analysis import (
     distribution,
     exact_neighbours,
@@ -43,6 +48,8 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 # Gate metrics: what `--fail-under` accepts (probe_delta:<task> too).
 GATES = ("overlap", "cka", "rank_corr")
+# A crash (a bug) exits EX_SOFTWARE (sysexits.h): never 1, which infra/nightly-gate.sh reads as a failed gate.
+EXIT_CRASH = 70
 
 
 @dataclass(frozen=True)
@@ -102,9 +109,14 @@ def compare(config: CompareConfig, a_source: ModelLayer, b_source: ModelLayer) -
             f"catalog"
         )
         raise ConfigError(msg)
+    _require_enough(config, len(shared))
     labels = _labels(config, shared)
     a, b = a_source.read(shared, raw=True), b_source.read(shared, raw=True)
+    # Rows left out of one side (NaN or infinite values) are left out of the other: both sides stay aligned.
+    both = np.intersect1d(a.track_ids, b.track_ids)
+    a, b = a.take(a.rows_of(both.tolist())), b.take(b.rows_of(both.tolist()))
     n = len(a.track_ids)
+    _require_enough(config, n, left_out=len(shared) - n)
     rng = np.random.default_rng(config.seed)
     rows = np.sort(rng.permutation(n)[: config.sample])
     a_nn, _ = exact_neighbours(a.vectors[rows], a.vectors, config.k, exclude=rows)
@@ -125,7 +137,9 @@ def compare(config: CompareConfig, a_source: ModelLayer, b_source: ModelLayer) -
         ],
         "probes": [_probe_delta(task, kind, labels, a, b, config.seed) for task, kind in config.tasks],
     }
-    values = {"overlap": report["overlap"]["mean"], "cka": report["cka"], "rank_corr": report["rank_corr"]["median"],
+    # A distribution with no finite value has no median: its gate sees NaN, and fails.
+    values = {"overlap": report["overlap"]["mean"], "cka": report["cka"],
+              "rank_corr": report["rank_corr"].get("median", math.nan),
               **{f"probe_delta:{p['task']}": p["delta"] for p in report["probes"]}}
     report["gates"] = [
         {"metric": name, "value": values[name], "fail_under": threshold,
@@ -134,6 +148,19 @@ def compare(config: CompareConfig, a_source: ModelLayer, b_source: ModelLayer) -
     ]
     report["passed"] = all(g["passed"] for g in report["gates"])
     return report
+
+
+def _require_enough(config: CompareConfig, shared: int, left_out: int = 0) -> None:
+    """Refuse fewer than k + 2 shared tracks: with k >= n - 1 every track's neighbours are all the other tracks in
+    both spaces, and any two embeddings would overlap 1.0, a vacuous pass."""
+    if shared < config.k + 2:
+        why = f" ({left_out} left out for NaN or infinite values)" if left_out else ""
+        msg = (
+            f"{config.a} and {config.b} share {shared} usable track(s){why}: overlap@{config.k} needs at least "
+            f"{config.k + 2} (k neighbours and one that is not); lower --k to at most {max(shared - 2, 0)} or embed "
+            "more tracks"
+        )
+        raise ConfigError(msg)
 
 
 def _side(ref: ModelRef, v: Vectors) -> dict[str, Any]:
@@ -267,14 +294,30 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
 
 
 def _handle(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (CatalogEmbedError, ImportError, OSError):
+        raise  # the CLI reports these: one line, exit 2 (a missing extra, a fixable condition)
+    except Exception:
+        traceback.print_exc()
+        print(f"catalog-embed: error: `compare` crashed (a bug, not a failed gate): exit {EXIT_CRASH}", file=sys.stderr)
+        return EXIT_CRASH
+
+
+def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    a_source = ModelLayer(store_from_args(args), config.a.model, config.layer_a, config.a.version)
-    b_source = ModelLayer(store_from_args(args, args.b_out), config.b.model, config.layer_b, config.b.version)
+    a_store = store_from_args(args)
+    b_store = store_from_args(args, args.b_out)
+    report_folder = output_folder("--report", str(config.report), [a_store, b_store])
+    a_source = ModelLayer(a_store, config.a.model, config.layer_a, config.a.version)
+    b_source = ModelLayer(b_store, config.b.model, config.layer_b, config.b.version)
     report = compare(config, a_source, b_source)
-    config.report.mkdir(parents=True, exist_ok=True)
-    (config.report / REPORT_JSON).write_text(json.dumps(report, indent=1, default=str))
     summary = markdown(report)
-    (config.report / REPORT_MD).write_text(summary)
+    make_folder("--report", report_folder)
+    for name, text in ((REPORT_JSON, json.dumps(_finite(report), indent=1, default=str, allow_nan=False)),
+                       (REPORT_MD, summary)):
+        target = OutputFile.check("--report", str(report_folder / name), [a_store, b_store])
+        target.write(lambda path, text=text: path.write_text(text))
     print(summary, end="")
     failed = [g for g in report["gates"] if not g["passed"]]
     for gate in failed:
@@ -282,3 +325,14 @@ def _handle(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"report -> {config.report / REPORT_JSON}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities as None: report.json stays JSON (which has no NaN) for every reader."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog_embed.pipelines.analysts.outputs import OutputFile
 from catalog_embed.pipelines.analysts.vectors import ModelLayer, Vectors, add_table_arguments, store_from_args
 from catalog_embed.schemas.errors import ConfigError, LabelsError
 
@@ -109,7 +110,7 @@ def _categories(values: np.ndarray) -> tuple[list[str], np.ndarray]:
     return kept + (["other"] if "other" in text and "other" not in kept else []), text
 
 
-def write_png(p: Projection, path: str, title: str, color_by: str | None) -> None:
+def write_png(p: Projection, path: Path, title: str, color_by: str | None) -> None:
     """A scatter plot with a legend (categories) or a colour bar (numbers)."""
     import matplotlib
 
@@ -140,7 +141,7 @@ def write_png(p: Projection, path: str, title: str, color_by: str | None) -> Non
     plt.close(fig)
 
 
-def write_html(p: Projection, path: str, title: str, color_by: str | None) -> None:
+def write_html(p: Projection, path: Path, title: str, color_by: str | None) -> None:
     """One self-contained page: an inline SVG whose points carry their track id and label as hover titles."""
     import matplotlib
 
@@ -180,7 +181,7 @@ ul{{list-style:none;padding:0}} li span{{display:inline-block;width:.8em;height:
 viewBox="0 0 {_SVG_SIZE} {_SVG_SIZE}">{"".join(dots)}</svg>
 <div><b>{html.escape(color_by or "")}</b><ul>{items}</ul></div></div></body></html>
 """
-    Path(path).write_text(page, encoding="utf-8")
+    path.write_text(page, encoding="utf-8")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -212,14 +213,17 @@ def _handle(args: argparse.Namespace) -> int:
     if args.max_tracks < 3:
         msg = f"--max-tracks must be at least 3, got {args.max_tracks}"
         raise ConfigError(msg)
-    source = ModelLayer(store_from_args(args), args.model, args.layer)
+    store = store_from_args(args)
+    png = OutputFile.check("--png", args.png, [store], (".png",))
+    page = OutputFile.check("--html", args.html, [store], (".html", ".htm")) if args.html else None
+    source = ModelLayer(store, args.model, args.layer)
     p = build_projection(source, args.max_tracks, args.method, args.seed, args.labels, args.color_by)
     by = f", coloured by {args.color_by}" if args.color_by else ""
     title = f"{source.model} / {source.layer}: {len(p.track_ids)} tracks ({p.method}{by})"
-    write_png(p, args.png, title, args.color_by)
+    png.write(lambda path: write_png(p, path, title, args.color_by))
     written = [args.png]
-    if args.html:
-        write_html(p, args.html, title, args.color_by)
+    if page is not None:
+        page.write(lambda path: write_html(p, path, title, args.color_by))
         written.append(args.html)
     print(f"map of {len(p.track_ids)} tracks ({p.method}) -> {', '.join(written)}", file=sys.stderr)
     return 0

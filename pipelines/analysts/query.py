@@ -8,14 +8,20 @@ else: DuckDB's external access (files, URLs, ATTACH, INSTALL/LOAD) is off, exten
 loaded on demand, Python objects are not scanned, and the configuration is locked so the statement cannot turn any
 of it back on. `--allow-files` gives the statement DuckDB's local file access (read and write), e.g. to join a
 labels file; extensions still never download.
+
+Commands that take a SQL fragment (`similar --where`) run it through `filter_rows`: one boolean expression over
+the columns of the rows it filters, parsed first (no `;`, no second statement, no subquery or table function,
+nothing outside the WHERE clause), then run in the same sandbox.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 from rich.table import Table
 
 from catalog_embed.pipelines.io.storage import add_storage_option_argument, storage_options_from_args
@@ -50,10 +56,99 @@ def connect(
     con = duckdb.connect()
     for name, spec in TABLES.items():
         con.register(name, store.scan(spec))
+    lock_down(con, allow_files)
+    return con
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, allow_files: bool = False) -> None:
+    """Apply the sandbox (see the module docstring) to a connection, once its tables are registered: afterwards it
+    reaches those tables only (local files too with `allow_files`), and its settings cannot be changed."""
     settings = _NO_DOWNLOADS + (() if allow_files else _SANDBOX) + _LOCK
     for key, value in settings:
         con.execute(f"SET {key} = {str(value).lower()}")
-    return con
+
+
+def filter_rows(rows: pa.Table, name: str, predicate: str, option: str) -> pa.Table:
+    """The rows of `rows` (seen by the SQL as the table `name`) for which the SQL expression `predicate` holds.
+
+    Args:
+        rows: the rows to filter.
+        name: the table name `predicate` may use to qualify columns.
+        predicate: one boolean SQL expression over the columns of `rows`.
+        option: the option that gave it, for messages.
+
+    Raises:
+        QueryError: `predicate` is not one expression over the columns (see `check_predicate`), or it fails.
+    """
+    check_predicate(predicate, name, option)
+    con = duckdb.connect()
+    con.register(name, rows)
+    lock_down(con)
+    columns = ", ".join(rows.column_names)
+    try:
+        return con.sql(f"SELECT * FROM {name} WHERE {predicate}").to_arrow_table()
+    except duckdb.PermissionException as exc:
+        msg = f"{option} {predicate!r} reaches outside the table ({_first_line(exc)}): use its columns only ({columns})"
+        raise QueryError(msg) from exc
+    except duckdb.Error as exc:
+        msg = f"{option} {predicate!r} failed: {_first_line(exc)} (columns: {columns}): fix the expression"
+        raise QueryError(msg) from exc
+
+
+def check_predicate(predicate: str, name: str, option: str) -> None:
+    """Refuse a SQL fragment that is anything but one expression in the WHERE clause of `SELECT * FROM name`.
+
+    DuckDB parses the query the fragment makes (it executes nothing); the parse must equal that of the plain query
+    everywhere but the WHERE clause (so `1=1) UNION (SELECT ...`, `... ORDER BY`, a second statement after `;` are
+    refused, and so is a `;` anywhere outside a string), and the expression may hold no subquery or table function, which could read beyond the rows.
+
+    Raises:
+        QueryError: naming what the fragment may contain.
+    """
+    rule = (
+        f"{option} must be one boolean SQL expression over the table's columns, e.g. \"duration_s > 60\" (no ';', "
+        "subquery or table function)"
+    )
+    if not predicate.strip():
+        msg = f"{option} is empty: {rule}"
+        raise QueryError(msg)
+    semicolon = any(kind == duckdb.token_type.operator and predicate[at] == ";" for at, kind in duckdb.tokenize(predicate))
+    parsed, plain = (_parse(f"SELECT * FROM {name} WHERE {where}") for where in (predicate, "TRUE"))
+    if semicolon or parsed is None or len(parsed) != 1:
+        msg = f"{option} {predicate!r} is not one expression: {rule}"
+        raise QueryError(msg)
+    where = parsed[0]["node"].pop("where_clause", None)
+    plain[0]["node"].pop("where_clause", None)
+    if parsed != plain or _reaches_beyond(where):
+        msg = f"{option} {predicate!r} is not allowed: {rule}"
+        raise QueryError(msg)
+
+
+def _parse(sql: str) -> list[dict[str, Any]] | None:
+    """DuckDB's parse of `sql` as JSON statements, without where in the text each node sits; None where it is not
+    one or more SELECT statements."""
+    (serialized,) = duckdb.connect().execute("SELECT json_serialize_sql(?)", [sql]).fetchone()
+    parsed = json.loads(serialized)
+    return None if parsed.get("error") else _without_locations(parsed["statements"])
+
+
+def _without_locations(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_locations(v) for k, v in node.items() if not k.startswith("query_location")}
+    if isinstance(node, list):
+        return [_without_locations(v) for v in node]
+    return node
+
+
+def _reaches_beyond(node: Any) -> bool:
+    """Whether an expression's parse holds a subquery or a table function (anything with a FROM of its own)."""
+    if isinstance(node, dict):
+        if node.get("class") == "SUBQUERY" or "from_table" in node or node.get("type") == "TABLE_FUNCTION":
+            return True
+        return any(_reaches_beyond(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_reaches_beyond(v) for v in node)
+    return False
 
 
 def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], duckdb.DuckDBPyConnection | None]:

@@ -21,12 +21,14 @@ from rich.console import Console
 from rich.table import Table
 
 from catalog_embed.pipelines.analysts.index import AnnIndex, check_fits, index_folder, staleness
+from catalog_embed.pipelines.analysts.outputs import OutputFile
 from catalog_embed.pipelines.analysts.vectors import ModelLayer, add_table_arguments, require_tracks, store_from_args
 from catalog_embed.schemas.errors import ConfigError
 from catalog_embed.workers.analysis import exact_neighbours
 
 # Below this many live rows exact search is cheap (a few ms per query): no index needed.
 EXACT_BELOW = 100_000
+OUTPUT_SUFFIXES = (".csv", ".parquet", ".jsonl")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,17 +63,24 @@ def query_ids(args: argparse.Namespace) -> list[str]:
     ids = list(args.track)
     if args.tracks:
         path = Path(args.tracks)
-        if not path.exists():
-            msg = f"--tracks {args.tracks}: no such file"
+        if not path.is_file():
+            msg = f"--tracks {args.tracks}: {'a folder' if path.is_dir() else 'no such file'}: name a file of track ids"
             raise ConfigError(msg)
-        if path.suffix in (".csv", ".parquet"):
-            table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
-            if "track_id" not in table.column_names:
-                msg = f"--tracks {args.tracks} has no track_id column (columns: {', '.join(table.column_names)})"
-                raise ConfigError(msg)
-            ids += [str(t) for t in table["track_id"].to_pylist()]
-        else:
-            ids += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            if path.suffix in (".csv", ".parquet"):
+                table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
+                if "track_id" not in table.column_names:
+                    msg = f"--tracks {args.tracks} has no track_id column (columns: {', '.join(table.column_names)})"
+                    raise ConfigError(msg)
+                ids += [str(t) for t in table["track_id"].to_pylist()]
+            else:
+                ids += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, ValueError) as exc:  # ArrowInvalid and UnicodeDecodeError are ValueErrors
+            msg = (
+                f"--tracks {args.tracks} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
+                "give one track id per line, or a CSV/Parquet file with a track_id column"
+            )
+            raise ConfigError(msg) from exc
     if not ids:
         msg = "no query track: pass --track ID (repeatable) or --tracks FILE"
         raise ConfigError(msg)
@@ -83,11 +92,12 @@ def _handle(args: argparse.Namespace) -> int:
         msg = f"--k must be at least 1, got {args.k}"
         raise ConfigError(msg)
     store = store_from_args(args)
+    output = OutputFile.check("--output", args.output, [store], OUTPUT_SUFFIXES) if args.output else None
     source = ModelLayer(store, args.model, args.layer)
     queries = query_ids(args)
     keys = source.keys()
     require_tracks(queries, keys["track_id"], source.model)
-    allowed = set(source.matching(args.where).to_pylist()) if args.where else None
+    allowed = set(source.matching(args.where).to_pylist()) if args.where is not None else None
     if allowed is not None and not allowed - set(queries):
         msg = f"--where {args.where!r} leaves no candidate track: loosen it"
         raise ConfigError(msg)
@@ -127,8 +137,8 @@ def _handle(args: argparse.Namespace) -> int:
         "similarity": pa.array([float(s) for row in sims for s in row], pa.float32()),
     })
     _print(rows, f"{source.model}/{source.layer}: {how}")
-    if args.output:
-        _write(rows, args.output)
+    if output is not None:
+        output.write(lambda path: _write(rows, path))
         log.print(f"{rows.num_rows} rows -> {args.output}")
     return 0
 
@@ -136,7 +146,7 @@ def _handle(args: argparse.Namespace) -> int:
 def _exact(source: ModelLayer, queries: list[str], k: int, allowed: set[str] | None) -> tuple[list, list]:
     """Exact top-k over the live vectors (those in `allowed`, when given), each query excluding itself."""
     vectors = source.read()
-    query_vectors = vectors.vectors[np.searchsorted(vectors.track_ids, np.array(queries, dtype=object))]
+    query_vectors = vectors.vectors[vectors.rows_of(queries)]
     if allowed is not None:
         vectors = vectors.take(np.flatnonzero([t in allowed for t in vectors.track_ids]))
     row_of = {t: r for r, t in enumerate(vectors.track_ids)}
@@ -154,14 +164,13 @@ def _print(rows: pa.Table, title: str) -> None:
     Console().print(table)
 
 
-def _write(rows: pa.Table, path: str) -> None:
-    suffix = Path(path).suffix
+def _write(rows: pa.Table, path: Path) -> None:
+    """Write the neighbours in the format the name's suffix (one of OUTPUT_SUFFIXES) says."""
+    suffix = path.suffix.lower()
     if suffix == ".parquet":
         pq.write_table(rows, path)
     elif suffix == ".csv":
         pacsv.write_csv(rows, path)
-    elif suffix == ".jsonl":
-        Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows.to_pylist()))
     else:
-        msg = f"--output {path}: use a .csv, .parquet or .jsonl file name"
-        raise ConfigError(msg)
+        # Similarities are finite (unusable vectors are never read); allow_nan=False keeps any other value out.
+        path.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows.to_pylist()))

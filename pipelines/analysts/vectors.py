@@ -3,23 +3,29 @@ arguments, `MODEL@VERSION` references, and reading one model and layer of the em
 version or an earlier one (Delta time travel), through `TableStore`.
 
 Every check a user can fix (a model or layer the table lacks, an unknown track id, a version the table never had)
-runs on cheap columns before any vector is read.
+runs on cheap columns before any vector is read. Vectors holding NaN or infinite values (the pipeline never writes
+them; another tool can) are left out where they are read, counted in one warning, so no command ranks, indexes,
+projects or compares them.
+
+Every read goes through the store's reader (`arrow_dataset`), which keeps Arrow's I/O threads out of Python: a scan
+through deltalake's own filesystem can abort the process at exit, after a correct answer or a correct error.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from deltalake import DeltaTable
 
+from catalog_embed.pipelines.analysts.query import filter_rows
 from catalog_embed.pipelines.io.storage import add_storage_option_argument, storage_options_from_args
-from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.pipelines.io.store import TableStore, arrow_dataset
 from catalog_embed.schemas.errors import ConfigError, TableError
 from catalog_embed.schemas.tables import EMBEDDINGS, EXTRA_LAYER_PREFIX
 from catalog_embed.workers.analysis import unit_rows
@@ -67,6 +73,7 @@ class Vectors:
         vectors: (n, dim) float32, unit rows (cosine similarity is their inner product).
         embedded_at: (n,) int64 microseconds since the epoch, which changes whenever a row is replaced.
         raw: (n, dim) float32 as stored, when asked for (probes and CKA use the encoder's own scale).
+        skipped: track id -> embedded_at of the rows read but left out for NaN or infinite values.
     """
 
     model: str
@@ -76,15 +83,28 @@ class Vectors:
     vectors: np.ndarray
     embedded_at: np.ndarray
     raw: np.ndarray | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
+    def rows_of(self, track_ids: list[str]) -> np.ndarray:
+        """The rows of `track_ids`, live tracks of the table (see `require_tracks`).
+
+        Raises:
+            ConfigError: some were left out for NaN or infinite values.
+        """
+        row_of = {t: r for r, t in enumerate(self.track_ids)}
+        missing = [t for t in track_ids if t not in row_of]
+        if missing:
+            raise non_finite_error(missing, self.model, self.layer)
+        return np.array([row_of[t] for t in track_ids], dtype=np.int64)
+
     def take(self, rows: np.ndarray) -> Vectors:
         """The subset at `rows`, in that order."""
         return Vectors(self.model, self.layer, self.table_version, self.track_ids[rows], self.vectors[rows],
-                       self.embedded_at[rows], None if self.raw is None else self.raw[rows])
+                       self.embedded_at[rows], None if self.raw is None else self.raw[rows], self.skipped)
 
 
 class ModelLayer:
@@ -127,10 +147,9 @@ class ModelLayer:
             )
             raise ConfigError(msg)
         self.model = model
-        self.dataset: pads.Dataset = self.table.to_pyarrow_dataset(
-            file_pruning_predicate=[("model", "=", model)]
-        )
+        self.dataset: pads.Dataset = arrow_dataset(self.table, file_pruning_predicate=[("model", "=", model)])
         self.layer, self.column = self._resolve_layer(layer)
+        self._warned = False
 
     def _resolve_layer(self, layer: str | None) -> tuple[str, str]:
         rows = self.dataset.to_table(columns=["layer"], filter=~pc.field("deleted"))
@@ -199,32 +218,50 @@ class ModelLayer:
             msg = f"embeddings of {self.model!r}/{self.layer!r} differ in length ({sorted(set(lengths.tolist()))})"
             raise TableError(msg)
         matrix = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), lengths[0])
+        track_ids = np.asarray(ids.to_pylist(), dtype=object)[order]
+        embedded_at = pa.concat_arrays([p[1] for p in parts]).to_numpy()[order]
         matrix = matrix[order]
-        return Vectors(
-            self.model, self.layer, self.version,
-            np.asarray(ids.to_pylist(), dtype=object)[order],
-            unit_rows(matrix),
-            pa.concat_arrays([p[1] for p in parts]).to_numpy()[order],
-            matrix if raw else None,
+        finite = np.isfinite(matrix).all(axis=1)
+        skipped = dict(zip(track_ids[~finite].tolist(), embedded_at[~finite].tolist(), strict=True))
+        if skipped:
+            self._warn(skipped)
+            track_ids, embedded_at, matrix = track_ids[finite], embedded_at[finite], matrix[finite]
+        return Vectors(self.model, self.layer, self.version, track_ids, unit_rows(matrix), embedded_at,
+                       matrix if raw else None, skipped)
+
+    def _warn(self, skipped: dict[str, int]) -> None:
+        """One warning per model and layer, however many reads find such rows."""
+        if self._warned:
+            return
+        self._warned = True
+        shown = ", ".join(list(skipped)[:3]) + (" ..." if len(skipped) > 3 else "")
+        print(
+            f"catalog-embed: warning: left out {len(skipped)} row(s) of {self.model}/{self.layer} whose vectors hold "
+            f"NaN or infinite values ({shown}): another tool wrote them; re-embed those tracks",
+            file=sys.stderr,
         )
 
     def matching(self, where: str) -> pa.Array:
-        """Track ids of live rows satisfying the SQL predicate `where` on the table's columns (DuckDB).
+        """Track ids of live rows for which `where`, one SQL expression over the table's columns, holds (DuckDB, in
+        the sandbox `query` uses: see `filter_rows`).
 
         Raises:
-            ConfigError: the predicate does not parse or names a column the table lacks.
+            QueryError: `where` is not one expression over the columns, reaches beyond them, or fails.
         """
         names = [n for n in self.dataset.schema.names if not n.startswith("embedding")]
         rows = self.dataset.to_table(columns=names, filter=self.live)
         plain = pa.schema([f.with_type(pa.string()) if f.type == pa.string_view() else f for f in rows.schema])
-        con = duckdb.connect()
-        con.register("embeddings", rows.cast(plain))
-        try:
-            result = con.sql(f"SELECT track_id FROM embeddings WHERE {where}").to_arrow_table()
-        except duckdb.Error as exc:
-            msg = f"--where {where!r} failed on the embeddings columns ({', '.join(names)}): {exc}".splitlines()[0]
-            raise ConfigError(msg) from exc
-        return result["track_id"].combine_chunks()
+        return filter_rows(rows.cast(plain), "embeddings", where, "--where")["track_id"].combine_chunks()
+
+
+def non_finite_error(track_ids: list[str], model: str, layer: str) -> ConfigError:
+    """The error for query tracks whose vectors were left out for NaN or infinite values."""
+    shown = ", ".join(track_ids[:5]) + (" ..." if len(track_ids) > 5 else "")
+    msg = (
+        f"{len(track_ids)} track(s) have NaN or infinite values in their {model}/{layer} vector, so they have no "
+        f"neighbours: {shown} (re-embed them, or query other tracks)"
+    )
+    return ConfigError(msg)
 
 
 def require_tracks(wanted: list[str], known: pa.Array, model: str) -> None:
