@@ -115,7 +115,8 @@ class MissingExtraError(ConfigError):
 
 
 class QueryError(CatalogEmbedError):
-    """A `catalog-embed query` statement is empty, malformed, or reaches beyond the tables it may read."""
+    """A SQL statement (`query`) or fragment (`similar --where`) is empty, malformed, or reaches beyond what it may
+    read."""
 
 
 class OutputError(CatalogEmbedError):

@@ -480,6 +480,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _handle(args: argparse.Namespace) -> int:
+    # The [analysts] extra, imported first: a missing one is reported before any vector is read, and the build
+    # that follows the "indexing" line starts at once.
+    import usearch.index  # noqa: F401
+
     config = IndexConfig(args.connectivity, args.expansion_add, args.expansion_search, args.threads)
     if min(config.connectivity, config.expansion_add, config.expansion_search) < 2:
         msg = "--connectivity, --expansion-add and --expansion-search must be at least 2"

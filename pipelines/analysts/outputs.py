@@ -123,7 +123,8 @@ def _local(option: str, value: str, tables: Sequence[TableStore]) -> Path:
         if root is not None and (path == root or root in path.parents):
             msg = (
                 f"{option} {value} is inside the tables' folder {store.root}, where only catalog-embed's commits "
-                f"write (anything else there stops the next `embed`): write it elsewhere, e.g. {root.parent / path.name}"
+                "write (anything else there stops the next `embed`): write it elsewhere, e.g. "
+                f"{root.parent / path.name}"
             )
             raise OutputError(msg)
     table = next((p for p in (path, *path.parents) if (p / "_delta_log").is_dir()), None)

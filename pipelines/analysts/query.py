@@ -100,7 +100,8 @@ def check_predicate(predicate: str, name: str, option: str) -> None:
 
     DuckDB parses the query the fragment makes (it executes nothing); the parse must equal that of the plain query
     everywhere but the WHERE clause (so `1=1) UNION (SELECT ...`, `... ORDER BY`, a second statement after `;` are
-    refused, and so is a `;` anywhere outside a string), and the expression may hold no subquery or table function, which could read beyond the rows.
+    refused, and so is a `;` anywhere outside a string), and the expression may hold no subquery or table function,
+    which could read beyond the rows.
 
     Raises:
         QueryError: naming what the fragment may contain.
@@ -112,7 +113,8 @@ def check_predicate(predicate: str, name: str, option: str) -> None:
     if not predicate.strip():
         msg = f"{option} is empty: {rule}"
         raise QueryError(msg)
-    semicolon = any(kind == duckdb.token_type.operator and predicate[at] == ";" for at, kind in duckdb.tokenize(predicate))
+    tokens = duckdb.tokenize(predicate)
+    semicolon = any(kind == duckdb.token_type.operator and predicate[at] == ";" for at, kind in tokens)
     parsed, plain = (_parse(f"SELECT * FROM {name} WHERE {where}") for where in (predicate, "TRUE"))
     if semicolon or parsed is None or len(parsed) != 1:
         msg = f"{option} {predicate!r} is not one expression: {rule}"

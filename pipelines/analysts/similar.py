@@ -76,9 +76,10 @@ def query_ids(args: argparse.Namespace) -> list[str]:
             else:
                 ids += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, ValueError) as exc:  # ArrowInvalid and UnicodeDecodeError are ValueErrors
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             msg = (
-                f"--tracks {args.tracks} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
-                "give one track id per line, or a CSV/Parquet file with a track_id column"
+                f"--tracks {args.tracks} cannot be read ({why}): give one track id per line, or a CSV/Parquet file "
+                "with a track_id column"
             )
             raise ConfigError(msg) from exc
     if not ids:
