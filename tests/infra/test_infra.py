@@ -21,6 +21,7 @@ from catalog_embed.pipelines.runners.flex_template import parse_launcher_args
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+LOCK = (ROOT / "requirements.lock").read_text()
 # Values for the shell scripts' variables, as a user would set them.
 SHELL_VARS = {"PROJECT": "my-project", "REGION": "us-central1", "BUCKET": "my-bucket", "TAG": "0.1.0"}
 SHELL_VARS |= {
@@ -30,13 +31,11 @@ SHELL_VARS |= {
 }
 
 
-def _pin(requirement_prefix: str) -> str:
-    """The pinned version of a dependency in pyproject's extras, e.g. 'apache-beam' -> '2.77.0'."""
-    for requirements in PYPROJECT["project"]["optional-dependencies"].values():
-        for requirement in requirements:
-            if requirement.startswith(requirement_prefix):
-                return requirement.split("==")[1]
-    raise AssertionError(f"{requirement_prefix} is not pinned in pyproject.toml")
+def _pin(name: str) -> str:
+    """The version requirements.lock pins (what CI tests and the images install), e.g. 'apache-beam' -> '2.77.0'."""
+    match = re.search(rf"^{re.escape(name)}==([^\s;]+)", LOCK, re.MULTILINE)
+    assert match, f"{name} is not pinned in requirements.lock"
+    return match.group(1)
 
 
 def _substitute(text: str) -> str:
@@ -120,7 +119,7 @@ def test_the_rayjob_entrypoint_is_our_command_and_fits_its_cluster():
     config = _embed_config(RAYJOB["spec"]["entrypoint"])
     assert (config.runner, config.ray.address, config.encoder.device) == ("ray", "auto", "cuda")
     cluster = RAYJOB["spec"]["rayClusterSpec"]
-    assert cluster["rayVersion"] == _pin("ray[")
+    assert cluster["rayVersion"] == _pin("ray")
     groups = cluster["workerGroupSpecs"]
     gpus = sum(
         g["maxReplicas"] * int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
@@ -226,7 +225,14 @@ def test_the_dockerfile_builds_our_package_with_the_pinned_engines():
     assert f"python3.{python.group(1)} -m venv" in dockerfile
     sdk = re.search(r"^ARG BEAM_SDK_IMAGE=apache/beam_python(3\.\d+)_sdk:([\d.]+)$", dockerfile, re.M)
     assert (sdk.group(1), sdk.group(2)) == (f"3.{python.group(1)}", _pin("apache-beam"))
-    extras = re.search(r'pip install "\.\[([\w,]+)\]"', dockerfile).group(1).split(",")
+    # The lock's versions as constraints (every pin, no hash), so the image holds what CI tested and the Beam its
+    # SDK harness expects.
+    assert re.search(r"^COPY pyproject\.toml README\.md requirements\.lock \./$", dockerfile, re.M)
+    sed, constraints = re.search(r"sed -n '([^']+)' requirements\.lock > (\S+)", dockerfile).groups()
+    derived = subprocess.run(["sed", "-n", sed, str(ROOT / "requirements.lock")], capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert derived == re.findall(r"^([A-Za-z0-9][\w.-]*==[^\s;]+)", LOCK, re.M) and len(derived) > 100
+    extras = re.search(rf'pip install --constraint {constraints} "\.\[([\w,]+)\]"', dockerfile).group(1).split(",")
     assert set(extras) <= set(PYPROJECT["project"]["optional-dependencies"])
     assert {"dataflow", "ray"} <= set(extras)
     for source in re.findall(r"^COPY (?!--from)(\S+)", dockerfile, re.M):
