@@ -44,7 +44,7 @@ fi
 timeout 90 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/workers 2>&1 | tee "$OUT/gpu_tests.log"
 for run in "mule-sfnfnet-f0 bf16" "musicnn-msd bf16" "musicnn-msd fp32"; do
   read -r model precision <<< "$run"
-  # shellcheck disable=SC2086 (BENCH_ARGS: several words)
+  # shellcheck disable=SC2086 # BENCH_ARGS: several words
   timeout 140 "$PYTHON" bench/gpu_bench.py --device "$DEVICE" --model "$model" --precision "$precision" \
     --tracks "$TRACKS" --seconds "$SECONDS_PER_TRACK" --repeat 3 --no-ray --no-cold-warm $BENCH_ARGS 2>&1 \
     | grep -v ' INFO ' | tee "$OUT/gpu_bench-$model-$precision.log"

@@ -152,7 +152,7 @@ def encoder_section(args: argparse.Namespace, device: torch.device, work: Path) 
         result[f"{mode}_windows_per_s"] = batch / seconds
         if flops:
             result[f"{mode}_tflop_per_s"] = flops * batch / seconds / 1e12
-    del calls, eager, compiled  # free the device for the processes below and the sections after
+    calls = eager = compiled = None  # free the device for the processes below and the sections after
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if args.compile and args.cold_warm:

@@ -13,6 +13,7 @@ export TAG="${TAG:-0.1.0}"
 SCHEDULER_SA="${SCHEDULER_SA:?set SCHEDULER_SA to the service account Cloud Scheduler calls Dataflow as}"
 BODY="$(mktemp)"
 trap 'rm -f "${BODY}"' EXIT
+# shellcheck disable=SC2016 # envsubst takes the names of the variables to replace, unexpanded
 envsubst '${PROJECT} ${REGION} ${BUCKET} ${TAG}' < infra/dataflow/launch-body.json > "${BODY}"
 
 # `create` takes --headers, `update` --update-headers; the rest is the same.

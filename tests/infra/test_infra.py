@@ -1,5 +1,6 @@
 """infra/: every file parses, every command line in it is one `catalog-embed embed` accepts (and validates), and the
-files agree with each other and with the package's pins (Python, Beam, Ray, extras, paths)."""
+files agree with each other and with the tested versions in requirements.lock (Python, Beam, Ray, extras, paths).
+The external validators and linters run in test_validators.py."""
 
 from __future__ import annotations
 
@@ -176,6 +177,37 @@ def test_the_nightly_cronjob_creates_the_rayjob_from_the_generated_configmap():
     assert RAYJOB["metadata"]["generateName"] and "name" not in RAYJOB["metadata"]
     assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
     assert {"create"} <= set(docs["Role"]["rules"][0]["verbs"]) and docs["Role"]["rules"][0]["resources"] == ["rayjobs"]
+
+
+def test_the_nightly_cronjob_runs_the_kubectl_image_we_build():
+    """bitnami/kubectl's versioned tags are gone: the CronJob runs our kubectl image, whose tag is the kubectl
+    release that kubectl.Dockerfile downloads and checks against its sha256."""
+    dockerfile = (INFRA / "kuberay" / "kubectl.Dockerfile").read_text()
+    version = re.search(r"^ARG KUBECTL_VERSION=(v\d+\.\d+\.\d+)$", dockerfile, re.M).group(1)
+    assert re.search(r"^ARG KUBECTL_SHA256=[0-9a-f]{64}$", dockerfile, re.M)
+    assert "https://dl.k8s.io/release/${KUBECTL_VERSION}/bin/linux/amd64/kubectl" in dockerfile
+    assert 'printf \'%s  %s\\n\' "${KUBECTL_SHA256}" /kubectl' in dockerfile and "sha256sum -c" in dockerfile
+    docs = {doc["kind"]: doc for doc in _yaml_docs(INFRA / "kuberay" / "nightly-cronjob.yaml")}
+    (container,) = docs["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    worker = RAYJOB["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert container["image"] == f"{worker.rsplit('/', 1)[0]}/kubectl:{version}"
+    readme = (INFRA / "README.md").read_text()
+    assert "kubectl.Dockerfile" in readme and f"kubectl:{version}" in readme
+
+
+def test_gpu_flags_only_on_the_ray_node_types_with_gpus():
+    cluster = _yaml_docs(INFRA / "ray" / "cluster.yaml")[0]
+    docker = cluster["docker"]
+    keys = ("run_options", "head_run_options", "worker_run_options")
+    shared = [option for key in keys for option in docker.get(key, [])]
+    assert not [option for option in shared if "--gpus" in option or "nvidia" in option]
+    types = cluster["available_node_types"]
+    for name, node in types.items():
+        options = node.get("docker", {}).get("worker_run_options", [])
+        has_gpus = node["resources"].get("GPU", 0) > 0
+        assert ("--gpus all" in options) == has_gpus, name
+        assert has_gpus == bool(node["node_config"].get("guestAccelerators")), name
+    assert any(node["resources"].get("GPU", 0) for node in types.values())
 
 
 def _launcher_config(parameters: dict[str, str], environment: dict[str, str]) -> EmbedConfig:
