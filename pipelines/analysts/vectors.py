@@ -19,7 +19,7 @@ import pyarrow.dataset as pads
 from deltalake import DeltaTable
 
 from catalog_embed.pipelines.io.storage import add_storage_option_argument, storage_options_from_args
-from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.pipelines.io.store import TableStore, arrow_dataset
 from catalog_embed.schemas.errors import ConfigError, TableError
 from catalog_embed.schemas.tables import EMBEDDINGS, EXTRA_LAYER_PREFIX
 from catalog_embed.workers.analysis import unit_rows
@@ -127,9 +127,7 @@ class ModelLayer:
             )
             raise ConfigError(msg)
         self.model = model
-        self.dataset: pads.Dataset = self.table.to_pyarrow_dataset(
-            file_pruning_predicate=[("model", "=", model)]
-        )
+        self.dataset: pads.Dataset = arrow_dataset(self.table, file_pruning_predicate=[("model", "=", model)])
         self.layer, self.column = self._resolve_layer(layer)
 
     def _resolve_layer(self, layer: str | None) -> tuple[str, str]:
