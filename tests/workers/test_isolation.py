@@ -108,38 +108,14 @@ def test_a_read_ahead_smaller_than_the_pool_never_stalls():
     assert results == ["A", "B", "C", "D"]
 
 
-def test_a_child_stuck_in_a_decoder_ends_when_its_supervisor_is_killed(tmp_path):
-    """kill -9 of the supervisor (a lost Ray worker, a killed driver) must not leave a hung decoder behind."""
+def _kill_the_supervisor_of(uri: str, tmp_path: Path) -> str:
+    """Run a supervisor decoding `uri` (which records its child's pid in tmp_path), kill -9 it once the child is
+    busy, wait for the child to end; return what both wrote to their shared stderr."""
     script = (
         "from tests.workers.test_isolation import ScriptedStage, _items\n"
         "from catalog_embed.workers.isolation import IsolatedPool\n"
         "pool = IsolatedPool(ScriptedStage(), workers=1, timeout_s=3600.0, memory_mb=1024)\n"
-        f"list(pool.imap(_items('stuck:{tmp_path}'), ahead=1))\n"
-    )
-    root = Path(__file__).resolve().parents[2]
-    supervisor = subprocess.Popen([sys.executable, "-c", script], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
-    marker = tmp_path / "pid"
-    deadline = time.monotonic() + 120
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    child = int(marker.read_text())
-    supervisor.kill()
-    supervisor.wait()
-    deadline = time.monotonic() + 30  # the child polls its parent every second
-    while alive(child) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not alive(child)
-
-
-
-def test_a_child_whose_supervisor_was_killed_exits_without_a_traceback(tmp_path):
-    """A decode that finishes after its driver was killed -9 has nobody to send its result to: the child ends
-    quietly, not with a BrokenPipeError traceback on the terminal the driver shared."""
-    script = (
-        "from tests.workers.test_isolation import ScriptedStage, _items\n"
-        "from catalog_embed.workers.isolation import IsolatedPool\n"
-        "pool = IsolatedPool(ScriptedStage(), workers=1, timeout_s=3600.0, memory_mb=1024)\n"
-        f"list(pool.imap(_items('orphaned:{tmp_path}'), ahead=1))\n"
+        f"list(pool.imap(_items({uri!r}), ahead=1))\n"
     )
     root = Path(__file__).resolve().parents[2]
     stderr = tmp_path / "stderr"
@@ -153,8 +129,20 @@ def test_a_child_whose_supervisor_was_killed_exits_without_a_traceback(tmp_path)
     child = int(marker.read_text())
     supervisor.kill()
     supervisor.wait()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 30  # the child polls its parent every second
     while alive(child) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(child)
-    assert "Traceback" not in stderr.read_text(), stderr.read_text()
+    return stderr.read_text()
+
+
+def test_a_child_stuck_in_a_decoder_ends_when_its_supervisor_is_killed(tmp_path):
+    """kill -9 of the supervisor (a lost Ray worker, a killed driver) must not leave a hung decoder behind."""
+    _kill_the_supervisor_of(f"stuck:{tmp_path}", tmp_path)
+
+
+def test_a_child_whose_supervisor_was_killed_exits_without_a_traceback(tmp_path):
+    """A decode that finishes after its driver was killed -9 has nobody to send its result to: the child ends
+    quietly, not with a BrokenPipeError traceback on the terminal the driver shared."""
+    stderr = _kill_the_supervisor_of(f"orphaned:{tmp_path}", tmp_path)
+    assert "Traceback" not in stderr, stderr
