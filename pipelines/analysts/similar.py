@@ -61,23 +61,17 @@ def query_ids(args: argparse.Namespace) -> list[str]:
     ids = list(args.track)
     if args.tracks:
         path = Path(args.tracks)
-        expected = "a text file of track ids, one per line, or a .csv or .parquet file with a track_id column"
-        if not path.is_file():
-            msg = f"--tracks {args.tracks}: {'a folder' if path.is_dir() else 'no such file'}: pass {expected}"
+        if not path.exists():
+            msg = f"--tracks {args.tracks}: no such file"
             raise ConfigError(msg)
-        try:
-            if path.suffix in (".csv", ".parquet"):
-                table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
-                if "track_id" not in table.column_names:
-                    msg = f"--tracks {args.tracks} has no track_id column (columns: {', '.join(table.column_names)})"
-                    raise ConfigError(msg)
-                ids += [str(t) for t in table["track_id"].to_pylist()]
-            else:
-                ids += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-            reason = str(exc).splitlines()[0]
-            msg = f"--tracks {args.tracks} cannot be read ({reason}): pass {expected}"
-            raise ConfigError(msg) from exc
+        if path.suffix in (".csv", ".parquet"):
+            table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
+            if "track_id" not in table.column_names:
+                msg = f"--tracks {args.tracks} has no track_id column (columns: {', '.join(table.column_names)})"
+                raise ConfigError(msg)
+            ids += [str(t) for t in table["track_id"].to_pylist()]
+        else:
+            ids += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not ids:
         msg = "no query track: pass --track ID (repeatable) or --tracks FILE"
         raise ConfigError(msg)

@@ -207,17 +207,3 @@ def test_an_index_asked_for_more_neighbours_than_it_holds_returns_each_track_onc
     assert code == 0
     found = pq.read_table(written)["track_id"].to_pylist()
     assert sorted(found) == sorted(set(ids(30)) - {"t0003"})
-
-
-@pytest.mark.parametrize(("content", "name", "expected"), [
-    (b"\xff\xbb not text", "queries.txt", "cannot be read ('utf-8' codec can't decode"),
-    (b"a,b", "queries.parquet", "cannot be read (Could not open Parquet input source"),
-    (None, "a-folder", "a-folder: a folder: pass a text file of track ids"),
-])
-def test_tracks_naming_a_garbage_file_or_a_folder_is_one_line(tables, capsys, tmp_path, content, name, expected):
-    out, _ = tables
-    given = tmp_path / name
-    given.mkdir() if content is None else given.write_bytes(content)
-    code, _, err = run_cli(capsys, "similar", "--out", str(out), "--model", "synth", "--tracks", str(given))
-    assert code == 2, err
-    assert err.startswith("catalog-embed: error: --tracks ") and err.count("\n") == 1 and expected in err, err
