@@ -12,8 +12,10 @@ Exit codes: 0 on success; an error's own `exit_code` (`catalog_embed.schemas.err
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -110,6 +112,8 @@ def _terminate(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
+    # deltalake's errors carry a Rust backtrace when RUST_BACKTRACE is set (as on many machines): not in our output.
+    os.environ.setdefault("RUST_LIB_BACKTRACE", "0")
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    command = None
+    command = args = None
     try:
         args = build_parser().parse_args(argv)
         command = args.command
@@ -142,12 +146,49 @@ def _main(argv: list[str] | None) -> int:
         # stdout at exit; point stdout at /dev/null so it does not.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        message = _os_error_message(exc, args)
+        if message is None:
+            raise
+        return _error(message)
 
 
-def _error(exc: CatalogEmbedError) -> int:
+# errno -> what it means and what to do; the codes a user fixes on their side (space, permissions, mounts).
+_FIXABLE_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space or pass a path on another disk, then run again"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or pass a path on another disk, then run again"),
+    errno.EACCES: ("permission denied", "run as a user allowed to use it, or pass a path this user can write"),
+    errno.EPERM: ("operation not permitted", "run as a user allowed to use it, or pass a path this user can write"),
+    errno.EROFS: ("read-only file system", "pass a path on a writable file system"),
+}
+# pyarrow and deltalake raise OSErrors without `errno` or `filename`: the message says "[errno 28]" or "(os error
+# 28)", and pyarrow quotes the path ("Failed to open local file '/x/y.csv'").
+_ERRNO_IN_MESSAGE = re.compile(r"(?:os error|errno) (\d+)", re.IGNORECASE)
+_PATH_IN_MESSAGE = re.compile(r"'([^']+)'")
+
+
+def _os_error_message(exc: OSError, args: argparse.Namespace | None) -> str | None:
+    """One line for an OSError the user fixes on their side (disk full, no permission, read-only mount), naming
+    the path and the fix; None for any other OSError (a bug, shown with its traceback)."""
+    code = exc.errno
+    if code is None and (found := _ERRNO_IN_MESSAGE.search(str(exc))):
+        code = int(found.group(1))
+    if code not in _FIXABLE_OS_ERRORS:
+        return None
+    what, fix = _FIXABLE_OS_ERRORS[code]
+    path = exc.filename
+    if path is None and (quoted := _PATH_IN_MESSAGE.search(str(exc))):
+        path = quoted.group(1)
+    if path is None and args is not None and (option := _WRITES_INTO.get(args.command)):
+        path = getattr(args, option, None)  # deltalake names no file: the folder the command writes into
+    return f"{os.fsdecode(path)}: {what}: {fix}" if path is not None else f"{what}: {fix}"
+
+
+def _error(exc: CatalogEmbedError | str) -> int:
+    """Print one line for a named error (its own exit code) or an OS condition the user fixes (exit 2)."""
     message = " ".join(str(exc).split("\n"))
     logs.say(f"catalog-embed: error: {message}")
-    return exc.exit_code
+    return exc.exit_code if isinstance(exc, CatalogEmbedError) else EXIT_USER_ERROR
 
 
 def missing_extra(exc: ImportError, command: str | None = None) -> MissingExtraError | None:

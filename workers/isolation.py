@@ -222,17 +222,20 @@ def _child_main(conn: Connection, stage: Any, memory_mb: float, niceness: int) -
         os.nice(niceness)
     stage.setup()
     _cap_memory(memory_mb)
-    conn.send(_READY)
-    while (item := conn.recv()) is not None:
-        start = time.perf_counter()
-        try:
-            result = stage(item)
-        except MemoryError:
-            reason = f"decoding needed more memory than the {memory_mb:g} MB allowed (--decode-memory-mb)"
-            result = TrackFailure(item, "decode", "DecodeOutOfMemory", reason)
-        except Exception as exc:  # noqa: BLE001 (a decoder bug on one file must cost one row, not the child)
-            result = TrackFailure.from_error(item, exc, stage="decode")
-        conn.send((result, time.perf_counter() - start))
+    try:
+        conn.send(_READY)
+        while (item := conn.recv()) is not None:
+            start = time.perf_counter()
+            try:
+                result = stage(item)
+            except MemoryError:
+                reason = f"decoding needed more memory than the {memory_mb:g} MB allowed (--decode-memory-mb)"
+                result = TrackFailure(item, "decode", "DecodeOutOfMemory", reason)
+            except Exception as exc:  # noqa: BLE001 (a decoder bug on one file must cost one row, not the child)
+                result = TrackFailure.from_error(item, exc, stage="decode")
+            conn.send((result, time.perf_counter() - start))
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        return  # the supervisor is gone (killed): nobody is left to answer, and a traceback would reach its terminal
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -67,6 +67,10 @@ def vacuum(
         raise ConfigError(msg)
     store = TableStore(out, storage_options)
     store.check_root()
+    # Files a damaged table no longer references may be what restores it: touch nothing until every table is whole.
+    tables = [spec for spec in TABLES.values() if store.exists(spec)]
+    for spec in tables:
+        store.check_intact(spec)
     now = time.time()
     removed, live, foreign = [], [], []
     for name in store.staged_runs():
@@ -84,9 +88,8 @@ def vacuum(
         for run_id in removed:
             store.drop_staging(run_id)
     files: list[str] = []
-    for spec in TABLES.values():
-        if store.exists(spec):
-            files += store.table(spec).vacuum(retention_hours=retention_hours, dry_run=dry_run)
+    for spec in tables:
+        files += store.table(spec).vacuum(retention_hours=retention_hours, dry_run=dry_run)
     return VacuumReport(removed, live, foreign, files)
 
 

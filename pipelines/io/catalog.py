@@ -164,9 +164,12 @@ def validate_catalog(table: pa.Table, uri: str) -> pa.Table:
     if table.num_rows == 0:
         msg = f"{uri}: the catalog has no rows (no tracks to embed)"
         raise ManifestError(msg)
-    table = table.set_column(
-        table.schema.get_field_index("track_id"), "track_id", pc.cast(table["track_id"], pa.string())
-    ).set_column(table.schema.get_field_index("uri"), "uri", pc.cast(table["uri"], pa.string()))
+    for column in REQUIRED_COLUMNS:
+        kind = table.schema.field(column).type
+        if pa.types.is_nested(kind):
+            msg = f"{uri}: column {column} holds {kind} values: it must hold one string (or number) per row"
+            raise ManifestError(msg)
+        table = table.set_column(table.schema.get_field_index(column), column, pc.cast(table[column], pa.string()))
     ids = table["track_id"].to_pylist()
     uris = table["uri"].to_pylist()
     empty = [i for i, (t, u) in enumerate(zip(ids, uris, strict=True)) if not (t and t.strip()) or not u]

@@ -90,12 +90,38 @@ class TableStore:
         return f"{self.root}/{spec.name}"
 
     def table(self, spec: TableSpec) -> DeltaTable:
-        """Open a table; raises TableError when it does not exist."""
+        """Open a table.
+
+        Raises:
+            TableError: it does not exist, its log is damaged (naming the file and the fix), or it cannot be read.
+        """
+        table = self._open(spec)
+        if table is None:
+            msg = f"no {spec.name} table at {self.uri(spec)}: run `catalog-embed embed` with --out {self.root} first"
+            raise TableError(msg)
+        return table
+
+    def _open(self, spec: TableSpec) -> DeltaTable | None:
+        """The table, or None when there is none (its folder holds no Delta log and no data files).
+
+        deltalake's errors about a damaged log name no file (or a Rust debug dump of one), so the log is examined
+        here to name the file and what to do about it; nothing is ever written to fix it.
+        """
+        path = posixpath.join(self.root_path, spec.name)
         try:
             return DeltaTable(self.uri(spec), storage_options=self.storage_options)
-        except TableNotFoundError as exc:
-            msg = f"no {spec.name} table at {self.uri(spec)}: run `catalog-embed embed` with --out {self.root} first"
-            raise TableError(msg) from exc
+        except TableNotFoundError:
+            # A folder of data files whose log is gone is a table that lost its history, not a place to create one.
+            problem = _data_without_log(self.fs, path)
+        except (DeltaError, OSError) as exc:
+            problem = _log_problem(self.fs, path)
+            if problem is None:
+                msg = f"cannot open {self.uri(spec)}: {_first_line(exc)}; check --out and its credentials"
+                raise TableError(msg) from exc
+        if problem is None:
+            return None
+        msg = f"the {spec.name} table at {self.uri(spec)} is damaged: {problem}"
+        raise TableError(msg)
 
     def check_root(self) -> None:
         """Refuse an output root that is not a table set of ours: a file, a Delta table itself, a folder inside one,
@@ -147,20 +173,18 @@ class TableStore:
             create: create missing tables; False only checks (for commands that must not write, like `plan`).
 
         Raises:
-            TableError: --out is not a table set of ours (see `check_root`), cannot be written, or an existing table
-                lacks a column we write or has an incompatible schema version.
+            TableError: --out is not a table set of ours (see `check_root`), cannot be written, an existing table is
+                damaged (see `check_intact`), lacks a column we write or has an incompatible schema version.
         """
         self.check_root()
         for spec in TABLES.values():
-            try:
-                table = DeltaTable(self.uri(spec), storage_options=self.storage_options)
-            except TableNotFoundError:
+            table = self._open(spec)
+            if table is None:
                 if create:
                     self._create(spec)
                 continue
-            except (DeltaError, OSError) as exc:
-                msg = f"cannot open {self.uri(spec)}: {exc}; check --out and its credentials"
-                raise TableError(msg) from exc
+            # A run merges into every file of a table: refuse a damaged one before any work, rather than mid-commit.
+            self.check_intact(spec, table)
             version = (table.schema().fields[0].metadata or {}).get(SCHEMA_VERSION_KEY)
             if version != str(SCHEMA_VERSION):
                 msg = (
@@ -169,6 +193,11 @@ class TableStore:
                 )
                 raise TableError(msg)
             self.check_columns(spec, table)
+
+    def check_intact(self, spec: TableSpec, table: DeltaTable | None = None) -> None:
+        """Raise TableError when a table's log is damaged or a data file of its current snapshot is missing or not
+        the size its log recorded (truncated, overwritten), naming the file and the fix; nothing is repaired."""
+        arrow_dataset(table or self.table(spec))  # opening the snapshot's dataset checks every file it references
 
     def check_columns(self, spec: TableSpec, table: DeltaTable | None = None) -> None:
         """Raise TableError when a table lacks a column of `spec`: it was not written by catalog-embed."""
@@ -308,11 +337,14 @@ class TableStore:
     # -- commit ----------------------------------------------------------------------------------------------
 
     def is_committed(self, run_id: str) -> bool:
-        """Whether the run's `runs` row is committed (its last step); False when there is no `runs` table yet."""
-        try:
-            return self.table(RUNS).transaction_version(app_id(run_id)) is not None
-        except TableError:
+        """Whether the run's `runs` row is committed (its last step); False when there is no `runs` table yet.
+
+        Raises:
+            TableError: the `runs` table is damaged or unreadable (never taken for "not committed").
+        """
+        if not self.exists(RUNS):
             return False
+        return self.table(RUNS).transaction_version(app_id(run_id)) is not None
 
     def commit(self, run_id: str, run_row: pa.Table, gone: pa.Table | None = None, prune: bool = False) -> None:
         """Commit a run: merge its staged parts, retire tracks gone from the catalog, append its `runs` row.
@@ -420,8 +452,12 @@ class TableStore:
         return table.select(columns) if columns is not None else table
 
     def exists(self, spec: TableSpec) -> bool:
-        """Whether the table has been created."""
-        return DeltaTable.is_deltatable(self.uri(spec), storage_options=self.storage_options)
+        """Whether the table has been created.
+
+        Raises:
+            TableError: it is damaged (see `table`): a table that lost its log is not one to create afresh.
+        """
+        return self._open(spec) is not None
 
 
 def table_at(uri: str, spec: TableSpec, storage_options: dict[str, str] | None = None) -> tuple[TableStore, TableSpec]:
@@ -539,9 +575,103 @@ def arrow_dataset(table: DeltaTable, **options: Any) -> pads.Dataset:
     active exception", exit 134) or hangs it, after the command has done its work. Arrow's local filesystem runs
     no Python. Object stores keep deltalake's filesystem (it carries their storage options).
     """
-    parsed = urllib.parse.urlparse(table.table_uri)  # deltalake spells local tables file:///...
-    if parsed.scheme == "file":
-        local = pa_fs.SubTreeFileSystem(urllib.parse.unquote(parsed.path), pa_fs.LocalFileSystem())
-        options.setdefault("filesystem", local)
-    return table.to_pyarrow_dataset(**options)
+    local = _local_path(table)
+    if local is not None:
+        options.setdefault("filesystem", pa_fs.SubTreeFileSystem(local, pa_fs.LocalFileSystem()))
+    dataset = table.to_pyarrow_dataset(**options)
+    _require_files(table, dataset)
+    return dataset
+
+
+def _local_path(table: DeltaTable) -> str | None:
+    """The folder of a local table (deltalake spells local tables file:///...), None for an object store's."""
+    parsed = urllib.parse.urlparse(table.table_uri)
+    return urllib.parse.unquote(parsed.path).rstrip("/") if parsed.scheme == "file" else None
+
+
+def _require_files(table: DeltaTable, dataset: pads.FileSystemDataset) -> None:
+    """Raise TableError naming the first file `dataset` would read that is missing or not the size the table's log
+    recorded: before any row is read, rather than mid-scan inside DuckDB or mid-merge. One listing of the table's
+    folder, not a request per file."""
+    actions = pa.table(table.get_add_actions(flatten=False)).select(["path", "size_bytes"])
+    recorded = dict(zip(actions["path"].to_pylist(), actions["size_bytes"].to_pylist(), strict=True))
+    everything = pa_fs.FileSelector("", recursive=True, allow_not_found=True)
+    listed = {info.path: info.size for info in dataset.filesystem.get_file_info(everything)}
+    for path in dataset.files:
+        size, expected = listed.get(path), recorded.get(path, listed.get(path))
+        if size is not None and size == expected:
+            continue
+        uri = _local_path(table) or table.table_uri.rstrip("/")
+        repair = f"deltalake's `DeltaTable({uri!r}).repair()` (catalog-embed never repairs a table)"
+        if size is None:
+            problem = f"is missing: restore it from a backup, or drop its rows from the table with {repair}"
+        else:
+            problem = (
+                f"is {size} bytes, not the {expected} its log recorded (truncated or overwritten): restore it from a "
+                f"backup, or move it away and drop its rows from the table with {repair}"
+            )
+        msg = f"the {posixpath.basename(uri)} table at {uri} is damaged: its data file {path} {problem}"
+        raise TableError(msg)
+
+
+_COMMIT_FILE = re.compile(r"(\d{20})\.json")
+_CHECKPOINT_FILE = re.compile(r"(\d{20})\.checkpoint(\.\d+\.\d+)?\.parquet")
+
+
+def _log_problem(fs: fsspec.AbstractFileSystem, table_path: str) -> str | None:
+    """What is wrong with a table's `_delta_log` that deltalake cannot read, naming the file and what to do about
+    it; None when nothing found here explains the failure (then it is not the log's content)."""
+    log = posixpath.join(table_path, "_delta_log")
+    try:
+        names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(log, detail=False)}
+    except OSError:
+        return None
+    commits = sorted(int(m.group(1)) for n in names if (m := _COMMIT_FILE.fullmatch(n)))
+    checkpoints = sorted(int(m.group(1)) for n in names if (m := _CHECKPOINT_FILE.fullmatch(n)))
+    restore = "restore it from a backup (catalog-embed never repairs a table)"
+    if "_last_checkpoint" in names:
+        try:
+            hinted = int(json.loads(fs.cat_file(posixpath.join(log, "_last_checkpoint")))["version"])
+        except (ValueError, KeyError, TypeError):
+            hinted = None  # Delta ignores a hint it cannot parse and lists the log instead
+        if hinted is not None and hinted not in checkpoints:
+            return (
+                f"_delta_log/_last_checkpoint points at checkpoint {hinted}, which is not in _delta_log/: restore "
+                "the checkpoint from a backup, or delete _last_checkpoint (Delta then finds its checkpoints by "
+                "listing the log)"
+            )
+    # Delta reads the commits after its latest checkpoint (all of them when there is none): each must be there.
+    after = range(checkpoints[-1] + 1 if checkpoints else 0, max(commits + checkpoints, default=-1) + 1)
+    for version in after:
+        name = f"{version:020d}.json"
+        if version not in commits:
+            return f"_delta_log/{name} is missing: {restore}"
+        try:
+            lines = fs.cat_file(posixpath.join(log, name)).decode().splitlines()
+            if not all(isinstance(json.loads(line), dict) for line in lines if line.strip()) or not lines:
+                raise ValueError(name)
+        except (ValueError, UnicodeDecodeError):
+            return f"_delta_log/{name} is not a Delta commit (lines of JSON actions): {restore}"
+    return None
+
+
+def _data_without_log(fs: fsspec.AbstractFileSystem, table_path: str) -> str | None:
+    """The problem with a table folder that holds files but no Delta log (its log was deleted), else None."""
+    try:
+        files = [p for p in fs.find(table_path) if "/_delta_log/" not in p]
+    except OSError:
+        return None
+    if not files:
+        return None
+    return (
+        f"{len(files)} file(s) such as {posixpath.relpath(files[0], table_path)} but no _delta_log/ entries: restore "
+        "_delta_log/ from a backup, or move the folder away to start the table afresh "
+        "(catalog-embed never repairs a table)"
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    """The first line of an error: deltalake appends a Rust backtrace to its message when RUST_BACKTRACE is set."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 

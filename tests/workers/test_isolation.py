@@ -18,8 +18,9 @@ from tests.helpers.faults import alive
 
 class ScriptedStage:
     """Behaves as each item's uri says: 'crash' segfaults, 'hang' never returns, 'slow:<dir>' records its pid
-    in <dir> and sleeps the first time, 'stuck:<dir>' records its pid and never returns, 'nice' answers the child's
-    nice value, anything else echoes the uri upper-cased."""
+    in <dir> and sleeps the first time, 'stuck:<dir>' records its pid and never returns, 'orphaned:<dir>' records its
+    pid and returns once its supervisor is gone, 'nice' answers the child's nice value, anything else echoes the uri
+    upper-cased."""
 
     def setup(self) -> None:
         """Nothing to build."""
@@ -32,6 +33,11 @@ class ScriptedStage:
         if item.uri.startswith("stuck:"):
             (Path(item.uri[6:]) / "pid").write_text(str(os.getpid()))
             time.sleep(3600)
+        if item.uri.startswith("orphaned:"):
+            supervisor = os.getppid()
+            (Path(item.uri[9:]) / "pid").write_text(str(os.getpid()))
+            while os.getppid() == supervisor:
+                time.sleep(0.01)
         if item.uri.startswith("slow:"):
             marker = Path(item.uri[5:]) / "pid"
             if not marker.exists():
@@ -102,16 +108,20 @@ def test_a_read_ahead_smaller_than_the_pool_never_stalls():
     assert results == ["A", "B", "C", "D"]
 
 
-def test_a_child_stuck_in_a_decoder_ends_when_its_supervisor_is_killed(tmp_path):
-    """kill -9 of the supervisor (a lost Ray worker, a killed driver) must not leave a hung decoder behind."""
+def _kill_the_supervisor_of(uri: str, tmp_path: Path) -> str:
+    """Run a supervisor decoding `uri` (which records its child's pid in tmp_path), kill -9 it once the child is
+    busy, wait for the child to end; return what both wrote to their shared stderr."""
     script = (
         "from tests.workers.test_isolation import ScriptedStage, _items\n"
         "from catalog_embed.workers.isolation import IsolatedPool\n"
         "pool = IsolatedPool(ScriptedStage(), workers=1, timeout_s=3600.0, memory_mb=1024)\n"
-        f"list(pool.imap(_items('stuck:{tmp_path}'), ahead=1))\n"
+        f"list(pool.imap(_items({uri!r}), ahead=1))\n"
     )
     root = Path(__file__).resolve().parents[2]
-    supervisor = subprocess.Popen([sys.executable, "-c", script], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
+    stderr = tmp_path / "stderr"
+    with stderr.open("wb") as sink:  # the child writes to the same stderr as its supervisor, as on a terminal
+        supervisor = subprocess.Popen([sys.executable, "-c", script], cwd=root, stderr=sink,
+                                      env=dict(os.environ, PYTHONPATH=str(root)))
     marker = tmp_path / "pid"
     deadline = time.monotonic() + 120
     while not marker.exists() and time.monotonic() < deadline:
@@ -123,4 +133,16 @@ def test_a_child_stuck_in_a_decoder_ends_when_its_supervisor_is_killed(tmp_path)
     while alive(child) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(child)
+    return stderr.read_text()
 
+
+def test_a_child_stuck_in_a_decoder_ends_when_its_supervisor_is_killed(tmp_path):
+    """kill -9 of the supervisor (a lost Ray worker, a killed driver) must not leave a hung decoder behind."""
+    _kill_the_supervisor_of(f"stuck:{tmp_path}", tmp_path)
+
+
+def test_a_child_whose_supervisor_was_killed_exits_without_a_traceback(tmp_path):
+    """A decode that finishes after its driver was killed -9 has nobody to send its result to: the child ends
+    quietly, not with a BrokenPipeError traceback on the terminal the driver shared."""
+    stderr = _kill_the_supervisor_of(f"orphaned:{tmp_path}", tmp_path)
+    assert "Traceback" not in stderr, stderr

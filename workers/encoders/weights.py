@@ -23,15 +23,27 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from catalog_embed.schemas.errors import WeightsError
+from catalog_embed.schemas.errors import ConfigError, WeightsError
 
 _CHUNK = 1 << 20
 
 
 def cache_dir() -> Path:
-    """The weights cache, created on demand."""
+    """The weights cache, created on demand.
+
+    Raises:
+        ConfigError: it cannot be created (a read-only HOME, a file in its place): the message names
+            CATALOG_EMBED_CACHE, which moves it.
+    """
     root = Path(os.environ.get("CATALOG_EMBED_CACHE", Path.home() / ".cache" / "catalog-embed"))
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = (
+            f"cannot create the cache folder {root} ({exc.strerror or exc}): set CATALOG_EMBED_CACHE to a folder "
+            "this user can write"
+        )
+        raise ConfigError(msg) from exc
     return root
 
 

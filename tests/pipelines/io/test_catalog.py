@@ -72,6 +72,21 @@ def test_bad_manifests_fail_naming_the_problem(tmp_path, content, needle):
     assert needle in str(err.value)
 
 
+
+@pytest.mark.parametrize(
+    ("row", "needle"),
+    [
+        ({"track_id": "a", "uri": {"path": "a.mp3"}}, "column uri holds struct<path: string> values"),
+        ({"track_id": ["a"], "uri": "a.mp3"}, "column track_id holds list<item: string> values"),
+    ],
+)
+def test_a_jsonl_manifest_with_nested_ids_or_uris_fails_naming_the_column(tmp_path, row, needle):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ManifestError) as err:
+        read_catalog(str(path))
+    assert needle in str(err.value) and "one string (or number) per row" in str(err.value)
+
 def test_unreadable_or_missing_catalogs_fail_clearly(tmp_path):
     with pytest.raises(ManifestError, match="not found"):
         read_catalog(str(tmp_path / "nope.parquet"))
