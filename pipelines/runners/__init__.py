@@ -3,7 +3,7 @@
 A runner receives an `EmbedJob` (picklable: it travels to remote workers) and only schedules: it decodes each
 shard's work items with `DecodeStage` in supervised processes, hands the decoded shard to the shard core
 (`catalog_embed.workers.shard.ShardEmbedder`: batching, failure routing and counting live there), writes the core's rows with
-`write_shard` and merges the shards' stats. The job then commits once on the driver. A new engine is a module here
+`catalog_embed.pipelines.embed.lifecycle.shards.write_shard` and merges the shards' stats. The job then commits once on the driver. A new engine is a module here
 with a class exposing `run(job, progress) -> RunStats`, plus a line in `options.RUNNER_CLASSES`; engine imports
 (apache_beam, ray) stay in that module.
 
@@ -14,7 +14,6 @@ graph) commits from its graph's last step through `job.commit` and says so in `R
 from __future__ import annotations
 
 import importlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -25,10 +24,8 @@ from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.pipelines.runners.options import RUNNER_CLASSES
 from catalog_embed.schemas.errors import ConfigError, RunAbortedError
 from catalog_embed.schemas.records import WorkItem
-from catalog_embed.schemas.tables import EMBEDDINGS, FAILURES, WINDOWS
-from catalog_embed.workers import failpoints
 from catalog_embed.workers.rows import RowContext
-from catalog_embed.workers.shard import ShardEmbedder, ShardOutput, ShardStats
+from catalog_embed.workers.shard import ShardEmbedder, ShardStats
 from catalog_embed.workers.stages import DecodeStage
 
 if TYPE_CHECKING:  # the config imports the engines' options from this package: no import at run time
@@ -142,22 +139,6 @@ class RunStats(ShardStats):
             f"First errors: {'; '.join(self.first_errors) or 'none recorded'}"
         )
         return RunAbortedError(msg)
-
-
-def write_shard(job: EmbedJob, store: TableStore, shard: ShardOutput) -> float:
-    """Write one shard's part files, always all of them and the embeddings part last: its presence marks the
-    shard complete when a crashed run is resumed (see `TableStore.prune_torn_shards`).
-
-    Returns:
-        Seconds spent writing.
-    """
-    start = time.perf_counter()
-    store.write_part(job.run_id, FAILURES, shard.name, shard.failures)
-    if shard.windows is not None:
-        store.write_part(job.run_id, WINDOWS, shard.name, shard.windows)
-    failpoints.hit("write_shard", shard.name)  # a worker lost mid-shard: some parts written, not the last
-    store.write_part(job.run_id, EMBEDDINGS, shard.name, shard.embeddings)
-    return time.perf_counter() - start
 
 
 def get_runner(name: str, **options: object) -> object:

@@ -21,6 +21,7 @@ from rich.console import Console
 from catalog_embed.pipelines.analysts.query import connect
 from catalog_embed.pipelines.embed.config import EmbedConfig
 from catalog_embed.pipelines.embed.job import run_embed
+from catalog_embed.pipelines.embed.lifecycle.commit import commit_run
 from catalog_embed.pipelines.io.catalog import UriPolicy, catalog_fingerprints, read_catalog
 from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.schemas.records import TrackEmbedding, WorkItem
@@ -156,7 +157,7 @@ def test_commits_released_at_the_same_instant_all_land_once(s3_catalog):
     def commit(run: str) -> None:
         writer = TableStore(out, options)
         start.wait()
-        writer.commit(run, run_row(run))
+        commit_run(writer, run, run_row(run))
 
     with ThreadPoolExecutor(len(runs)) as pool:
         list(pool.map(commit, runs))
@@ -182,7 +183,7 @@ def test_the_store_reaches_an_endpoint_given_only_as_a_storage_option(s3_catalog
                           {"stats": np.full(4, 2.0, np.float32)})
     with other.open(f"{store.staging_dir('r1', EMBEDDINGS)}/part-001-000000.parquet", "wb") as fh:
         pq.write_table(embedding_rows([late], ctx), fh)
-    store.commit("r1", run_row("r1"))
+    commit_run(store, "r1", run_row("r1"))
     assert sorted(store.read(EMBEDDINGS)["track_id"].to_pylist()) == ["t1", "t2"]
 
 
