@@ -280,12 +280,16 @@ class TableStore:
         data = json.dumps(payload, sort_keys=True).encode()
         try:
             if self._local():
-                with self._atomic(f"{path}.new", "wb") as fh:  # complete before its name appears
-                    fh.write(data)
+                # Written whole under a name of its own first, so that its name never shows a partial file.
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                temp = f"{path}.tmp-{uuid.uuid4().hex}"
                 try:
-                    os.link(f"{path}.new", path)
+                    with self.fs.open(temp, "wb") as fh:
+                        fh.write(data)
+                    os.link(temp, path)
                 finally:
-                    self.fs.rm(f"{path}.new")
+                    if self.fs.exists(temp):
+                        self.fs.rm(temp)
             else:
                 with self.fs.open(path, "xb") as fh:
                     fh.write(data)

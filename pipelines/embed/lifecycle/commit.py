@@ -98,8 +98,7 @@ def _changed_and_failed(store: TableStore, failures: pa.Table) -> pa.Table:
     looked_at = failures.filter(pc.not_equal(failures["source_fingerprint"], REFUSED_FINGERPRINT))
     if looked_at.num_rows == 0:
         return KEYS.empty_table()
-    tracks = pc.is_in(pc.field("track_id"), looked_at["track_id"].unique())
-    live = store.read(EMBEDDINGS, ["model", "track_id", "source_fingerprint"], tracks)
+    live = store.read(EMBEDDINGS, ["model", "track_id", "source_fingerprint"])  # keys only, never the vectors
     pairs = looked_at.select(["model", "track_id", "source_fingerprint"]).join(
         live, ["model", "track_id"], right_suffix="_embedded", join_type="inner"
     )

@@ -39,7 +39,7 @@ _TAKEN = "taken-{owner}.json"
 _UNLEASED = "unleased"  # the owner named by the claim on a dead run that never wrote a lease
 # The files a run writes at the top of its staging folder, and the temporary files their atomic writes leave on
 # a full disk: a folder holding only these is a run's, even without its run.json.
-_BOOKKEEPING = re.compile(rf"(run\.json|lease\.json|taken-[0-9a-z]+\.json)(\.new)?({TEMP_SUFFIX.pattern})?")
+_BOOKKEEPING = re.compile(rf"(run\.json|lease\.json|taken-[0-9a-z]+\.json)({TEMP_SUFFIX.pattern})?")
 TTL_ENV = "CATALOG_EMBED_LEASE_TTL_S"
 DEFAULT_TTL_S = 120.0
 

@@ -337,3 +337,21 @@ def test_a_resume_after_the_catalog_was_edited_in_place_commits_what_the_catalog
     rows = dict(connect(out).execute("SELECT track_id, source_uri FROM embeddings WHERE NOT deleted").fetchall())
     assert sorted(rows) == sorted([b, stall, d])
     assert rows[b].endswith("/" + other_file)  # embedded from the file the catalog names now
+
+
+def test_two_runs_resuming_one_dead_staging_together_leave_every_row_once(small_catalog, small_labels, tmp_path):
+    good, _ = expected_tracks(small_labels)
+    catalog = catalog_of(small_catalog, tmp_path / "catalog", lambda t: t in good[:4])
+    stall = pq.read_table(catalog)["track_id"].to_pylist()[2]
+    out = str(tmp_path / "out")
+    args = ("--model", "mfcc-stats", "--shard-size", "2", "--workers", "1")
+    proc = embed_process(catalog, out, *args, failpoints=f"decode=hang:{stall}")
+    wait_for(lambda: staged_embedding_parts(out) >= 1, proc, "a shard was staged")
+    kill_session(proc)
+    dead = _staged_run(out)
+    procs = [embed_process(catalog, out, *args) for _ in range(2)]
+    logs = [finish(p) for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert sum(f"resuming run {dead}" in log for log in logs) == 1, logs  # one resumed it, the other ran its own
+    assert table_tracks(out) == (sorted(good[:4]), [])
+    assert connect(out).execute("SELECT count(*) FROM embeddings").fetchone() == (4,)
