@@ -29,9 +29,9 @@ from rich.table import Table
 
 from catalog_embed.pipelines.embed.config import EmbedConfig
 from catalog_embed.pipelines.embed.job import run_embed
+from catalog_embed.pipelines.embed.lifecycle.shards import write_shard
 from catalog_embed.pipelines.io.catalog import fingerprints
 from catalog_embed.pipelines.io.store import TableStore
-from catalog_embed.pipelines.runners import EmbedJob, write_shard
 from catalog_embed.schemas.records import WorkItem
 from catalog_embed.workers.audio import load_audio
 from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
@@ -105,8 +105,7 @@ def main() -> None:
     def write_all() -> None:
         out = tempfile.mkdtemp(dir=work)
         store = TableStore(out)
-        job = EmbedJob("bench", EmbedConfig(catalog="", out=out, encoder=encoder_config), tuple(items), ctx)
-        write_shard(job, store, ShardOutput.of("000000", embedded, [], ctx, with_windows=False))
+        write_shard(store, "bench", ShardOutput.of("000000", embedded, [], ctx, with_windows=False))
 
     def naive() -> None:
         # One file at a time, one model call per track (batches never span tracks), no decode pool.

@@ -16,7 +16,7 @@ routing and counting live here only:
 - a track whose embeddings are not finite (NaN, inf) gets a `failures` row, never a table row.
 
 Engine- and storage-free: no apache_beam, ray or deltalake here. The rows come back as Arrow tables; the job layer
-writes them (`catalog_embed.pipelines.runners.write_shard`).
+writes them (`catalog_embed.pipelines.embed.lifecycle.shards.write_shard`).
 """
 
 from __future__ import annotations

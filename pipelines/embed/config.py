@@ -15,9 +15,10 @@ import argparse
 import dataclasses
 import os
 import tomllib
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from catalog_embed.pipelines.io import storage
 from catalog_embed.pipelines.io.catalog import UriPolicy
@@ -37,6 +38,10 @@ from catalog_embed.workers.stages import FRONT_END_PLACEMENTS, EncoderConfig
 WORKERS_PER_CORE = 4
 # Parallelism hint of the distributed runners: far above any one job's useful fan-out.
 MAX_ENGINE_WORKERS = 4096
+# The share of a model's tracks that one `--prune` may delete unless the user raises it. Takedowns and edits
+# remove well under 10% of a catalog per night; a manifest that lost more than that is far likelier to be
+# truncated, filtered or the wrong file, and pruned rows come back only through Delta time travel.
+PRUNE_MAX_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class EmbedConfig:
         run_id: explicit run id (letters, digits, '.', '_', '-'); an id already committed is refused. When None, an
             interrupted run (its process dead) that planned the same work is resumed, else a new id is made.
         prune: delete the rows of tracks gone from the catalog instead of marking them `deleted`.
+        prune_max_share: the largest share of the model's tracks (live embeddings and failures) one `prune` may
+            delete; a larger one is refused before any work (a truncated manifest). 1.0 allows any.
         policy: which URIs the manifest may point at.
         storage_options: deltalake storage options for --out (an S3 endpoint, locking); credentials come from
             the environment's default chain, never from here.
@@ -78,6 +85,7 @@ class EmbedConfig:
     retry_failed: bool = False
     run_id: str | None = None
     prune: bool = False
+    prune_max_share: float = PRUNE_MAX_SHARE
     policy: UriPolicy = field(default_factory=UriPolicy)
     storage_options: dict[str, str] | None = None
     beam: BeamOptions = field(default_factory=BeamOptions)
@@ -323,6 +331,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("prune", "--prune", "delete rows of tracks gone from the catalog", kind="switch"),
     Option(
+        "prune_max_share", "--prune-max-share",
+        "largest share of the model's tracks one --prune may delete (1 allows any; a larger prune is refused)",
+        rule="be in [0, 1]", valid=lambda v: 0.0 <= v <= 1.0,
+    ),
+    Option(
         "policy.allow_prefixes", "--allow-prefix",
         "also allow manifest URIs under this prefix (default: only under the catalog's folder); repeatable",
         kind="repeat", parse=tuple, metavar="URI",
@@ -444,3 +457,35 @@ def _replaced(config: Any, path: list[str], value: Any) -> Any:
     """`config` with the field at `path` (through nested frozen dataclasses) set to `value`."""
     name, rest = path[0], path[1:]
     return dataclasses.replace(config, **{name: _replaced(getattr(config, name), rest, value) if rest else value})
+
+
+_Saved = TypeVar("_Saved")
+
+
+def from_saved(cls: type[_Saved], payload: dict[str, Any], where: str = "") -> _Saved:
+    """Read a dataclass back from the JSON it was saved as (`dataclasses.asdict`), nested dataclasses and tuples
+    included. A field the payload lacks takes its default (it was added since); a key the dataclass has no field
+    for is an error, so a renamed field never reads back as a silent default.
+
+    Raises:
+        ConfigError: naming the key that is not a field, or the field that is missing and has no default.
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(payload) - names)
+    if unknown:
+        msg = f"saved field {where}{unknown[0]} is not a field of {cls.__name__} in this release"
+        raise ConfigError(msg)
+    values = {}
+    for name, value in payload.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            value = from_saved(kind, value, f"{where}{name}.")
+        elif isinstance(value, list) and typing.get_origin(kind) is tuple:
+            value = tuple(value)
+        values[name] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        msg = f"saved {cls.__name__} {where or 'config'} lacks a field: {exc}"
+        raise ConfigError(msg) from exc

@@ -1,6 +1,10 @@
-"""The embed job: validate, plan, run on a runner, commit once, summarise.
+"""The embed job: prepare -> claim -> run -> commit -> summary.
 
-    catalog -> plan (diff against the tables) -> runner (decode, front end, encoder, pool, part files) -> commit
+    catalog -> plan (diff against the tables) -> claim a run's staging -> runner (decode, front end, encoder, pool,
+    part files) -> commit -> summary
+
+What decides whether a row is lost or duplicated (claiming, resuming, the lease, the write order of parts, the
+commit steps) is `catalog_embed.pipelines.embed.lifecycle`'s; this module orders the steps.
 
 Everything that can be wrong with the configuration is checked before any audio is read.
 """
@@ -9,35 +13,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib.metadata import version as package_version
 
-import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from catalog_embed.pipelines import logs
 from catalog_embed.pipelines.embed.config import EmbedConfig, add_run_arguments, config_from_args
-from catalog_embed.pipelines.embed.plan import Plan, Request, plan_run, read_state, run_limits
+from catalog_embed.pipelines.embed.lifecycle.commit import RunCommit
+from catalog_embed.pipelines.embed.lifecycle.lease import RunLease
+from catalog_embed.pipelines.embed.lifecycle.shards import prune_torn_shards, write_shard
+from catalog_embed.pipelines.embed.lifecycle.staging import RUN_META, ResumeKey, RunState, StagedRun, staged_runs
+from catalog_embed.pipelines.embed.plan import Plan, Request, RunLimits, plan_run, read_state
 from catalog_embed.pipelines.io.catalog import catalog_fingerprints, read_catalog
-from catalog_embed.pipelines.io.lease import RunLease, read_lease
-from catalog_embed.pipelines.io.store import RUN_META, TableStore, run_id_problem
+from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.pipelines.output import console as output_console
 from catalog_embed.pipelines.output import print_json
-from catalog_embed.pipelines.runners import EmbedJob, Runner, RunStats, get_runner, write_shard
+from catalog_embed.pipelines.runners import EmbedJob, Runner, RunStats, get_runner
 from catalog_embed.pipelines.runners import Progress as ShardProgress
-from catalog_embed.schemas.errors import ConfigError, RunAbortedError, RunLostError
+from catalog_embed.schemas.errors import ConfigError, RunAbortedError
 from catalog_embed.schemas.records import TrackFailure
-from catalog_embed.schemas.tables import EMBEDDINGS, RUNS, TABLES
+from catalog_embed.schemas.tables import EMBEDDINGS, TABLES
 from catalog_embed.workers.encoders.base import Licence, resolve_device
 from catalog_embed.workers.rows import RowContext
 from catalog_embed.workers.shard import ShardOutput
 
-_KEYS = pa.schema([pa.field("model", pa.string()), pa.field("track_id", pa.string())])
 # A run launched on Dataflow keeps its lease this long after the launcher exits: its job commits it meanwhile.
 _LAUNCHED_LEASE_S = 48 * 3600.0
 
@@ -85,21 +88,19 @@ class PreparedRun:
     plan: Plan
     store: TableStore
 
-    def meta(self) -> dict[str, object]:
-        """The resume key: what the run plans and computes. An interrupted run with the same key can be resumed;
-        one for another catalog, encoder, layer set or limits never is (its staged rows would not belong)."""
+    def resume_key(self) -> ResumeKey:
+        """What the run plans and computes: an interrupted run staged for the same key can be resumed."""
         config = self.config
-        key = {
-            "catalog": config.catalog,
-            "model": self.model,
-            "model_version": self.model_version,
-            "feature_hash": self.feature_hash,
-            "layers": list(self.layers),
-            "windows": config.write_windows,
-            "limits": run_limits(dataclasses.asdict(config)),
-            "policy": dataclasses.asdict(config.policy),
-        }
-        return json.loads(json.dumps(key))  # as it reads back from the staged run.json (tuples become lists)
+        return ResumeKey(
+            catalog=config.catalog,
+            model=self.model,
+            model_version=self.model_version,
+            feature_hash=self.feature_hash,
+            layers=self.layers,
+            windows=config.write_windows,
+            limits=RunLimits.of(config),
+            policy=config.policy,
+        )
 
 
 def prepare_run(config: EmbedConfig, create_tables: bool = True) -> PreparedRun:
@@ -111,7 +112,8 @@ def prepare_run(config: EmbedConfig, create_tables: bool = True) -> PreparedRun:
 
     Raises:
         ConfigError, EncoderError, ManifestError, TableError: nothing has been read or written but the catalog
-            and the tables' keys.
+            and the tables' keys (a `--prune` of more than `--prune-max-share` of the model's tracks is refused
+            here).
     """
     config.validate()
     encoder = config.encoder.build()
@@ -126,20 +128,23 @@ def prepare_run(config: EmbedConfig, create_tables: bool = True) -> PreparedRun:
     prints = catalog_fingerprints(catalog)
     store = TableStore(config.out, config.storage_options)
     store.ensure_tables(create=create_tables)
-    request = Request(layers, config.write_windows, run_limits(dataclasses.asdict(config)))
+    request = Request(layers, config.write_windows, RunLimits.of(config))
     embedded_state, failed_state = read_state(store, encoder.name, request)
     plan = plan_run(
         catalog, prints, embedded_state, failed_state, encoder.version, feature_hash, retry_failed=config.retry_failed
     )
+    if config.prune:
+        plan.check_prune(config.prune_max_share)
     return PreparedRun(config, encoder.name, encoder.version, encoder.licence, layers, feature_hash, plan, store)
 
 
 def run_embed(config: EmbedConfig, console: Console | None = None, progress: ShardProgress | None = None) -> RunSummary:
-    """Run one embed job end to end; see the module docstring.
+    """Run one embed job end to end: prepare, claim, run, commit, summary.
 
     An interrupted run (its process dead: killed driver, lost machine, Ctrl-C) that planned the same work is
-    resumed: the tracks it already staged are not embedded again, and its parts are committed with the new ones.
-    The run holds a lease on its staging while it runs (`catalog_embed.pipelines.io.lease`), so no other run adopts or vacuums it.
+    resumed: the tracks it already staged, and still planned as they were, are not embedded again, and its parts
+    are committed with the new ones. The run holds a lease on its staging from its claim until its commit is done
+    (`catalog_embed.pipelines.embed.lifecycle`), so no other run adopts or vacuums it.
 
     Args:
         config: the run (`EmbedConfig`: the same options as the command line's flags).
@@ -157,66 +162,61 @@ def run_embed(config: EmbedConfig, console: Console | None = None, progress: Sha
     config.validate()
     runner = get_runner(config.runner, **config.runner_options())
     prepared = prepare_run(config)
-    config, store = prepared.config, prepared.store
-    run_id = _claimable_run(store, config.run_id, prepared.meta()) or f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
-    lease = RunLease(store, run_id).acquire()
+    lease = claim_run(prepared.store, config.run_id, prepared.resume_key(), started)
     try:
-        with logs.bound_run_id(run_id):
-            return _run_claimed(config, prepared, runner, run_id, lease, started, clock, console, progress)
+        with logs.bound_run_id(lease.run_id):
+            return _run_claimed(prepared, runner, lease, started, clock, console, progress)
     finally:
         lease.release()
 
 
-def _claimable_run(store: TableStore, run_id: str | None, meta: dict[str, object]) -> str | None:
-    """The run this invocation continues: `run_id` when given (refused when committed, running, or staged for
-    other work), else the newest dead, uncommitted run staged for the same work, else None (a new run)."""
-    if run_id is None:
-        for candidate in reversed(store.staged_runs()):
-            if run_id_problem(candidate) is None and _resumable(store, candidate, meta) is None:
-                return candidate
-        return None
-    if store.is_committed(run_id):
-        msg = f"--run-id {run_id} is already committed: a run id names one run; omit --run-id or choose a new one"
-        raise ConfigError(msg)
-    why = _resumable(store, run_id, meta)
-    if why is not None and store.fs.exists(store.staging_dir(run_id)):
-        raise ConfigError(f"--run-id {run_id}: {why}; choose another run id")
-    return run_id
+def claim_run(store: TableStore, run_id: str | None, key: ResumeKey, started: datetime) -> RunLease:
+    """Claim the run this invocation runs, and hold it: `run_id` when given (refused when committed, running,
+    staged for other work, or claimed by another process at the same instant), else the newest dead run staged
+    for the same work that this process wins, else a new run.
 
-
-def _resumable(store: TableStore, run_id: str, meta: dict[str, object]) -> str | None:
-    """Why the staged run `run_id` cannot be resumed for `meta`, or None when it can."""
-    staged = store.read_staged_json(run_id, RUN_META)
-    if staged is None:
-        return "its staging folder was not written by an embed run"
-    lease = read_lease(store, run_id)
-    if lease is not None and lease.alive():
-        return f"it is running now ({lease.describe()})"
-    if staged != meta:
-        return "it was staged for other work (another catalog, encoder, layers or limits)"
-    if store.is_committed(run_id):
-        return "it is already committed"
-    return None
+    Raises:
+        ConfigError: `run_id` cannot be run by this invocation; the message says why.
+    """
+    if run_id is not None:
+        staged = StagedRun.read(store, run_id)
+        if staged.state is RunState.COMMITTED:
+            msg = f"--run-id {run_id} is already committed: a run id names one run; omit --run-id or choose a new one"
+            raise ConfigError(msg)
+        why = None if staged.state is RunState.ABSENT else staged.why_not_resumable(key)
+        lease = RunLease(store, run_id)
+        if why is None and not lease.claim(staged):
+            why = "another process claimed it at the same instant"
+        if why is not None:
+            raise ConfigError(f"--run-id {run_id}: {why}; choose another run id")
+        return lease
+    for staged in reversed(staged_runs(store)):
+        if staged.state is RunState.DEAD and staged.why_not_resumable(key) is None:
+            lease = RunLease(store, staged.run_id)
+            if lease.claim(staged):
+                return lease
+    while True:  # a new id is random: another process creating it too would take both a clock and 32 random bits
+        lease = RunLease(store, f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}")
+        if lease.claim(StagedRun(lease.run_id, RunState.ABSENT)):
+            return lease
 
 
 def _run_claimed(
-    config: EmbedConfig,
     prepared: PreparedRun,
     runner: Runner,
-    run_id: str,
     lease: RunLease,
     started: datetime,
     clock: float,
     console: Console,
     on_progress: ShardProgress | None,
 ) -> RunSummary:
-    """Run `run_id`, whose lease this process holds; see `run_embed`."""
-    plan, store = prepared.plan, prepared.store
-    staged, attempt = store.prune_torn_shards(run_id)
+    """Run the run `lease` holds; see `run_embed`."""
+    config, plan, store, run_id = prepared.config, prepared.plan, prepared.store, lease.run_id
+    staged, attempt = prune_torn_shards(store, run_id, plan.planned())
     items = tuple(item for item in plan.items if item.track_id not in staged)
     if attempt:
         console.print(f"resuming run {run_id}: {len(plan.items) - len(items)} planned tracks are already staged")
-    store.write_staged_json(run_id, RUN_META, prepared.meta())
+    store.write_staged_json(run_id, RUN_META, prepared.resume_key().to_json())
     console.print(
         f"[bold]run {run_id}[/]: {prepared.model} {prepared.model_version} layers {','.join(prepared.layers)}; "
         f"{plan.describe()}"
@@ -248,7 +248,7 @@ def _run_claimed(
     if plan.refused:
         refused = [TrackFailure(item, "plan", "UriRefused", reason) for item, reason in plan.refused]
         refused_shard = ShardOutput.of(f"{attempt:03d}-refused", [], refused, job.rows, job.write_windows)
-        stats.add_time("write", write_shard(job, store, refused_shard))
+        stats.add_time("write", write_shard(store, run_id, refused_shard))
         stats.merge(refused_shard.stats)
     if items:
         try:
@@ -270,105 +270,14 @@ def _run_claimed(
     status = stats.status or "succeeded"
     if stats.status is None:
         commit_start = time.perf_counter()
-        lease.release()  # no heartbeat may recreate the staging folder that the commit removes
-        commit.succeed(stats)
+        lease.check()
+        commit.succeed(stats)  # the heartbeat goes on: a commit that outlasts the lease TTL is still this run's
         stats.add_time("commit", time.perf_counter() - commit_start)
     summary = RunSummary(
         run_id, status, plan, stats, time.perf_counter() - clock, config.out, prepared.model, prepared.model_version
     )
     print_summary(summary, console)
     return summary
-
-
-@dataclass(frozen=True)
-class RunCommit:
-    """Commits one run: its staged parts, then its `runs` row (see `TableStore.commit`).
-
-    Picklable, so that a runner whose driver may exit before its job ends (Beam, launched from a Dataflow Flex
-    Template) can commit from its graph's last step; committing a run twice adds nothing.
-    """
-
-    config: EmbedConfig
-    run_id: str
-    model: str
-    model_version: str
-    licence_code: str
-    licence_weights: str
-    feature_hash: str
-    n_catalog: int
-    n_planned: int
-    n_skipped: int
-    gone: tuple[str, ...]
-    started: datetime
-    lease_owner: str
-
-    def succeed(self, stats: RunStats) -> None:
-        """Commit a finished run's parts and a `succeeded` runs row."""
-        store = TableStore(self.config.out, self.config.storage_options)
-        # A retried commit of a committed run (a repeated Beam bundle) finds its staging, lease included, gone.
-        if not store.is_committed(self.run_id):
-            self._check_lease(store)
-        self._commit(store, stats, "succeeded")
-
-    def abort(self) -> None:
-        """Drop the run's parts and commit an `aborted` runs row."""
-        store = TableStore(self.config.out, self.config.storage_options)
-        self._check_lease(store)
-        store.drop_staging(self.run_id)
-        self._commit(store, RunStats(), "aborted")
-
-    def finish(self, stats: RunStats) -> str:
-        """Abort the run when too many tracks failed, else commit it; returns the status committed."""
-        try:
-            stats.check_failure_ratio(self.config.max_failure_ratio)
-        except RunAbortedError:
-            self.abort()
-            return "aborted"
-        self.succeed(stats)
-        return "succeeded"
-
-    def _check_lease(self, store: TableStore) -> None:
-        """Raise RunLostError unless this run still owns its staging: never commit, or report, another's rows."""
-        lease = read_lease(store, self.run_id)
-        if lease is None or lease.owner != self.lease_owner:
-            who = "it was removed" if lease is None else f"{lease.describe()} took it over"
-            msg = f"run {self.run_id} lost its staging while it ran ({who}): this run committed nothing; run again"
-            raise RunLostError(msg)
-
-    def _commit(self, store: TableStore, stats: RunStats, status: str) -> None:
-        # Counted from the staged parts, so a resumed run reports the tracks of all its attempts.
-        n_embedded, n_failed, audio_seconds = store.staged_counts(self.run_id)
-        compute = sum(s for k, s in stats.stage_seconds.items() if k in ("decode", "encode"))
-        finished = datetime.now(UTC)
-        row = pa.table(
-            {
-                "run_id": [self.run_id],
-                "status": [status],
-                "runner": [self.config.runner],
-                "model": [self.model],
-                "model_version": [self.model_version],
-                "licence_code": [self.licence_code],
-                "licence_weights": [self.licence_weights],
-                "feature_hash": [self.feature_hash],
-                "config_json": [json.dumps(dataclasses.asdict(self.config), sort_keys=True)],
-                "code_version": [package_version("catalog-embed")],
-                "started_at": [self.started],
-                "finished_at": [finished],
-                "n_catalog": [self.n_catalog],
-                "n_planned": [self.n_planned],
-                "n_skipped": [self.n_skipped],
-                "n_embedded": [n_embedded],
-                "n_failed": [n_failed],
-                "n_deleted": [len(self.gone) if status == "succeeded" else 0],
-                "audio_seconds": [audio_seconds],
-                "wall_seconds": [(finished - self.started).total_seconds()],
-                "compute_s_per_audio_hour": [compute / (audio_seconds / 3600) if audio_seconds else None],
-                "stage_seconds_json": [json.dumps(stats.stage_seconds, sort_keys=True)],
-            },
-            schema=RUNS.schema,
-        )
-        gone = pa.table({"model": [self.model] * len(self.gone), "track_id": list(self.gone)}, schema=_KEYS)
-        store.commit(self.run_id, row, gone=gone if status == "succeeded" else None, prune=self.config.prune)
 
 
 def _progress_bar(console: Console) -> Progress:

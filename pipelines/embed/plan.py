@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog_embed.pipelines.embed.config import EmbedConfig, from_saved
 from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.schemas.errors import ConfigError, TableError
 from catalog_embed.schemas.records import MISSING_FINGERPRINT, REFUSED_FINGERPRINT, WorkItem
 from catalog_embed.schemas.tables import EMBEDDINGS, FAILURES, RUNS, WINDOWS
 
@@ -18,6 +20,22 @@ _DETERMINISTIC_STAGES = ("decode", "frontend")
 _STILL_BAD = (MISSING_FINGERPRINT, REFUSED_FINGERPRINT)
 # Failures that a run's limits caused rather than the file alone: retried once the limits they met have changed.
 LIMIT_ERRORS = ("AudioTooLongError", "AudioTooShortError", "DecodeTimeout", "DecodeOutOfMemory")
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """The options that decide limit failures (`LIMIT_ERRORS`): durations, decode memory and timeout."""
+
+    max_duration_s: float
+    min_duration_s: float
+    max_memory_mb: float
+    decode_timeout_s: float
+
+    @classmethod
+    def of(cls, config: EmbedConfig) -> RunLimits:
+        """The limits of a run's config."""
+        decode = config.decode
+        return cls(decode.max_duration_s, decode.min_duration_s, decode.max_memory_mb, config.decode_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -35,7 +53,7 @@ class Request:
 
     layers: tuple[str, ...]
     windows: bool
-    limits: dict[str, float]
+    limits: RunLimits
 
 
 def read_state(store: TableStore, model: str, request: Request) -> tuple[pa.Table, pa.Table]:
@@ -82,28 +100,25 @@ def _windows_of(store: TableStore, model: str, layer: str) -> pa.Array:
     return rows.filter(pc.equal(rows["layer"], layer))["track_id"].combine_chunks()
 
 
-def _runs_with_other_limits(store: TableStore, run_ids: set[str], limits: dict[str, float]) -> pa.Array:
-    """The runs among `run_ids` whose recorded config had other limits than `limits`."""
+def _runs_with_other_limits(store: TableStore, run_ids: set[str], limits: RunLimits) -> pa.Array:
+    """The runs among `run_ids` whose recorded config had other limits than `limits`.
+
+    Raises:
+        TableError: a runs row's config does not read back as this release's `EmbedConfig`.
+    """
     if not run_ids or not store.exists(RUNS):
         return pa.array([], pa.string())
     runs = store.read(RUNS, ["run_id", "config_json"], pc.is_in(pc.field("run_id"), pa.array(sorted(run_ids))))
-    changed = [
-        run_id
-        for run_id, config in zip(runs["run_id"].to_pylist(), runs["config_json"].to_pylist(), strict=True)
-        if run_limits(json.loads(config)) != limits
-    ]
+    changed = []
+    for run_id, saved in zip(runs["run_id"].to_pylist(), runs["config_json"].to_pylist(), strict=True):
+        try:
+            config = from_saved(EmbedConfig, json.loads(saved))
+        except (ConfigError, ValueError) as exc:
+            msg = f"{store.uri(RUNS)}: the config of run {run_id} does not read back ({exc}): write to a new --out"
+            raise TableError(msg) from exc
+        if RunLimits.of(config) != limits:
+            changed.append(run_id)
     return pa.array(changed, pa.string())
-
-
-def run_limits(config: dict) -> dict[str, float]:
-    """The limit options of a run's config (as `EmbedConfig` saves it in its runs row)."""
-    decode = config.get("decode", {})
-    return {
-        "max_duration_s": float(decode.get("max_duration_s", 0)),
-        "min_duration_s": float(decode.get("min_duration_s", 0)),
-        "max_memory_mb": float(decode.get("max_memory_mb", 0)),
-        "decode_timeout_s": float(config.get("decode_timeout_s", 0)),
-    }
 
 
 @dataclass(frozen=True)
@@ -115,11 +130,13 @@ class Plan:
         refused: tracks whose URI the policy refuses, with the reason, to record as failures.
         gone: track ids with a live embedding or a failure that left the catalog: embeddings are marked deleted
             (or pruned), failures removed.
+        n_known: track ids with a live embedding or a failure before the run (what `gone` is a share of).
     """
 
     items: tuple[WorkItem, ...]
     refused: tuple[tuple[WorkItem, str], ...]
     gone: tuple[str, ...]
+    n_known: int
     n_catalog: int
     n_new: int
     n_changed: int
@@ -130,6 +147,24 @@ class Plan:
     def n_skipped(self) -> int:
         """Tracks the run leaves alone."""
         return self.n_unchanged + self.n_known_bad
+
+    def planned(self) -> dict[str, tuple[str, str]]:
+        """Track id -> (uri, fingerprint) of every track the run embeds or refuses."""
+        return {item.track_id: (item.uri, item.fingerprint) for item in (*self.items, *(i for i, _ in self.refused))}
+
+    def check_prune(self, max_share: float) -> None:
+        """Refuse a prune that would delete more than `max_share` of the model's tracks.
+
+        Raises:
+            ConfigError: naming the share and the flag that confirms it.
+        """
+        if self.gone and len(self.gone) > max_share * self.n_known:
+            msg = (
+                f"--prune would delete {len(self.gone)} of the model's {self.n_known} tracks "
+                f"({len(self.gone) / self.n_known:.0%}), more than --prune-max-share {max_share:g}: check that the "
+                f"catalog is complete, or confirm with --prune-max-share 1"
+            )
+            raise ConfigError(msg)
 
     @property
     def has_work(self) -> bool:
@@ -212,6 +247,7 @@ def plan_run(
         items=tuple(items),
         refused=tuple(refused),
         gone=tuple(sorted(known - in_catalog)),
+        n_known=len(known),
         n_catalog=catalog.num_rows,
         n_new=n_new,
         n_changed=n_changed,

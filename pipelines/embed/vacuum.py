@@ -6,9 +6,9 @@ import argparse
 import time
 from dataclasses import dataclass
 
-from catalog_embed.pipelines.io.lease import read_lease
+from catalog_embed.pipelines.embed.lifecycle.staging import RunState, staged_runs
 from catalog_embed.pipelines.io.storage import add_storage_option_argument, storage_options_from_args
-from catalog_embed.pipelines.io.store import RUN_META, TableStore, run_id_problem
+from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.pipelines.output import print_json
 from catalog_embed.schemas.errors import ConfigError
 from catalog_embed.schemas.tables import TABLES
@@ -25,7 +25,7 @@ class VacuumReport:
     Attributes:
         staging_removed: runs whose staging was removed: committed, or dead and untouched for --staging-hours.
         staging_live: runs whose staging a live run holds (its lease is fresh): never touched.
-        staging_foreign: folders under `_staging/` that no embed run wrote (no run meta): never touched.
+        staging_foreign: folders under `_staging/` that no embed run wrote: never touched.
         table_files: unreferenced table files removed.
     """
 
@@ -44,9 +44,10 @@ def vacuum(
 ) -> VacuumReport:
     """Remove abandoned staging and unreferenced table files under `out`.
 
-    Only what an embed run wrote is touched: a staging folder holding a run's meta, and only when that run is
-    committed, or dead (no live lease) and untouched for `staging_hours`. A running run's staging is left alone
-    however old its files are.
+    Only what an embed run wrote is touched (see `catalog_embed.pipelines.embed.lifecycle.staging.StagedRun`: a
+    folder holding a run's meta, or only a run's bookkeeping files and their temporary files), and only when that
+    run is committed, or dead (no live lease) and untouched for `staging_hours`. A running run's staging is left
+    alone however old its files are.
 
     Args:
         out: the output root.
@@ -73,17 +74,13 @@ def vacuum(
         store.check_intact(spec)
     now = time.time()
     removed, live, foreign = [], [], []
-    for name in store.staged_runs():
-        if run_id_problem(name) is not None or store.read_staged_json(name, RUN_META) is None:
-            foreign.append(name)
-            continue
-        lease = read_lease(store, name)
-        if store.is_committed(name):
-            removed.append(name)
-        elif lease is not None and lease.alive(now):
-            live.append(name)
-        elif now - store.last_staged(name) > staging_hours * 3600:
-            removed.append(name)
+    for staged in staged_runs(store):
+        if staged.state is RunState.FOREIGN:
+            foreign.append(staged.run_id)
+        elif staged.state is RunState.LIVE:
+            live.append(staged.run_id)
+        elif staged.state is RunState.COMMITTED or now - store.last_staged(staged.run_id) > staging_hours * 3600:
+            removed.append(staged.run_id)
     if not dry_run:
         for run_id in removed:
             store.drop_staging(run_id)

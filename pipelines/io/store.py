@@ -1,5 +1,5 @@
 """The one table store every runner writes through: Delta tables under an output root, staged part files, and
-one idempotent commit per run.
+commit steps that each run once.
 
 Layout under the root (any fsspec/deltalake URI: local, s3://, gs://):
 
@@ -7,15 +7,18 @@ Layout under the root (any fsspec/deltalake URI: local, s3://, gs://):
     _staging/<run_id>/<table>/part-<shard>.parquet  part files written by workers, invisible to readers
 
 Workers write part files with deterministic names, so a retried shard overwrites itself instead of duplicating.
-`commit()` merges the staged parts of a run into each table, keyed by (model, track_id) so a re-embedded track
-replaces its row, and tags each table's commit with the Delta application transaction `catalog-embed:<run_id>`:
-committing a run twice adds nothing. The `runs` row is committed last and marks the run as done.
+The store is generic: it writes and reads staged parts, merges rows by a table's key, retires keys, and runs a
+commit step tagged with a Delta application transaction unless that transaction is already in the table. What a
+run commits, in which order, and what decides whether a staged run may be committed at all is the embed job's
+(`catalog_embed.pipelines.embed.lifecycle`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import posixpath
 import re
 import time
@@ -36,14 +39,15 @@ from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from catalog_embed.schemas.errors import TableError
-from catalog_embed.schemas.tables import EMBEDDINGS, FAILURES, RUNS, SCHEMA_VERSION, TABLES, WINDOWS, TableSpec
+from catalog_embed.schemas.tables import SCHEMA_VERSION, TABLES, TableSpec
 from catalog_embed.workers import failpoints
 
 SCHEMA_VERSION_KEY = "catalog_embed.schema_version"
 STAGING = "_staging"
 # What an output root may hold besides the tables: a root with anything else is not ours to write into.
 ROOT_ENTRIES = (*TABLES, STAGING, "_indexes")
-RUN_META = "run.json"
+# `_atomic` writes a local file as `<name>.tmp-<32 hex digits>` beside it, then renames it.
+TEMP_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{32}")
 # Run ids name folders and Delta transactions: a safe character set, no separators, no leading dot.
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # A commit that loses a race with another writer is retried on the new version with exponential backoff.
@@ -239,14 +243,21 @@ class TableStore:
     def _atomic(self, path: str, mode: str) -> Iterator[IO[Any]]:
         """Open `path` for writing so that readers never see it half-written: on local disks the file is written
         aside and renamed (a killed worker leaves no partial file under the final name); object stores make a
-        single put atomic themselves."""
+        single put atomic themselves. A write that fails (a full disk) removes its temporary file."""
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
-        target = f"{path}.tmp-{uuid.uuid4().hex}" if local else path
-        with self.fs.open(target, mode) as fh:
-            yield fh
-        if local:
-            self.fs.mv(target, path)
+        target = f"{path}.tmp-{uuid.uuid4().hex}" if self._local() else path
+        try:
+            with self.fs.open(target, mode) as fh:
+                yield fh
+            if self._local():
+                self.fs.mv(target, path)
+        except BaseException:
+            if self._local() and self.fs.exists(target):
+                self.fs.rm(target)
+            raise
+
+    def _local(self) -> bool:
+        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
     def write_part(self, run_id: str, spec: TableSpec, part: str, rows: pa.Table) -> str:
         """Write one part file with a deterministic name; rewriting the same part replaces it."""
@@ -275,12 +286,6 @@ class TableStore:
         last = order.group_by(list(spec.key)).aggregate([("_row", "max")])["_row_max"]
         return table.take(pc.take(last, pc.sort_indices(last))) if len(last) < table.num_rows else table
 
-    def staged_counts(self, run_id: str) -> tuple[int, int, float]:
-        """(tracks embedded, tracks failed, audio seconds) staged by a run over all its attempts."""
-        embedded = self.read_staged(run_id, EMBEDDINGS)
-        failed = self.read_staged(run_id, FAILURES)
-        return embedded.num_rows, failed.num_rows, float(pc.sum(embedded["duration_s"]).as_py() or 0.0)
-
     def write_staged_json(self, run_id: str, name: str, payload: dict[str, Any]) -> None:
         """Write a small JSON file (the run's meta, its lease) into a run's staging folder, atomically."""
         with self._atomic(posixpath.join(self.staging_dir(run_id), name), "w") as fh:
@@ -295,6 +300,39 @@ class TableStore:
             return None
         return payload if isinstance(payload, dict) else None
 
+    def create_staged_json(self, run_id: str, name: str, payload: dict[str, Any]) -> bool:
+        """Write a small JSON file into a run's staging folder only if no file has that name yet; returns whether
+        this call created it. Of several processes creating one name at the same instant exactly one wins: a local
+        disk links the written file to its name (link fails when the name exists, as O_EXCL does); object stores
+        put it conditionally (S3 `If-None-Match: *`, GCS `ifGenerationMatch=0`, through fsspec's mode "xb")."""
+        path = posixpath.join(self.staging_dir(run_id), name)
+        data = json.dumps(payload, sort_keys=True).encode()
+        try:
+            if self._local():
+                # Written whole under a name of its own first, so that its name never shows a partial file.
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                temp = f"{path}.tmp-{uuid.uuid4().hex}"
+                try:
+                    with self.fs.open(temp, "wb") as fh:
+                        fh.write(data)
+                    os.link(temp, path)
+                finally:
+                    if self.fs.exists(temp):
+                        self.fs.rm(temp)
+            else:
+                with self.fs.open(path, "xb") as fh:
+                    fh.write(data)
+        except FileExistsError:
+            return False
+        return True
+
+    def staged_entries(self, run_id: str) -> list[str]:
+        """Names in a run's staging folder (files and table folders), sorted; empty when it does not exist."""
+        folder = self.staging_dir(run_id)
+        if not self.fs.exists(folder):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False))
+
     def staged_runs(self) -> list[str]:
         """Names of the folders under `_staging/`, sorted: runs' staging, and anything else someone put there
         (callers touch only folders that hold a run's `run.json`)."""
@@ -308,93 +346,60 @@ class TableStore:
         files = self.fs.find(self.staging_dir(run_id))
         return max((self.fs.modified(p).timestamp() for p in files), default=0.0)
 
-    def prune_torn_shards(self, run_id: str) -> tuple[set[str], int]:
-        """Delete the staged parts of shards a worker killed mid-shard left incomplete, so that they are redone
-        whole; return the tracks the run has staged in complete shards and the next attempt number, for resuming it.
-
-        A shard is complete once its embeddings part exists (`write_shard` writes it last). Call this only on a run
-        whose lease this process holds.
-        """
-        complete = {posixpath.basename(p) for p in self.staged_parts(run_id, EMBEDDINGS)}
-        done: set[str] = set()
-        attempts = [-1]
-        for spec in (EMBEDDINGS, FAILURES, WINDOWS):
-            for part in self.staged_parts(run_id, spec):
-                name = posixpath.basename(part)
-                attempts.append(int(name.removeprefix("part-").split("-", 1)[0]))
-                if name not in complete:
-                    self.fs.rm(part)
-                elif spec is not WINDOWS:
-                    done.update(pq.read_table(part, columns=["track_id"], filesystem=self.fs)["track_id"].to_pylist())
-        return done, max(attempts) + 1
-
     def drop_staging(self, run_id: str) -> None:
         """Remove a run's staged parts (after its commit, or by `vacuum`)."""
         folder = self.staging_dir(run_id)
         if self.fs.exists(folder):
             self.fs.rm(folder, recursive=True)
 
-    # -- commit ----------------------------------------------------------------------------------------------
+    # -- commit steps ---------------------------------------------------------------------------------------
 
-    def is_committed(self, run_id: str) -> bool:
-        """Whether the run's `runs` row is committed (its last step); False when there is no `runs` table yet.
+    def committed(self, spec: TableSpec, txn_id: str) -> int | None:
+        """The version of the application transaction `txn_id` committed to a table, or None (also when the table
+        does not exist yet).
 
         Raises:
-            TableError: the `runs` table is damaged or unreadable (never taken for "not committed").
+            TableError: the table is damaged or unreadable (never taken for "not committed").
         """
-        if not self.exists(RUNS):
-            return False
-        return self.table(RUNS).transaction_version(app_id(run_id)) is not None
+        if not self.exists(spec):
+            return None
+        return self.table(spec).transaction_version(txn_id)
 
-    def commit(self, run_id: str, run_row: pa.Table, gone: pa.Table | None = None, prune: bool = False) -> None:
-        """Commit a run: merge its staged parts, retire tracks gone from the catalog, append its `runs` row.
-
-        Each step is one Delta commit tagged with its own application transaction, so re-running a commit after a
-        crash at any point skips the steps already done and finishes the rest; a commit that loses a race with
-        another writer is retried on the new table version.
+    def commit_step(
+        self,
+        spec: TableSpec,
+        txn_id: str,
+        step: Callable[[DeltaTable, CommitProperties], object],
+        version: int = 1,
+        any_version: bool = False,
+        tag: dict[str, str] | None = None,
+    ) -> None:
+        """Run one commit step tagged with the application transaction (`txn_id`, `version`), unless the table
+        already holds that transaction at `version` (or at any version with `any_version`); retry lost races.
 
         Args:
-            run_id: the run.
-            run_row: its `runs` row.
-            gone: (model, track_id) of tracks that left the catalog: their embeddings are marked `deleted` (or
-                deleted with `prune`), their failures and, with `prune`, their windows removed.
-            prune: delete rather than mark the rows of tracks gone from the catalog.
+            spec: the table the step commits to.
+            txn_id: the step's application-transaction id.
+            step: writes the step's one Delta commit with the commit properties it is given.
+            version: identifies the step's content (see `content_version`): a step with other content under the
+                same id is committed, never skipped as done.
+            any_version: the step happens once per id, whatever it holds.
+            tag: custom commit metadata.
         """
-        keys = pa.schema([pa.field("model", pa.string()), pa.field("track_id", pa.string())])
-        gone = (gone if gone is not None else keys.empty_table()).cast(keys)
-        embedded = self.read_staged(run_id, EMBEDDINGS).select(["model", "track_id"]).cast(keys)
-        steps = [
-            (FAILURES, "", lambda t, txn: _merge_failures(
-                t, self.read_staged(run_id, FAILURES), pa.concat_tables([embedded, gone]), txn)),
-            (WINDOWS, "", lambda t, txn: _merge_rows(t, WINDOWS, self.read_staged(run_id, WINDOWS), txn)),
-            (EMBEDDINGS, "", lambda t, txn: _merge_rows(t, EMBEDDINGS, self.read_staged(run_id, EMBEDDINGS), txn)),
-            (EMBEDDINGS, ":gone", lambda t, txn: _retire(t, gone, prune, txn)),
-            (RUNS, "", lambda t, txn: write_deltalake(
-                t, run_row.cast(RUNS.schema), mode="append", commit_properties=txn,
-                storage_options=self.storage_options)),
-        ]
-        if prune:
-            steps.insert(2, (WINDOWS, ":gone", lambda t, txn: _retire(t, gone, True, txn)))
-        for spec, suffix, step in steps:
-            self._commit_step(spec, app_id(run_id) + suffix, run_id, step)
-        self.drop_staging(run_id)
-
-    def _commit_step(
-        self, spec: TableSpec, txn_id: str, run_id: str, step: Callable[[DeltaTable, CommitProperties], object]
-    ) -> None:
-        """Run one commit step unless its transaction is already in the table; retry lost races."""
 
         def attempt() -> None:
             table = self.table(spec)
-            if table.transaction_version(txn_id) is not None:
+            done = table.transaction_version(txn_id)
+            if done is not None and (any_version or done == version):
                 return
             failpoints.hit(f"commit.{spec.name}", txn_id)
-            txn = CommitProperties(
-                app_transactions=[Transaction(txn_id, 1)], custom_metadata={"catalog_embed.run_id": run_id}
-            )
-            step(table, txn)
+            step(table, CommitProperties(app_transactions=[Transaction(txn_id, version)], custom_metadata=tag))
 
         _retried(attempt)
+
+    def append(self, table: DeltaTable, rows: pa.Table, txn: CommitProperties | None) -> None:
+        """Append `rows` to `table` in one commit (a commit step's write; see `commit_step`)."""
+        write_deltalake(table, rows, mode="append", commit_properties=txn, storage_options=self.storage_options)
 
     # -- single-table writes (probe predictions) -------------------------------------------------------------
 
@@ -402,7 +407,7 @@ class TableStore:
         """Merge `rows` into a table by its key, creating the table first; a commit that loses a race is retried."""
         if not self.exists(spec):
             self._create(spec)
-        _retried(lambda: _merge_rows(self.table(spec), spec, rows, None))
+        _retried(lambda: merge_rows(self.table(spec), spec, rows, None))
 
     def overwrite(self, spec: TableSpec, rows: pa.Table) -> None:
         """Replace a table's rows with `rows`, creating it when absent; a commit that loses a race is retried."""
@@ -505,66 +510,77 @@ def _key_predicate(spec: TableSpec) -> str:
     return " AND ".join(f"t.{k} = s.{k}" for k in spec.key)
 
 
-def _merge_rows(table: DeltaTable, spec: TableSpec, staged: pa.Table, txn: CommitProperties | None) -> None:
-    """Upsert staged rows by the table's key (nothing when none); new layer columns are added first.
+def content_version(*tables: pa.Table) -> int:
+    """A commit step's version derived from what it writes (a 63-bit digest of the tables' Arrow IPC bytes):
+    equal for equal content, so a repeated step is skipped and a step with other content is not."""
+    digest = hashlib.sha256()
+    for table in tables:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.combine_chunks())
+        digest.update(sink.getvalue())
+    return int.from_bytes(digest.digest()[:8], "big") >> 1
+
+
+def merge_rows(
+    table: DeltaTable, spec: TableSpec, rows: pa.Table, txn: CommitProperties | None, delete: pa.Table | None = None
+) -> None:
+    """In one commit, upsert `rows` by the table's key and delete the rows whose key is in `delete` (nothing when
+    both are empty); new columns of `rows` are added first.
 
     Columns are added with `alter` rather than the merge's schema evolution, which rewrites the table metadata
     and drops the schema-version tag.
+
+    Args:
+        table: the table.
+        spec: its spec (key and schema).
+        rows: rows to insert or replace.
+        txn: the commit's properties.
+        delete: keys (the key columns) whose rows are deleted; a key also in `rows` is upserted.
     """
-    if staged.num_rows == 0:
+    delete = delete if delete is not None else pa.table({k: pa.array([], pa.string()) for k in spec.key})
+    delete = delete.select(list(spec.key)).group_by(list(spec.key)).aggregate([])  # a source row per key at most
+    delete = delete.filter(pc.invert(_keys_in(delete, rows, spec))) if rows.num_rows and delete.num_rows else delete
+    if rows.num_rows == 0 and delete.num_rows == 0:
         return
     have = set(pa.schema(table.schema()).names)
-    new = [field for field in staged.schema if field.name not in have]
+    new = [field for field in rows.schema if field.name not in have]
     if new:
         table.alter.add_columns(DeltaSchema.from_arrow(pa.schema([f.with_nullable(True) for f in new])).fields)
+    # One source: the rows, then the keys to delete with every other column null, told apart by `_delete`.
+    schema = pa.schema([f.with_nullable(True) for f in rows.schema] + [pa.field("_delete", pa.bool_())])
+    gone = pa.table(
+        {f.name: delete[f.name] if f.name in spec.key else pa.nulls(delete.num_rows, f.type) for f in rows.schema}
+        | {"_delete": pa.repeat(True, delete.num_rows)}
+    )
+    source = pa.concat_tables(
+        [rows.append_column("_delete", pa.repeat(False, rows.num_rows)).cast(schema), gone.cast(schema)]
+    )
+    columns = {name: f"s.{name}" for name in rows.schema.names}
     (
-        table.merge(
-            staged,
-            predicate=_key_predicate(spec),
-            source_alias="s",
-            target_alias="t",
-            commit_properties=txn,
-        )
-        .when_matched_update_all()
-        .when_not_matched_insert_all()
+        table.merge(source, predicate=_key_predicate(spec), source_alias="s", target_alias="t", commit_properties=txn)
+        .when_matched_delete(predicate="s._delete")
+        .when_matched_update(updates=columns, predicate="NOT s._delete")
+        .when_not_matched_insert(updates=columns, predicate="NOT s._delete")
         .execute()
     )
 
 
-def _retire(table: DeltaTable, gone: pa.Table, delete: bool, txn: CommitProperties) -> None:
-    """Mark the rows of tracks gone from the catalog as deleted, or delete them."""
-    if gone.num_rows == 0:
+def _keys_in(keys: pa.Table, rows: pa.Table, spec: TableSpec) -> pa.Array:
+    """Which rows of `keys` have their key among `rows`' keys."""
+    joined = keys.select(list(spec.key)).append_column("_i", pa.array(range(keys.num_rows), pa.int64()))
+    hits = joined.join(rows.select(list(spec.key)), list(spec.key), join_type="inner")["_i"]
+    return pc.is_in(joined["_i"], hits)
+
+
+def retire(table: DeltaTable, spec: TableSpec, keys: pa.Table, delete: bool, txn: CommitProperties) -> None:
+    """Mark the rows whose key is in `keys` as `deleted` (the table must have that column), or delete them."""
+    if keys.num_rows == 0:
         return
     merger = table.merge(
-        gone, predicate="t.model = s.model AND t.track_id = s.track_id", source_alias="s", target_alias="t",
-        commit_properties=txn,
+        keys, predicate=_key_predicate(spec), source_alias="s", target_alias="t", commit_properties=txn
     )
     (merger.when_matched_delete() if delete else merger.when_matched_update({"deleted": "true"})).execute()
-
-
-def _merge_failures(table: DeltaTable, staged: pa.Table, resolved: pa.Table, txn: CommitProperties) -> None:
-    """Upsert this run's failures and, in the same commit, delete failures of tracks that now embedded."""
-    if staged.num_rows == 0 and resolved.num_rows == 0:
-        return
-    failures = staged.cast(FAILURES.schema).append_column("_resolved", pa.repeat(False, staged.num_rows))
-    ok = pa.table(
-        {
-            name: resolved[name] if name in resolved.column_names else pa.nulls(resolved.num_rows, field.type)
-            for name, field in zip(FAILURES.schema.names, FAILURES.schema, strict=True)
-        }
-        | {"_resolved": pa.repeat(True, resolved.num_rows)}
-    )
-    schema = pa.schema([f.with_nullable(True) for f in FAILURES.schema] + [pa.field("_resolved", pa.bool_())])
-    source = pa.concat_tables([failures.cast(schema), ok.cast(schema)])
-    columns = {name: f"s.{name}" for name in FAILURES.schema.names}
-    (
-        table.merge(source, predicate=_key_predicate(FAILURES), source_alias="s", target_alias="t",
-                    commit_properties=txn)
-        .when_matched_delete(predicate="s._resolved")
-        .when_matched_update(updates=columns, predicate="NOT s._resolved")
-        .when_not_matched_insert(updates=columns, predicate="NOT s._resolved")
-        .execute()
-    )
 
 
 def arrow_dataset(table: DeltaTable, **options: Any) -> pads.Dataset:

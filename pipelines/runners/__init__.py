@@ -3,7 +3,7 @@
 A runner receives an `EmbedJob` (picklable: it travels to remote workers) and only schedules: it decodes each
 shard's work items with `DecodeStage` in supervised processes, hands the decoded shard to the shard core
 (`catalog_embed.workers.shard.ShardEmbedder`: batching, failure routing and counting live there), writes the core's rows with
-`write_shard` and merges the shards' stats. The job then commits once on the driver. A new engine is a module here
+`catalog_embed.pipelines.embed.lifecycle.shards.write_shard` and merges the shards' stats. The job then commits once on the driver. A new engine is a module here
 with a class exposing `run(job, progress) -> RunStats`, plus a line in `options.RUNNER_CLASSES`; engine imports
 (apache_beam, ray) stay in that module. `Runner` states that protocol.
 
@@ -20,7 +20,6 @@ import importlib
 import logging
 import posixpath
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol, Self
@@ -33,10 +32,9 @@ from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.pipelines.runners.options import RUNNER_CLASSES
 from catalog_embed.schemas.errors import ConfigError, RunAbortedError
 from catalog_embed.schemas.records import WorkItem
-from catalog_embed.schemas.tables import EMBEDDINGS, FAILURES, WINDOWS
-from catalog_embed.workers import failpoints
+from catalog_embed.schemas.tables import EMBEDDINGS
 from catalog_embed.workers.rows import RowContext
-from catalog_embed.workers.shard import ShardEmbedder, ShardOutput, ShardStats
+from catalog_embed.workers.shard import ShardEmbedder, ShardStats
 from catalog_embed.workers.stages import DecodeStage
 
 if TYPE_CHECKING:  # the config imports the engines' options from this package: no import at run time
@@ -155,22 +153,6 @@ class RunStats(ShardStats):
         return RunAbortedError(msg)
 
 
-def write_shard(job: EmbedJob, store: TableStore, shard: ShardOutput) -> float:
-    """Write one shard's part files, always all of them and the embeddings part last: its presence marks the
-    shard complete when a crashed run is resumed (see `TableStore.prune_torn_shards`).
-
-    Returns:
-        Seconds spent writing.
-    """
-    start = time.perf_counter()
-    store.write_part(job.run_id, FAILURES, shard.name, shard.failures)
-    if shard.windows is not None:
-        store.write_part(job.run_id, WINDOWS, shard.name, shard.windows)
-    failpoints.hit("write_shard", shard.name)  # a worker lost mid-shard: some parts written, not the last
-    store.write_part(job.run_id, EMBEDDINGS, shard.name, shard.embeddings)
-    return time.perf_counter() - start
-
-
 class Runner(Protocol):
     """What every engine's runner offers the embed job."""
 
@@ -190,8 +172,8 @@ class ShardWatcher:
     """Reports a job's shards to `progress` while an engine runs them out of the driver's sight (Beam's workers,
     Dataflow, a Ray cluster), per shard as each finishes rather than once at the end.
 
-    A thread on the driver lists the run's staged embeddings parts every few seconds: `write_shard` writes that
-    part last, so each one of this job's shards that appears is a finished shard (its tracks, and the audio its
+    A thread on the driver lists the run's staged embeddings parts every few seconds: `write_shard`
+    (`catalog_embed.pipelines.embed.lifecycle.shards`) writes that part last, so each one of this job's shards that appears is a finished shard (its tracks, and the audio its
     rows hold). Use it as a context manager around the engine's run, then call `finish` with the run's stats.
 
     Args:

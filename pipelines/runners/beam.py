@@ -43,8 +43,9 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.prism_runner import PrismJobServer
 
+from catalog_embed.pipelines.embed.lifecycle.shards import write_shard
 from catalog_embed.pipelines.io.store import STAGING
-from catalog_embed.pipelines.runners import EmbedJob, Progress, RunStats, ShardWatcher, write_shard
+from catalog_embed.pipelines.runners import EmbedJob, Progress, RunStats, ShardWatcher
 from catalog_embed.pipelines.runners.options import BeamOptions
 from catalog_embed.schemas.errors import ConfigError, TableError
 from catalog_embed.schemas.records import WorkItem
@@ -276,7 +277,7 @@ class _WriteShardFn(beam.DoFn):
     def process(self, output: ShardOutput) -> Iterator[RunStats]:
         stats = RunStats()
         stats.merge(output.stats)
-        stats.add_time("write", write_shard(self._job, self._store, output))
+        stats.add_time("write", write_shard(self._store, self._job.run_id, output))
         self._embedded.inc(stats.n_embedded)
         self._failed.inc(stats.n_failed)
         self._audio_ms.inc(round(stats.audio_seconds * 1000))

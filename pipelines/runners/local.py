@@ -10,7 +10,8 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 
-from catalog_embed.pipelines.runners import EmbedJob, Progress, RunStats, write_shard
+from catalog_embed.pipelines.embed.lifecycle.shards import write_shard
+from catalog_embed.pipelines.runners import EmbedJob, Progress, RunStats
 from catalog_embed.workers.overlap import embed_overlapped
 from catalog_embed.workers.shard import ShardOutput
 
@@ -29,7 +30,7 @@ class LocalRunner:
             for output in outputs:
                 if writing:
                     self._written(*writing, stats, job, progress)
-                writing = writer.submit(write_shard, job, store, output), output
+                writing = writer.submit(write_shard, store, job.run_id, output), output
             if writing:
                 self._written(*writing, stats, job, progress)
         embedder.teardown()

@@ -39,7 +39,8 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
 
-from catalog_embed.pipelines.runners import EmbedJob, Progress, RunStats, ShardWatcher, write_shard
+from catalog_embed.pipelines.embed.lifecycle.shards import write_shard
+from catalog_embed.pipelines.runners import EmbedJob, Progress, RunStats, ShardWatcher
 from catalog_embed.pipelines.runners.options import RayOptions
 from catalog_embed.schemas.errors import ConfigError
 from catalog_embed.workers.audio import DecodeConfig
@@ -199,7 +200,7 @@ class PartSink(Datasink[RunStats]):
         for block in blocks:
             for row in BlockAccessor.for_block(block).iter_rows(public_row_format=False):
                 output: ShardOutput = _unpack(row["output"])
-                output.stats.add_time("write", write_shard(self._job, store, output))
+                output.stats.add_time("write", write_shard(store, self._job.run_id, output))
                 stats.merge(output.stats)
         return stats
 

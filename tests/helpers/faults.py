@@ -4,6 +4,7 @@ an engine's worker processes, and read back what the tables hold."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from catalog_embed.pipelines.analysts.query import connect
@@ -36,9 +39,26 @@ def expected_tracks(labels: list[dict]) -> tuple[list[str], list[str]]:
     return good, bad
 
 
-def embed_process(catalog: str, out: str, *extra: str, failpoints: str = "") -> subprocess.Popen:
-    """`catalog-embed embed` in a session of its own (so that it and every process it starts can be killed)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def catalog_of(small_catalog, folder: Path, keep) -> str:
+    """A manifest of the demo tracks `keep` selects, their files copied into `folder` (a catalog of its own)."""
+    folder.mkdir(parents=True)
+    table = pq.read_table(small_catalog.manifest_path)
+    rows = []
+    for row in table.to_pylist():
+        if keep(row["track_id"]) and Path(row["uri"]).exists():
+            target = folder / Path(row["uri"]).name
+            shutil.copy(row["uri"], target)
+            rows.append({"track_id": row["track_id"], "uri": target.name})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
+    return str(folder / "manifest.parquet")
+
+
+def embed_process(
+    catalog: str, out: str, *extra: str, failpoints: str = "", env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """`catalog-embed embed` in a session of its own (so that it and every process it starts can be killed), with
+    `env` added to this process's environment."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     env.pop(FAILPOINTS, None)
     if failpoints:
         env[FAILPOINTS] = failpoints

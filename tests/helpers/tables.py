@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 
+from catalog_embed.pipelines.embed.lifecycle.commit import commit_run
 from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.schemas.records import TrackEmbedding, WorkItem
 from catalog_embed.schemas.tables import EMBEDDINGS, RUNS
@@ -39,7 +40,7 @@ def commit(store: TableStore, run_id: str, model: str, vectors: dict[str, np.nda
         store.write_part(run_id, EMBEDDINGS, "000000", embedding_rows(rows, ctx))
     keys = pa.table({"model": [model] * len(gone), "track_id": list(gone)},
                     schema=pa.schema([("model", pa.string()), ("track_id", pa.string())]))
-    store.commit(run_id, run_row(run_id), gone=keys)
+    commit_run(store, run_id, run_row(run_id), gone=keys)
 
 
 def ids(n: int, prefix: str = "t") -> list[str]:

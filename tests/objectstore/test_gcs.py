@@ -9,8 +9,9 @@ from __future__ import annotations
 import gcsfs
 import pytest
 
+from catalog_embed.pipelines.embed.lifecycle.staging import RUN_META
 from catalog_embed.pipelines.io.catalog import UriPolicy, catalog_fingerprints, read_catalog
-from catalog_embed.pipelines.io.store import RUN_META, TableStore
+from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.schemas.records import MISSING_FINGERPRINT, TrackFailure, WorkItem
 from catalog_embed.schemas.tables import FAILURES
 from catalog_embed.workers.audio import load_audio

@@ -21,6 +21,8 @@ from rich.console import Console
 from catalog_embed.pipelines.analysts.query import connect
 from catalog_embed.pipelines.embed.config import EmbedConfig
 from catalog_embed.pipelines.embed.job import run_embed
+from catalog_embed.pipelines.embed.lifecycle.commit import commit_run
+from catalog_embed.pipelines.embed.lifecycle.staging import RUN_META, RunState, StagedRun
 from catalog_embed.pipelines.io.catalog import UriPolicy, catalog_fingerprints, read_catalog
 from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.schemas.records import TrackEmbedding, WorkItem
@@ -156,7 +158,7 @@ def test_commits_released_at_the_same_instant_all_land_once(s3_catalog):
     def commit(run: str) -> None:
         writer = TableStore(out, options)
         start.wait()
-        writer.commit(run, run_row(run))
+        commit_run(writer, run, run_row(run))
 
     with ThreadPoolExecutor(len(runs)) as pool:
         list(pool.map(commit, runs))
@@ -165,6 +167,19 @@ def test_commits_released_at_the_same_instant_all_land_once(s3_catalog):
     assert sorted(store.read(RUNS)["run_id"].to_pylist()) == runs
     merges = [c for c in store.table(EMBEDDINGS).history() if c.get("operation") == "MERGE"]
     assert len(merges) == len(runs)
+
+
+def test_a_dead_run_in_a_bucket_is_claimed_by_one_conditional_put(s3_catalog):
+    store = TableStore(f"s3://{BUCKET}/tables-claim", _storage_options(s3_catalog.endpoint))
+    store.write_staged_json("r1", RUN_META, {"model": "m"})  # its process died before it wrote a lease
+    seen = StagedRun.read(store, "r1")
+    assert seen.state is RunState.DEAD
+    assert seen.claim(store, "first", 60)
+    assert not seen.claim(store, "second", 60)  # saw it dead too: S3 refuses its put (If-None-Match)
+    assert StagedRun.read(store, "r1").lease.owner == "first"
+    absent = StagedRun.read(store, "r2")  # a new run id: its lease is created only if absent
+    assert absent.state is RunState.ABSENT
+    assert absent.claim(store, "first", 60) and not absent.claim(store, "second", 60)
 
 
 def test_the_store_reaches_an_endpoint_given_only_as_a_storage_option(s3_catalog, monkeypatch):
@@ -182,7 +197,7 @@ def test_the_store_reaches_an_endpoint_given_only_as_a_storage_option(s3_catalog
                           {"stats": np.full(4, 2.0, np.float32)})
     with other.open(f"{store.staging_dir('r1', EMBEDDINGS)}/part-001-000000.parquet", "wb") as fh:
         pq.write_table(embedding_rows([late], ctx), fh)
-    store.commit("r1", run_row("r1"))
+    commit_run(store, "r1", run_row("r1"))
     assert sorted(store.read(EMBEDDINGS)["track_id"].to_pylist()) == ["t1", "t2"]
 
 

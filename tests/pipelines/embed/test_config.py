@@ -4,11 +4,12 @@ its defaults and its checks all come from that declaration."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
 from catalog_embed.pipelines.cli import build_parser
-from catalog_embed.pipelines.embed.config import OPTIONS, EmbedConfig, config_from_args
+from catalog_embed.pipelines.embed.config import OPTIONS, EmbedConfig, config_from_args, from_saved
 from catalog_embed.schemas.errors import ConfigError
 
 
@@ -66,3 +67,12 @@ def test_values_reach_the_nested_configs():
 def test_each_option_checks_its_own_rule(flags, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         _parsed(*flags).validate()
+
+
+def test_a_saved_config_reads_back_through_its_dataclasses_and_a_renamed_field_is_an_error():
+    config = _parsed("--layer", "a,b", "--max-duration", "60", "--allow-prefix", "/data")
+    saved = json.loads(json.dumps(dataclasses.asdict(config)))  # as the runs row holds it
+    assert from_saved(EmbedConfig, saved) == config
+    saved["decode"]["max_seconds"] = saved["decode"].pop("max_duration_s")
+    with pytest.raises(ConfigError, match="decode.max_seconds"):
+        from_saved(EmbedConfig, saved)

@@ -20,9 +20,10 @@ from catalog_embed.pipelines.analysts.query import connect
 from catalog_embed.pipelines.cli import main
 from catalog_embed.pipelines.embed.config import EmbedConfig
 from catalog_embed.pipelines.embed.job import run_embed
+from catalog_embed.pipelines.embed.lifecycle.staging import RUN_META
 from catalog_embed.pipelines.embed.vacuum import vacuum
 from catalog_embed.pipelines.io.catalog import UriPolicy
-from catalog_embed.pipelines.io.store import RUN_META, TableStore
+from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.workers.failpoints import ENV as FAILPOINTS
 from tests.helpers.faults import (
     embed_process,
@@ -57,7 +58,8 @@ def test_tracks_gone_from_the_manifest_are_marked_deleted_or_pruned(small_catalo
     gone = {good[0], bad[0]}
     table = pq.read_table(manifest)
     pq.write_table(table.filter(pa.array([t not in gone for t in table["track_id"].to_pylist()])), manifest)
-    summary = run_embed(EmbedConfig(catalog=str(manifest), out=out, prune=prune), QUIET)
+    # 2 of 18 tracks is above --prune-max-share's default (10%): this catalog shrank on purpose.
+    summary = run_embed(EmbedConfig(catalog=str(manifest), out=out, prune=prune, prune_max_share=1.0), QUIET)
     assert summary.plan.items == () and summary.plan.gone == tuple(sorted(gone))
     embedded, failed = table_tracks(out)
     assert embedded == good[1:] and failed == bad[1:]
@@ -69,6 +71,25 @@ def test_tracks_gone_from_the_manifest_are_marked_deleted_or_pruned(small_catalo
     back = run_embed(EmbedConfig(catalog=str(manifest), out=out), QUIET)
     assert sorted(i.track_id for i in back.plan.items) == sorted(gone)
     assert table_tracks(out) == (good, bad)
+
+
+def test_a_prune_of_most_of_the_table_is_refused_before_any_work_unless_confirmed(small_catalog, tmp_path, capsys):
+    manifest = _copy_catalog(small_catalog, tmp_path)
+    out = str(tmp_path / "out")
+    args = ["embed", "--catalog", str(manifest), "--out", out, "--model", "mfcc-stats"]
+    assert main(args) == 0
+    before = table_tracks(out)
+    table = pq.read_table(manifest)
+    pq.write_table(table.slice(0, 1), manifest)  # a manifest truncated to its first row
+    capsys.readouterr()
+    assert main([*args, "--prune"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("catalog-embed: error: --prune would delete 17 of the model's 18 tracks") and "\n" not in err
+    assert "--prune-max-share" in err
+    assert table_tracks(out) == before and TableStore(out).staged_runs() == []
+    assert connect(out).execute("SELECT count(*) FROM runs").fetchone() == (1,)
+    assert main([*args, "--prune", "--prune-max-share", "1"]) == 0  # confirmed
+    assert table_tracks(out)[0] == [t for t in table["track_id"].to_pylist()[:1] if t in before[0]]
 
 
 def test_the_uri_policy_refuses_rows_not_runs(small_catalog, tmp_path):

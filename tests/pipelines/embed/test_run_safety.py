@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,32 +23,29 @@ from catalog_embed.pipelines.analysts.query import connect
 from catalog_embed.pipelines.cli import main
 from catalog_embed.pipelines.embed.config import EmbedConfig
 from catalog_embed.pipelines.embed.job import run_embed
+from catalog_embed.pipelines.embed.lifecycle.staging import LEASE_FILE, TTL_ENV, read_lease
 from catalog_embed.pipelines.embed.vacuum import vacuum
-from catalog_embed.pipelines.io.lease import LEASE_FILE, read_lease
 from catalog_embed.pipelines.io.store import STAGING, TableStore
 from catalog_embed.schemas.errors import ConfigError, TableError
+from catalog_embed.schemas.tables import EMBEDDINGS
 from catalog_embed.workers.audio import DecodeConfig
 from catalog_embed.workers.stages import EncoderConfig
-from tests.helpers.faults import embed_process, expected_tracks, finish, staged_embedding_parts, table_tracks, wait_for
+from tests.helpers.faults import (
+    catalog_of,
+    embed_process,
+    expected_tracks,
+    finish,
+    kill_session,
+    staged_embedding_parts,
+    table_tracks,
+    wait_for,
+)
 
 QUIET = Console(quiet=True)
 FAST = EncoderConfig(model="chroma-stats")
+MFCC = EncoderConfig(model="mfcc-stats")
 # A run held open: shards of 2 tracks, one worker, and a decoder that hangs on one track until this timeout.
 HOLD_S = "25"
-
-
-def _catalog(small_catalog, folder: Path, keep) -> str:
-    """A manifest of the tracks `keep` selects, in its own folder (another catalog than the shared one)."""
-    folder.mkdir(parents=True)
-    table = pq.read_table(small_catalog.manifest_path)
-    rows = []
-    for row in table.to_pylist():
-        if keep(row["track_id"]) and Path(row["uri"]).exists():
-            target = folder / Path(row["uri"]).name
-            shutil.copy(row["uri"], target)
-            rows.append({"track_id": row["track_id"], "uri": target.name})
-    pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
-    return str(folder / "manifest.parquet")
 
 
 def _held_run(catalog: str, out: str, hang: str):
@@ -81,8 +78,8 @@ class Held(NamedTuple):
 @pytest.fixture
 def held(small_catalog, small_labels, tmp_path) -> Held:
     good, _ = expected_tracks(small_labels)
-    catalog = _catalog(small_catalog, tmp_path / "first", lambda t: t in good[:10])
-    other = _catalog(small_catalog, tmp_path / "second", lambda t: t in good[10:])
+    catalog = catalog_of(small_catalog, tmp_path / "first", lambda t: t in good[:10])
+    other = catalog_of(small_catalog, tmp_path / "second", lambda t: t in good[10:])
     out = str(tmp_path / "out")
     proc = _held_run(catalog, out, hang=good[6])
     return Held(good, catalog, other, out, proc, _staged_run(out))
@@ -188,7 +185,7 @@ def test_vacuum_removes_the_staging_of_a_dead_run(held):
 def test_a_committed_run_id_is_refused_so_new_work_is_never_dropped(small_catalog, small_labels, tmp_path):
     good, _ = expected_tracks(small_labels)
     catalog_dir = tmp_path / "catalog"
-    catalog = _catalog(small_catalog, catalog_dir, lambda t: t in good)
+    catalog = catalog_of(small_catalog, catalog_dir, lambda t: t in good)
     out = str(tmp_path / "out")
     table = pq.read_table(catalog)
     pq.write_table(table.slice(0, 6), catalog)
@@ -282,3 +279,79 @@ def test_an_absurd_worker_count_is_refused_before_any_process_starts(small_catal
     assert main([*args, "--workers", "100000"]) == 2
     assert "--workers 100000 is more than" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# -- 11: a commit that stalls past the lease TTL still belongs to its live process ------------------------------------
+
+
+def _embedded_tracks(out: str) -> list[str]:
+    store = TableStore(out)
+    return sorted(store.read(EMBEDDINGS, ["track_id"])["track_id"].to_pylist()) if store.exists(EMBEDDINGS) else []
+
+
+def test_a_commit_stalled_past_its_lease_is_not_adopted_and_a_rerun_loses_nothing(small_catalog, small_labels, tmp_path):
+    good, _ = expected_tracks(small_labels)
+    catalog = catalog_of(small_catalog, tmp_path / "catalog", lambda t: t in good[:3])
+    table = pq.read_table(catalog)
+    pq.write_table(table.slice(0, 2), catalog)
+    out = str(tmp_path / "out")
+    stalled = embed_process(catalog, out, "--model", "mfcc-stats", failpoints="commit.runs=hang", env={TTL_ENV: "2"})
+    wait_for(lambda: len(_embedded_tracks(out)) == 2, stalled, "the run committed its rows and stalled before its runs row")
+    run_id = _staged_run(out)
+    seen = read_lease(TableStore(out), run_id)
+    wait_for(lambda: time.time() > seen.expires_at + 1, stalled, "the lease seen during the commit expired")
+    pq.write_table(table, catalog)  # the catalog gained a track meanwhile
+    rerun = run_embed(EmbedConfig(catalog=catalog, out=out, encoder=MFCC), QUIET)
+    assert rerun.run_id != run_id and rerun.stats.n_embedded == 1
+    assert table_tracks(out) == (sorted(good[:3]), [])
+    kill_session(stalled)
+    resumed = run_embed(EmbedConfig(catalog=catalog, out=out, encoder=MFCC), QUIET)
+    assert resumed.run_id == run_id  # the killed run is resumed: its commit finishes with its runs row
+    con = connect(out)
+    assert sorted(r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()) == sorted([run_id, rerun.run_id])
+    assert con.execute("SELECT count(*) FROM embeddings").fetchone() == (3,)
+
+
+# -- 12: a resume re-checks what it staged against the catalog as it is now -----------------------------------------
+
+
+def test_a_resume_after_the_catalog_was_edited_in_place_commits_what_the_catalog_now_says(
+    small_catalog, small_labels, tmp_path
+):
+    good, _ = expected_tracks(small_labels)
+    catalog = catalog_of(small_catalog, tmp_path / "catalog", lambda t: t in good[:4])
+    table = pq.read_table(catalog)
+    a, b, stall, d = table["track_id"].to_pylist()
+    out = str(tmp_path / "out")
+    proc = embed_process(
+        catalog, out, "--model", "mfcc-stats", "--shard-size", "2", "--workers", "1", failpoints=f"decode=hang:{stall}"
+    )
+    wait_for(lambda: staged_embedding_parts(out) >= 1, proc, "the shard of a and b was staged")
+    kill_session(proc)
+    killed = _staged_run(out)
+    other_file = table["uri"].to_pylist()[3]
+    edited = [{"track_id": t, "uri": other_file if t == b else u} for t, u in zip(*table.to_pydict().values(), strict=True)]
+    pq.write_table(pa.Table.from_pylist([row for row in edited if row["track_id"] != a]), catalog)  # a taken down
+    resumed = run_embed(EmbedConfig(catalog=catalog, out=out, encoder=MFCC), QUIET)
+    assert resumed.run_id == killed
+    rows = dict(connect(out).execute("SELECT track_id, source_uri FROM embeddings WHERE NOT deleted").fetchall())
+    assert sorted(rows) == sorted([b, stall, d])
+    assert rows[b].endswith("/" + other_file)  # embedded from the file the catalog names now
+
+
+def test_two_runs_resuming_one_dead_staging_together_leave_every_row_once(small_catalog, small_labels, tmp_path):
+    good, _ = expected_tracks(small_labels)
+    catalog = catalog_of(small_catalog, tmp_path / "catalog", lambda t: t in good[:4])
+    stall = pq.read_table(catalog)["track_id"].to_pylist()[2]
+    out = str(tmp_path / "out")
+    args = ("--model", "mfcc-stats", "--shard-size", "2", "--workers", "1")
+    proc = embed_process(catalog, out, *args, failpoints=f"decode=hang:{stall}")
+    wait_for(lambda: staged_embedding_parts(out) >= 1, proc, "a shard was staged")
+    kill_session(proc)
+    dead = _staged_run(out)
+    procs = [embed_process(catalog, out, *args) for _ in range(2)]
+    logs = [finish(p) for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert sum(f"resuming run {dead}" in log for log in logs) == 1, logs  # one resumed it, the other ran its own
+    assert table_tracks(out) == (sorted(good[:4]), [])
+    assert connect(out).execute("SELECT count(*) FROM embeddings").fetchone() == (4,)

@@ -6,8 +6,10 @@ import time
 
 import pytest
 
-from catalog_embed.pipelines.io.lease import RunLease, read_lease
-from catalog_embed.pipelines.io.store import RUN_META, TableStore
+from catalog_embed.pipelines.embed.lifecycle.commit import commit_run
+from catalog_embed.pipelines.embed.lifecycle.lease import RunLease
+from catalog_embed.pipelines.embed.lifecycle.staging import RUN_META, read_lease
+from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.schemas.errors import RunLostError
 from tests.helpers.tables import run_row
 
@@ -42,7 +44,7 @@ def test_a_run_whose_staging_vanishes_is_lost(store):
 def test_a_run_committed_from_the_engine_graph_is_not_lost_and_leaves_no_staging(store):
     lease = RunLease(store, "r1", ttl_s=0.2).acquire()
     store.write_staged_json("r1", RUN_META, {"model": "m"})
-    store.commit("r1", run_row("r1"))  # as Beam's last step does while the driver still heartbeats
+    commit_run(store, "r1", run_row("r1"))  # as Beam's last step does while the driver still heartbeats
     time.sleep(0.4)
     lease.check()
     lease.release()
