@@ -127,8 +127,8 @@ class JukeboxConfig:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         try:
             return cls(**values)
-        except TypeError as exc:
-            msg = f"{source} is not a Jukebox configuration: {exc}"
+        except (TypeError, WeightsError) as exc:
+            msg = f"{source} is not a Jukebox configuration: {str(exc).removeprefix('not a Jukebox configuration: ')}"
             raise WeightsError(msg) from exc
 
 
