@@ -85,15 +85,19 @@ def reference_audio(seed: int = SEED) -> bytes:
         audio[start:, 1] += 0.08 * (1 - pan) * note
     audio[:, 0] += 0.05 * np.sin(2 * np.pi * 10300.0 * t)
     audio += 0.01 * rng.standard_normal((n, 2))
-    pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
+    return stereo_flac(np.round(np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16))
+
+
+def stereo_flac(pcm: np.ndarray, rate: int = AUDIO_RATE) -> bytes:
+    """(samples, 2) int16 as a bit-exact stereo 16-bit FLAC file."""
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="flac") as container:
         container.flags |= av.container.Flags.bitexact.value
-        stream = container.add_stream("flac", rate=AUDIO_RATE)
+        stream = container.add_stream("flac", rate=rate)
         stream.codec_context.layout = "stereo"
         stream.codec_context.format = "s16"
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="stereo")
-        frame.sample_rate = AUDIO_RATE
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm).reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate = rate
         frame.pts = 0
         for packet in stream.encode(frame):
             container.mux(packet)

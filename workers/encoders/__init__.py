@@ -33,6 +33,7 @@ _REGISTRY: dict[str, str] = {
     "mule-sfnfnet-f0": "catalog_embed.workers.encoders.sfnfnet:MuleSfnfnetF0",
     "clmr-samplecnn": "catalog_embed.workers.encoders.clmr:ClmrSampleCnn",
     "clmr-samplecnn-original": "catalog_embed.workers.encoders.clmr:ClmrSampleCnn:original",
+    "jukemir-5b": "catalog_embed.workers.encoders.jukemir:JukemirEncoder",
     "mfcc-stats": "catalog_embed.workers.encoders.handcrafted:MfccStats",
     "chroma-stats": "catalog_embed.workers.encoders.handcrafted:ChromaStats",
 }
