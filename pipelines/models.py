@@ -1,7 +1,8 @@
 """`catalog-embed models`: the encoders this install can run, with their outputs, versions and licences.
 
-Bring-your-own encoders are listed by naming their configs: `catalog-embed models my-encoder.json`, and
-`transformers` checkpoints by theirs: `catalog-embed models hf:<repo-id or folder>`.
+Bring-your-own encoders are listed by naming their configs: `catalog-embed models my-encoder.json`,
+`transformers` checkpoints by theirs: `catalog-embed models hf:<repo-id or folder>`, and HEAR 2021 API modules by
+their import names: `catalog-embed models hear:<module>` (which imports the module and loads its model once).
 
 The table holds short columns only (name, layers, version, licence); what a model is and what it still needs (its
 weights, say) are notes under the table, wrapped, so that piped output stays readable line by line.
@@ -32,8 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "models",
         nargs="*",
         metavar="MODEL",
-        help="registered names, bring-your-own encoder configs (*.json) or hf: checkpoints to list instead of every "
-        "registered one",
+        help="registered names, bring-your-own encoder configs (*.json), hf: checkpoints or hear: modules to list "
+        "instead of every registered one",
     )
     parser.add_argument(
         "--json",

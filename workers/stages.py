@@ -109,7 +109,8 @@ class EncoderConfig:
             None: where it applies, on a GPU (see `compiles`).
         trust_remote_code: `hf:` models only: let `transformers` run Python code the checkpoint ships (its own
             model classes). Off unless asked for; recorded with the run's config.
-        window_s: `hf:` models whose network takes any length (wav2vec2-style): seconds per window (None: 10 s).
+        window_s: `hf:` models whose network takes any length (wav2vec2-style) and `hear:` modules: seconds per
+            window (None: 10 s).
     """
 
     model: str = "musicnn-msd"

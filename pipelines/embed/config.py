@@ -292,7 +292,7 @@ OPTIONS: tuple[Option, ...] = (
         kind="switch",
     ),
     Option(
-        "encoder.window_s", "--window-s", "hf: wav2vec2-style models: seconds per window (unset: 10)",
+        "encoder.window_s", "--window-s", "hf: wav2vec2-style models and hear: modules: seconds per window (unset: 10)",
         rule=_POSITIVE, valid=lambda v: v > 0, type=float,
     ),
     Option(
