@@ -12,6 +12,7 @@ Queries are held-out draws of the same mixture, answered one core at a time; rec
 
     python bench/ann_bench.py                          # 1,000,000 x 200 and 100,000 x 1728 (minutes)
     python bench/ann_bench.py --n 20000 --n 5000       # the same two shapes, smaller
+    python bench/ann_bench.py --smoke                  # 2,000 and 500 vectors: seconds
 """
 
 from __future__ import annotations
@@ -19,20 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
+from harness import BenchRun, console, parse_args, print_table, results_path
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = ((1_000_000, 200), (100_000, 1728))
 K = 10
 CANDIDATES = ("usearch-hnsw-f32", "usearch-hnsw-i8", "faiss-hnsw-flat", "faiss-ivf-flat")
+SMOKE = {"n": [2_000, 500]}
 
 
 def mixture(n: int, dim: int, seed: int, clusters: int = 1000, latent: int = 32) -> np.ndarray:
@@ -142,16 +144,22 @@ def main() -> int:
     parser.add_argument("--library", action="append", choices=CANDIDATES, help="default: all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", nargs=4, metavar=("NAME", "N", "DIM", "TRUTH"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
     if args.child:
         name, n, dim, truth = args.child
         print(json.dumps(run_candidate(name, int(n), int(dim), args.seed, truth, args.threads)))
         return 0
 
+    run = BenchRun("ann", args)
     sizes = args.n or [n for n, _ in SHAPES]
-    rows = []
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"ann_bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    # faiss-cpu is no dependency of ours (usearch was chosen): where it is missing its candidates are skipped.
+    libraries = [name for name in args.library or CANDIDATES if find_spec(name.split("-")[0])]
+    skipped = sorted(set(args.library or CANDIDATES) - set(libraries))
+    if skipped:
+        console.print(f"skipped, their library not installed: {', '.join(skipped)}")
+    rows: list[dict] = []
+    results = {"rows": rows, "skipped": skipped}
+    out = results_path(f"ann_bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
     with tempfile.TemporaryDirectory() as tmp:
         for n, (_, dim) in zip(sizes, SHAPES, strict=False):
             if n == 0:  # --n 0 skips a shape
@@ -162,7 +170,7 @@ def main() -> int:
             np.save(truth, exact_top_k(data, queries, K))
             exact_qps = 1000 / (time.perf_counter() - started)
             del data, queries
-            for name in args.library or CANDIDATES:
+            for name in libraries:
                 child = subprocess.run(
                     [sys.executable, __file__, "--child", name, str(n), str(dim), str(truth),
                      "--threads", str(args.threads), "--seed", str(args.seed)],
@@ -172,16 +180,17 @@ def main() -> int:
                 row["exact_queries_per_s_blas"] = exact_qps
                 row["load_avg_1m"] = os.getloadavg()[0]
                 rows.append(row)
-                print(f"{name:18} {n:>9,} x {dim:<5} build {row['build_s']:7.1f}s  index {row['index_mb']:7.0f} MB  "
-                      f"peak {row['peak_rss_mb']:7.0f} MB  {row['queries_per_s_one_core']:8.0f} q/s  "
-                      f"recall@10 {row['recall_at_10']:.3f}  (exact {exact_qps:.0f} q/s, load "
-                      f"{row['load_avg_1m']:.1f})",
-                      flush=True)
+                console.print(f"{name} {n:,} x {dim}: built in {row['build_s']:.1f} s")
                 # Written after every row: a long run that is stopped keeps what it measured.
-                out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
-                                           "cpus": os.cpu_count(), "rows": rows}, indent=2))
-    load = os.getloadavg()
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; results -> {out}")
+                run.write(out, results)
+    print_table(
+        "ANN libraries: build, memory, queries on one core, recall@10 against exact search",
+        ("library", "vectors", "build s", "index MB", "peak MB", "q/s, 1 core", "recall@10", "exact q/s", "load"),
+        ((row["library"], f"{row['n']:,} x {row['dim']}", f"{row['build_s']:.1f}", f"{row['index_mb']:.0f}",
+          f"{row['peak_rss_mb']:.0f}", f"{row['queries_per_s_one_core']:.0f}", f"{row['recall_at_10']:.3f}",
+          f"{row['exact_queries_per_s_blas']:.0f}", f"{row['load_avg_1m']:.1f}") for row in rows),
+    )  # fmt: skip
+    console.print(f"results -> {run.write(out, results)}")
     return 0
 
 

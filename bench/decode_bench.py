@@ -22,19 +22,16 @@ Paths (decode-only = decode and downmix to mono at the file's rate; decode+resam
 Quality of each resampler, 44.1 kHz to 16 kHz: 440 Hz + 3 kHz tones against the same tones synthesised at 16 kHz
 (SNR), white noise against soxr HQ (SNR), and the level of a 10 kHz tone (above the new Nyquist frequency) after
 resampling, relative to the input (aliasing). Prints a table and writes bench/results/decode_bench.json.
+
+    python bench/decode_bench.py [--seconds 90] [--repeats 5] [--core N] [--out PATH] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import av
@@ -42,14 +39,13 @@ import numpy as np
 import soxr
 import torch
 import torchaudio.functional as AF
-from rich.console import Console
-from rich.table import Table
+from harness import BenchRun, console, parse_args, print_table, results_path, time_rounds
 
 from catalog_embed.workers.audio import DeviceResampler, decode, resample
 from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 from catalog_embed.workers.stages import SHIPPED_DTYPE
 
-RESULTS = Path(__file__).parent / "results" / "decode_bench.json"
+SMOKE = {"seconds": 2.0, "repeats": 1}
 TARGET_RATE = 16_000
 # torchaudio's "kaiser_best" (librosa/resampy's): what workers/audio.py used before soxr.
 KAISER_BEST = {
@@ -176,23 +172,6 @@ def paths() -> list[dict]:
     ]
 
 
-def timings(cases: dict[tuple, Callable[[], object]], repeats: int) -> dict[tuple, tuple[float, float]]:
-    """Median CPU and wall seconds of each case over `repeats` rounds, after a warm-up round.
-
-    Each round runs every case once, so load from other processes, which comes and goes, weighs on all alike.
-    """
-    cpu: dict[tuple, list[float]] = {key: [] for key in cases}
-    wall: dict[tuple, list[float]] = {key: [] for key in cases}
-    for round_ in range(repeats + 1):
-        for key, fn in cases.items():
-            c0, w0 = time.process_time(), time.perf_counter()
-            fn()
-            if round_:
-                cpu[key].append(time.process_time() - c0)
-                wall[key].append(time.perf_counter() - w0)
-    return {key: (statistics.median(cpu[key]), statistics.median(wall[key])) for key in cases}
-
-
 def tones(rate: int, freqs: tuple[tuple[float, float], ...], seconds: float = 3.0) -> np.ndarray:
     t = np.arange(int(rate * seconds)) / rate
     return sum(amplitude * np.sin(2 * np.pi * f * t) for f, amplitude in freqs).astype(np.float32)
@@ -224,13 +203,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=90.0, help="length of each rendered track")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per path and file (median)")
     parser.add_argument("--core", type=int, default=max(os.sched_getaffinity(0)), help="the CPU core to pin")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=results_path("decode_bench"))
+    args = parse_args(parser, SMOKE)
 
+    run = BenchRun("decode", args)
     os.sched_setaffinity(0, {args.core})
     torch.set_num_threads(1)
-    console = Console(width=170)
-    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:
         console.print(f"rendering an mp3 and an Ogg Vorbis track of {args.seconds:g} s (44.1 kHz stereo) ...")
         catalog = render_demo_catalog(
@@ -246,61 +224,44 @@ def main() -> None:
             for kind in ("decode", "full")
         }
         console.print(f"timing {len(specs)} paths on {len(files)} files, {args.repeats} rounds ...")
-        measured = timings(cases, args.repeats)
+        measured = time_rounds(cases, args.repeats, warmup=True)
         results = []
         for i, spec in enumerate(specs):
             row = {"path": spec["path"], "resampler": spec["resampler"], **quality(spec["resample"])}
             for codec in files:
                 for kind in ("decode", "full"):
-                    cpu, wall = measured[i, codec, kind]
-                    row[f"{codec}_{kind}_x"] = args.seconds / cpu
-                    row[f"{codec}_{kind}_wall_x"] = args.seconds / wall
+                    row[f"{codec}_{kind}_x"] = args.seconds / measured[i, codec, kind].median_cpu
+                    row[f"{codec}_{kind}_wall_x"] = args.seconds / measured[i, codec, kind].median_wall
             results.append(row)
-    load_after = os.getloadavg()
 
     today = results[0]
-    title = f"{args.seconds:g} s tracks, one core pinned, CPU-time x real time (median of {args.repeats})"
-    table = Table(title=title)
-    for column in ("path", "resampler", "mp3 decode", "mp3 +resample", "ogg decode", "ogg +resample", "vs today"):
-        table.add_column(column, justify="left" if column in ("path", "resampler") else "right")
-    for column in ("tones SNR", "noise vs soxr HQ", "10 kHz alias"):
-        table.add_column(column, justify="right")
     for row in results:
         row["speedup_mp3"] = row["mp3_full_x"] / today["mp3_full_x"]
         row["speedup_ogg"] = row["ogg_full_x"] / today["ogg_full_x"]
-        table.add_row(
-            row["path"],
-            row["resampler"],
-            f"{row['mp3_decode_x']:.0f}x",
-            f"{row['mp3_full_x']:.0f}x",
-            f"{row['ogg_decode_x']:.0f}x",
-            f"{row['ogg_full_x']:.0f}x",
-            f"{row['speedup_mp3']:.2f} / {row['speedup_ogg']:.2f}",
-            f"{row['tones_snr_db']:.0f} dB",
-            "identical" if row["noise_snr_vs_soxr_hq_db"] > 300 else f"{row['noise_snr_vs_soxr_hq_db']:.0f} dB",
-            f"{row['alias_10k_db']:.0f} dB",
-        )
-    console.print(table)
-    console.print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "bench": "decode",
-                "at": datetime.now(UTC).isoformat(),
-                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "core": args.core},
-                "load_average": {"before": load_before, "after": load_after},
-                "seconds": args.seconds,
-                "repeats": args.repeats,
-                "av": av.__version__,
-                "soxr": soxr.__version__,
-                "torch": torch.__version__,
-                "results": results,
-            },
-            indent=2,
-        )
-    )
-    console.print(f"wrote {args.out}")
+    print_table(
+        f"{args.seconds:g} s tracks, one core pinned, CPU-time x real time (median of {args.repeats})",
+        ("path", "resampler", "mp3 decode", "mp3 +resample", "ogg decode", "ogg +resample", "vs today",
+         "tones SNR", "noise vs soxr HQ", "10 kHz alias"),
+        (
+            (
+                row["path"],
+                row["resampler"],
+                f"{row['mp3_decode_x']:.0f}x",
+                f"{row['mp3_full_x']:.0f}x",
+                f"{row['ogg_decode_x']:.0f}x",
+                f"{row['ogg_full_x']:.0f}x",
+                f"{row['speedup_mp3']:.2f} / {row['speedup_ogg']:.2f}",
+                f"{row['tones_snr_db']:.0f} dB",
+                "identical" if row["noise_snr_vs_soxr_hq_db"] > 300 else f"{row['noise_snr_vs_soxr_hq_db']:.0f} dB",
+                f"{row['alias_10k_db']:.0f} dB",
+            )
+            for row in results
+        ),
+        left=2,
+    )  # fmt: skip
+    path = run.write(args.out, {"core": args.core, "seconds": args.seconds, "repeats": args.repeats,
+                                "results": results})  # fmt: skip
+    console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":

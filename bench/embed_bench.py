@@ -9,23 +9,20 @@ Renders a demo catalog, then measures, in one process run so every figure shares
 
 Each measurement is repeated and the median reported. Prints a table and writes bench/results/embed_bench.json.
 
-    python bench/embed_bench.py [--tracks 40] [--duration 30] [--repeat 3] [--model musicnn-msd]
+    python bench/embed_bench.py [--tracks 40] [--duration 30] [--repeat 3] [--model musicnn-msd] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from harness import BenchRun, console, parse_args, print_table, results_path, time_rounds
 from rich.console import Console
-from rich.table import Table
 
 from catalog_embed.pipelines.embed.config import EmbedConfig
 from catalog_embed.pipelines.embed.job import run_embed
@@ -39,16 +36,7 @@ from catalog_embed.workers.rows import RowContext
 from catalog_embed.workers.shard import ShardOutput
 from catalog_embed.workers.stages import EmbedStage, EncoderConfig, TrackFeatures
 
-RESULTS = Path(__file__).parent / "results" / "embed_bench.json"
-
-
-def _median_seconds(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+SMOKE = {"tracks": 2, "duration": 3.0, "repeat": 1}
 
 
 def main() -> None:
@@ -58,8 +46,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--model", default="musicnn-msd")
     parser.add_argument("--batch-windows", type=int, default=64)
-    args = parser.parse_args()
-    console = Console()
+    args = parse_args(parser, SMOKE)
+    run = BenchRun("embed", args)
     work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
     console.print(f"rendering {args.tracks} x {args.duration:g} s demo tracks in {work} ...")
     catalog = render_demo_catalog(
@@ -125,54 +113,50 @@ def main() -> None:
 
         return run
 
-    measurements: dict[str, float] = {}
-    console.print("measuring stages ...")
-    measurements["decode"] = _median_seconds(decode_all, args.repeat)
-    measurements["front end"] = _median_seconds(front_end_all, args.repeat)
-    measurements["encoder"] = _median_seconds(encode_all, args.repeat)
-    measurements["write (part files)"] = _median_seconds(write_all, args.repeat)
-    console.print("measuring the naive baseline and the local runner ...")
-    measurements["naive baseline"] = _median_seconds(naive, args.repeat)
-    measurements["local, 1 worker"] = _median_seconds(end_to_end(1), args.repeat)
-    measurements["local, 2 workers"] = _median_seconds(end_to_end(2), args.repeat)
+    calls = {
+        "decode": decode_all,
+        "front end": front_end_all,
+        "encoder": encode_all,
+        "write (part files)": write_all,
+        "naive baseline": naive,
+        "local, 1 worker": end_to_end(1),
+        "local, 2 workers": end_to_end(2),
+    }
+    console.print(f"measuring the stages, the naive baseline and the local runner, {args.repeat} rounds ...")
+    measurements = {name: timing.median_wall for name, timing in time_rounds(calls, args.repeat).items()}
 
     naive_s = measurements["naive baseline"]
-    table = Table(title=f"{args.tracks} tracks, {audio_s / 60:.1f} min of audio, {n_windows} windows, {args.model}")
-    for column in ("measurement", "median s", "audio s / s", "windows / s", "vs naive"):
-        table.add_column(column, justify="right")
-    rows = []
-    for name, seconds in measurements.items():
-        row = {
+    rows = [
+        {
             "measurement": name,
             "median_s": seconds,
             "audio_s_per_s": audio_s / seconds,
             "windows_per_s": n_windows / seconds,
             "speedup_vs_naive": naive_s / seconds,
         }
-        rows.append(row)
-        table.add_row(
-            name, f"{seconds:.2f}", f"{row['audio_s_per_s']:.1f}", f"{row['windows_per_s']:.1f}",
-            f"{row['speedup_vs_naive']:.2f}x",
-        )
-    console.print(table)
+        for name, seconds in measurements.items()
+    ]
+    print_table(
+        f"{args.tracks} tracks, {audio_s / 60:.1f} min of audio, {n_windows} windows, {args.model}",
+        ("measurement", "median s", "audio s / s", "windows / s", "vs naive"),
+        (
+            (row["measurement"], f"{row['median_s']:.2f}", f"{row['audio_s_per_s']:.1f}",
+             f"{row['windows_per_s']:.1f}", f"{row['speedup_vs_naive']:.2f}x")
+            for row in rows
+        ),
+    )  # fmt: skip
     console.print(f"torch threads {torch.get_num_threads()}, batch {args.batch_windows} windows")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "tracks": args.tracks,
-                "duration_s": args.duration,
-                "audio_s": audio_s,
-                "windows": n_windows,
-                "model": args.model,
-                "repeat": args.repeat,
-                "torch_threads": torch.get_num_threads(),
-                "results": rows,
-            },
-            indent=2,
-        )
-    )
-    console.print(f"wrote {RESULTS}")
+    results = {
+        "tracks": args.tracks,
+        "duration_s": args.duration,
+        "audio_s": audio_s,
+        "windows": n_windows,
+        "model": args.model,
+        "repeat": args.repeat,
+        "torch_threads": torch.get_num_threads(),
+        "results": rows,
+    }
+    console.print(f"wrote {run.write(results_path('embed_bench'), results)}")
 
 
 if __name__ == "__main__":

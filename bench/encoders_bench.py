@@ -1,7 +1,7 @@
 """Encoder throughput: windows per second of each encoder, fp32 and bf16, at two batch sizes, on one device.
 
     python bench/encoders_bench.py [--device cpu|cuda] [--threads 2] [--repeat 5] [--batches 32,64]
-                                   [--precisions fp32,bf16] [--models musicnn-msd,...]
+                                   [--precisions fp32,bf16] [--models musicnn-msd,...] [--smoke]
 
 For each encoder: load it on the device once per precision, cut one window from seeded noise with its front end and
 repeat it to each batch size; after a warm-up call per precision, time `repeat` calls of `Encoder.embed` per
@@ -24,28 +24,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from harness import BenchRun, console, parse_args, print_table, results_path, time_rounds
 
 from catalog_embed.workers.encoders import Encoder, get_encoder
 from catalog_embed.workers.encoders.base import resolve_device
 from catalog_embed.workers.encoders.sfnfnet import write_standin_weights
 
-RESULTS = Path(__file__).parent / "results" / "encoders.json"
 MODELS = ("musicnn-msd", "musicnn-mtt", "mule-sfnfnet-f0", "mfcc-stats", "chroma-stats")
 LONG_CALL_S = 10.0
 LONG_CALL_REPEAT = 3
 FRONT_END_AUDIO_S = 60.0
+# Every encoder, one precision, one small batch: each model's code path runs once.
+SMOKE = {"batches": [1], "precisions": ["fp32"], "repeat": 1}
 
 
 def _sync(device: torch.device) -> None:
@@ -78,7 +78,7 @@ def _gpu_utilisation(device: torch.device, samples: list[int]) -> Iterator[None]
 
 
 def time_interleaved(encoders: dict[str, Encoder], windows: torch.Tensor, repeat: int) -> dict[str, dict]:
-    """Per precision: call times, NVML utilisation samples and peak memory of `embed` on `windows`.
+    """Per precision: the `Timing` of `embed` on `windows`, NVML utilisation samples and peak memory.
 
     After one warm-up call each, the precisions take turns call by call, so that the load of a shared machine
     weighs on each alike. Calls longer than `LONG_CALL_S` are repeated `LONG_CALL_REPEAT` times at most.
@@ -91,19 +91,22 @@ def time_interleaved(encoders: dict[str, Encoder], windows: torch.Tensor, repeat
         _sync(device)
         slow |= time.perf_counter() - start > LONG_CALL_S
     repeat = min(repeat, LONG_CALL_REPEAT) if slow else repeat
-    measured = {precision: {"times": [], "util": [], "peak_mib": None} for precision in encoders}
-    for _ in range(repeat):
-        for precision, encoder in encoders.items():
-            entry = measured[precision]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            with _gpu_utilisation(device, entry["util"]):
-                start = time.perf_counter()
-                encoder.embed(windows)
-                _sync(device)
-                entry["times"].append(time.perf_counter() - start)
-            if device.type == "cuda":
-                entry["peak_mib"] = max(entry["peak_mib"] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
+    measured = {precision: {"util": [], "peak_mib": None} for precision in encoders}
+
+    @contextmanager
+    def watched(precision: str) -> Iterator[None]:
+        """NVML sampling and the peak-memory counter around one timed call, their own cost outside its time."""
+        entry = measured[precision]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with _gpu_utilisation(device, entry["util"]):
+            yield
+        if device.type == "cuda":
+            entry["peak_mib"] = max(entry["peak_mib"] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
+
+    calls = {precision: partial(encoder.embed, windows) for precision, encoder in encoders.items()}
+    for precision, timing in time_rounds(calls, repeat, sync=partial(_sync, device), around=watched).items():
+        measured[precision]["timing"] = timing
     return measured
 
 
@@ -112,16 +115,10 @@ def front_end_rate(encoder: Encoder, device: torch.device, repeat: int) -> float
     front_end = encoder.front_end().to(device).eval()
     waveform = torch.randn(int(FRONT_END_AUDIO_S * front_end.sample_rate), generator=torch.Generator().manual_seed(0))
     waveform = (waveform * 0.1).to(device)
-    times = []
     with torch.inference_mode():
         n_windows = len(front_end(waveform))
-        for _ in range(repeat):
-            _sync(device)
-            start = time.perf_counter()
-            front_end(waveform)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    return n_windows / statistics.median(times)
+        timing = time_rounds({"front end": partial(front_end, waveform)}, repeat, sync=partial(_sync, device))
+    return n_windows / timing["front end"].median_wall
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, mule_weights: str) -> list[dict]:
@@ -141,7 +138,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, mule_
     for batch in args.batches:
         windows = window.expand(batch, *window.shape[1:]).contiguous().to(device)
         for precision, measured in time_interleaved(encoders, windows, args.repeat).items():
-            seconds = statistics.median(measured["times"])
+            seconds = measured["timing"].median_wall
             rows.append(
                 {
                     "model": name,
@@ -149,7 +146,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, mule_
                     "batch": batch,
                     "windows_per_s": batch / seconds,
                     "seconds_per_call": seconds,
-                    "repeats": len(measured["times"]),
+                    "repeats": len(measured["timing"].wall),
                     "front_end_windows_per_s": front_end_wps,
                     "load_avg_1m": os.getloadavg()[0],
                     "gpu_util_pct": statistics.mean(measured["util"]) if measured["util"] else None,
@@ -168,7 +165,8 @@ def main() -> None:
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[32, 64])
     parser.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32", "bf16"])
     parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
+    run = BenchRun("encoders", args)
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     rows = []
@@ -176,21 +174,10 @@ def main() -> None:
         mule_weights = write_standin_weights(Path(scratch)) if "mule-sfnfnet-f0" in args.models else ""
         for name in args.models:
             rows.extend(bench_model(name, args, device, mule_weights))
-    machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "load_avg_1_5_15m": os.getloadavg(),
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    table = Table(title=f"encoders on {device} ({machine['device']}, {args.threads} torch threads)")
     columns = ["model", "precision", "batch", "windows/s", "s/call", "front end windows/s", "load avg 1m"]
     if device.type == "cuda":
         columns += ["GPU util %", "GPU peak MiB"]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("model", "precision") else "right")
+    table = []
     for row in rows:
         cells = [
             row["model"], row["precision"], str(row["batch"]), f"{row['windows_per_s']:.1f}",
@@ -199,9 +186,11 @@ def main() -> None:
         if device.type == "cuda":
             util = row["gpu_util_pct"]
             cells += ["n/a" if util is None else f"{util:.0f}", f"{row['gpu_peak_mib']:.0f}"]
-        table.add_row(*cells)
-    Console(width=140).print(table)
-    print(f"wrote {RESULTS}")
+        table.append(cells)
+    print_table(f"encoders on {device} ({args.threads} torch threads)", columns, table, left=2)
+    results = {"device": str(device), "torch_threads": torch.get_num_threads(), "rows": rows}
+    path = run.write(results_path("encoders"), results)
+    console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python bench/gpu_bench.py [--device cuda|cpu] [--model musicnn-msd] [--precision bf16] [--tracks 64]
                               [--seconds 120] [--workers N] [--batch N] [--repeat 5] [--no-compile]
-                              [--[no-]cold-warm] [--no-ray]
+                              [--[no-]cold-warm] [--no-ray] [--smoke]
 
 Sections (each one's figures are rows of the printed table and keys of the JSON it writes):
 
@@ -27,7 +27,8 @@ The demo catalog (`catalog_embed.workers.demo_catalog`, every codec, no broken f
 Prints a table with the machine's load average and writes bench/results/gpu_bench-<device>.json.
 
 Without a GPU: `--device cpu --tracks 16 --seconds 30 --repeat 3` finishes in about 5 minutes on 2 busy cores
-(`--cold-warm` adds two compilations, 1 to 3 minutes there).
+(`--cold-warm` adds two compilations, 1 to 3 minutes there); `--device cpu --smoke` (2 short tracks, one decode
+worker, eager only, no Ray) checks that every section but Ray's runs, in seconds.
 
 On the GPU machine (Python 3.12 with torch, torchaudio, pyarrow, fsspec, safetensors and rich, no internet, no PyAV,
 soxr, deltalake or Ray) the PyAV and soxr wheels (36 MB together) are enough for every section but `run_embed`'s,
@@ -41,45 +42,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
+from harness import BenchRun, console, parse_args, print_table, results_path, time_rounds
 from rich.console import Console
-from rich.table import Table
 
 from catalog_embed.workers.encoders import Encoder, get_encoder
 from catalog_embed.workers.encoders.base import INDUCTOR_CACHE_ENV, resolve_device
 from catalog_embed.workers.encoders.sfnfnet import write_standin_weights
 
-RESULTS = Path(__file__).parent / "results"
 DECODE_TIMEOUT_S = 300.0
 DECODE_MEMORY_MB = 4096.0
+SMOKE = {"tracks": 2, "seconds": 4.0, "workers": 1, "batch": 2, "repeat": 1, "compile": False, "cold_warm": False,
+         "ray": False}  # fmt: skip
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _median_seconds(calls: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict[str, float]:
-    """Median seconds of each call, the calls taking turns so that a shared machine's load weighs on each alike."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeat):
-        for name, call in calls.items():
-            _sync(device)
-            start = time.perf_counter()
-            call()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _encoder_options(model: str, work: Path) -> dict[str, str]:
@@ -136,7 +122,7 @@ def encoder_section(args: argparse.Namespace, device: torch.device, work: Path) 
         result["peak_mib_per_window"] = (torch.cuda.max_memory_allocated(device) - before) / batch / 2**20
     flops = _flops_per_window(eager, windows[: min(batch, 8)])
     result["gflop_per_window"] = flops / 1e9 if flops else None
-    calls = {"eager": lambda: eager.embed(windows)}
+    calls = {"eager": partial(eager.embed, windows)}
     compiled = None
     if args.compile:
         compiled = get_encoder(args.model, **options)
@@ -147,8 +133,9 @@ def encoder_section(args: argparse.Namespace, device: torch.device, work: Path) 
         compiled.embed(windows)
         _sync(device)
         result["compile_first_call_s"] = time.perf_counter() - start
-        calls["compiled"] = lambda: compiled.embed(windows)
-    for mode, seconds in _median_seconds(calls, device, args.repeat).items():
+        calls["compiled"] = partial(compiled.embed, windows)
+    for mode, timing in time_rounds(calls, args.repeat, sync=partial(_sync, device)).items():
+        seconds = timing.median_wall
         result[f"{mode}_windows_per_s"] = batch / seconds
         if flops:
             result[f"{mode}_tflop_per_s"] = flops * batch / seconds / 1e12
@@ -301,14 +288,6 @@ def _skipped(section: str, exc: ImportError) -> dict:
     return {"skipped": f"{section} needs {exc.name or exc}, not installed here"}
 
 
-def _fmt(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
-    return str(value)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -326,7 +305,7 @@ def main() -> None:
     parser.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray end-to-end run")
     parser.add_argument("--compile-start", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
     device = resolve_device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if args.cold_warm is None:  # two more compilations: seconds on a GPU, minutes on a few CPU cores
@@ -334,16 +313,11 @@ def main() -> None:
     if args.compile_start:
         compile_start(args, device)
         return
-    console = Console()
+    run = BenchRun("gpu", args)
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
-    load_before = os.getloadavg()[0]
-    report: dict = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "args": {k: v for k, v in vars(args).items() if k not in ("compile_start", "work")},
-    }
-    console.print(f"{args.model} {args.precision} on {report['device']}; work in {work}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else run.meta["machine"]["cpu_model"]
+    report: dict = {"device": name}
+    console.print(f"{args.model} {args.precision} on {name}; work in {work}")
 
     start = time.perf_counter()
     report["encoder"] = encoder_section(args, device, work)
@@ -366,33 +340,26 @@ def main() -> None:
             start = time.perf_counter()
             try:
                 section = loop_section if runner == "loop" else partial(end_to_end_section, runner=runner)
-                run = section(args, manifest, work, compiled=compiled_wins, batch=encoder["batch_windows"],
-                              windows=decode["windows"])  # fmt: skip
-                run["efficiency"] = run["windows_per_s"] / min(decode["pool_windows_per_s"], encoder_rate)
+                run_result = section(args, manifest, work, compiled=compiled_wins, batch=encoder["batch_windows"],
+                                     windows=decode["windows"])  # fmt: skip
+                run_result["efficiency"] = run_result["windows_per_s"] / min(decode["pool_windows_per_s"], encoder_rate)
             except ImportError as exc:
-                run = _skipped(f"the {runner} runner", exc)
-            report["end_to_end"][runner] = run
+                run_result = _skipped(f"the {runner} runner", exc)
+            report["end_to_end"][runner] = run_result
             console.print(f"end to end, {runner}: {time.perf_counter() - start:.0f} s")
-    report["load_average_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
 
-    table = Table(title=f"{args.model} {args.precision} on {report['device']} ({report['cpus']} CPUs), "
-                        f"{args.tracks} x {args.seconds:g} s tracks")  # fmt: skip
-    table.add_column("section")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for section in ("encoder", "decode"):
-        for key, value in report[section].items():
-            table.add_row(section, key, _fmt(value))
-    for runner, run in report["end_to_end"].items():
-        for key, value in run.items():
-            if key != "stage_seconds":
-                table.add_row(f"end to end, {runner}", key, _fmt(value))
-    table.add_row("machine", "load average (1 min) before / after", f"{load_before:.1f} / {os.getloadavg()[0]:.1f}")
-    console.print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"gpu_bench-{device.type}.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
-    console.print(f"wrote {path}")
+    rows = [(section, key, value) for section in ("encoder", "decode") for key, value in report[section].items()]
+    rows += [
+        (f"end to end, {runner}", key, value)
+        for runner, run_result in report["end_to_end"].items()
+        for key, value in run_result.items()
+        if key != "stage_seconds"
+    ]
+    load = (run.meta["machine"]["load_average_start"][0], os.getloadavg()[0])
+    rows.append(("machine", "load average (1 min) before / after", f"{load[0]:.1f} / {load[1]:.1f}"))
+    print_table(f"{args.model} {args.precision} on {name} ({os.cpu_count()} CPUs), {args.tracks} x {args.seconds:g} s "
+                "tracks", ("section", "measure", "value"), rows, left=2)  # fmt: skip
+    console.print(f"wrote {run.write(results_path(f'gpu_bench-{device.type}'), report)}")
 
 
 if __name__ == "__main__":

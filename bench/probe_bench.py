@@ -10,15 +10,14 @@ written to a temporary directory, then:
      (the full 216-trial grid on 100k rows is hours on 2 cores).
 
 Prints a table and writes bench/results/probe_bench.json. Timings depend on what else the machine runs: say so
-when reporting them. `--quick` runs a small version (10,000 rows, capped epochs) in a minute or two.
+when reporting them. `--quick` runs a small version (10,000 rows, capped epochs) in a minute or two; `--smoke` the
+smallest (1,000 x 64, two epochs), in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,10 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 from deltalake import write_deltalake
-from rich.console import Console
-from rich.table import Table
+from harness import BenchRun, console, parse_args, print_table, results_path
 
 from catalog_embed.pipelines.probes.tables import EmbeddingsSource
 from catalog_embed.schemas.tables import EMBEDDINGS
@@ -42,7 +39,8 @@ from catalog_embed.workers.probes.search import PRESETS, grid_configs, run_trial
 from catalog_embed.workers.probes.tasks import TaskKind
 from catalog_embed.workers.probes.train import ProbeConfig, restore
 
-RESULTS = Path(__file__).parent / "results" / "probe_bench.json"
+SMOKE = {"rows": 1_000, "dim": 64, "labels": 5, "max_epochs": 2, "grid_trials": 2, "grid_rows": 500,
+         "grid_max_epochs": 1}  # fmt: skip
 
 
 def synthetic_table(directory: Path, rows: int, dim: int, n_labels: int, seed: int = 0) -> tuple[str, pa.Table]:
@@ -138,20 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid-trials", type=int, default=8, help="grid points sampled for the search timing")
     parser.add_argument("--grid-rows", type=int, default=20_000, help="rows the grid search trains on")
     parser.add_argument("--grid-max-epochs", type=int, default=10)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, SMOKE, argv)
     if args.quick:
         args.rows, args.max_epochs, args.grid_trials, args.grid_rows, args.grid_max_epochs = 10_000, 8, 4, 5_000, 4
 
-    console = Console(width=180)
-    results: dict = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "load_average_at_start": os.getloadavg(),
-        },
-        "params": vars(args),
-    }
+    run = BenchRun("probe", args)
+    results: dict = {}
     with tempfile.TemporaryDirectory(prefix="probe-bench-") as tmp:
         started = time.perf_counter()
         uri, labels = synthetic_table(Path(tmp), args.rows, args.dim, args.labels)
@@ -199,53 +189,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{grid[-1]['wall_seconds']:.0f}s"
         )
     results["grid"] = grid
-    results["machine"]["load_average_at_end"] = os.getloadavg()
 
-    table = Table(
-        title=f"Probe benchmark: {args.rows:,} x {args.dim} embeddings, {args.labels} tags "
-        f"({os.cpu_count()} cores, load {results['machine']['load_average_at_start'][0]:.1f})"
-    )
-    for column in (
-        "run",
-        "threads",
-        "s/epoch",
-        "best epoch / run",
-        "s to best",
-        "s to best-0.001 (epoch)",
-        "s total",
-        "test ROC-AUC",
-        "test PR-AUC",
-    ):
-        table.add_column(column, justify="right" if column != "run" else "left")
-    for t in trials:
-        table.add_row(
-            f"{t['probe']} ({t['config']})",
-            str(t["threads"]),
-            f"{t['seconds_per_epoch']:.1f}",
-            f"{t['best_epoch']} / {t['epochs_run']}",
-            f"{t['seconds_to_best']:.0f}",
-            f"{t['seconds_to_converged']:.0f} ({t['converged_epoch']})",
-            f"{t['seconds_total']:.0f}",
-            f"{t['test']['roc_auc']:.4f}",
-            f"{t['test']['pr_auc']:.4f}",
-        )
-    for g in grid:
-        table.add_row(
-            f"grid: {g['trials']} trials, {g['rows']:,} rows, {g['parallel']} parallel",
-            "1",
-            "",
-            "",
-            "",
-            "",
-            f"{g['wall_seconds']:.0f}",
-            f"{g['best_valid_roc_auc']:.4f} (valid)",
-            "",
-        )
-    table.add_row("load: read table + join + split", "", "", "", "", "", f"{results['load_seconds']:.1f}", "", "")
-    console.print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2, default=float))
-    console.print(f"results -> {RESULTS}")
+    load = run.meta["machine"]["load_average_start"][0]
+    rows = [
+        (f"{t['probe']} ({t['config']})", str(t["threads"]), f"{t['seconds_per_epoch']:.1f}",
+         f"{t['best_epoch']} / {t['epochs_run']}", f"{t['seconds_to_best']:.0f}",
+         f"{t['seconds_to_converged']:.0f} ({t['converged_epoch']})", f"{t['seconds_total']:.0f}",
+         f"{t['test']['roc_auc']:.4f}", f"{t['test']['pr_auc']:.4f}")
+        for t in trials
+    ]  # fmt: skip
+    rows += [
+        (f"grid: {g['trials']} trials, {g['rows']:,} rows, {g['parallel']} parallel", "1", "", "", "", "",
+         f"{g['wall_seconds']:.0f}", f"{g['best_valid_roc_auc']:.4f} (valid)", "")
+        for g in grid
+    ]  # fmt: skip
+    rows.append(("load: read table + join + split", "", "", "", "", "", f"{results['load_seconds']:.1f}", "", ""))
+    print_table(
+        f"Probe benchmark: {args.rows:,} x {args.dim} embeddings, {args.labels} tags ({os.cpu_count()} cores, "
+        f"load {load:.1f})",
+        ("run", "threads", "s/epoch", "best epoch / run", "s to best", "s to best-0.001 (epoch)", "s total",
+         "test ROC-AUC", "test PR-AUC"),
+        rows,
+    )  # fmt: skip
+    console.print(f"results -> {run.write(results_path('probe_bench'), results)}")
     return 0
 
 

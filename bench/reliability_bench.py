@@ -14,13 +14,12 @@
 Prints a table (job failures, rows, duplicates, lost tracks, the time a hang costs) and writes
 bench/results/reliability.json.
 
-    python bench/reliability_bench.py [--tracks 1000] [--hostile 50] [--duration 4] [--timeout 10]
+    python bench/reliability_bench.py [--tracks 1000] [--hostile 50] [--duration 4] [--timeout 10] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -32,8 +31,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from harness import BenchRun, console, parse_args, print_table, results_path
 from rich.console import Console
-from rich.table import Table
 
 from catalog_embed.pipelines.analysts.query import connect
 from catalog_embed.pipelines.embed.config import EmbedConfig
@@ -48,7 +47,9 @@ from catalog_embed.workers.isolation import IsolatedPool
 from catalog_embed.workers.stages import DecodeStage, EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "reliability.json"
+# Enough shards that the run is still going when its decode worker and then it are killed: a hanging track holds
+# it for `timeout` seconds.
+SMOKE = {"tracks": 24, "hostile": 10, "duration": 1.5, "timeout": 3.0, "shard_size": 2}
 
 
 def _embed(catalog: str, out: str, timeout: float, shard_size: int, failpoints: str) -> subprocess.Popen:
@@ -94,8 +95,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--shard-size", type=int, default=25)
-    args = parser.parse_args()
-    console = Console()
+    args = parse_args(parser, SMOKE)
+    run = BenchRun("reliability", args)
     work = Path(tempfile.mkdtemp(prefix="reliability-"))
     n_injected = min(args.hostile // 5, args.tracks)  # crashers and hangers, half each
     n_broken = args.hostile - n_injected
@@ -169,21 +170,17 @@ def main() -> None:
         "resume_run_s": round(resume_s, 1),
     }
     report["hang_cost_s"] = round(_hang_cost(catalog.root, hangers[0], args.timeout), 2) if hangers else 0.0
-    table = Table(title="reliability: kill a decode worker, kill -9 the driver, resume")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_column("target", justify="right")
     targets = {
         "job_failures": 0, "embeddings_rows": report["expected_good"], "failures_rows": report["expected_bad"],
         "duplicates": 0, "lost": 0, "good_tracks_failed": 0, "hang_cost_s": f"its timeout, {args.timeout:g}",
         "live staging removed by vacuum": 0, "live run adopted by another catalog's run": 0,
     }
-    for key, value in report.items():
-        table.add_row(key, str(value), str(targets.get(key, "")))
-    console.print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2))
-    console.print(f"wrote {RESULTS}")
+    print_table(
+        "reliability: kill a decode worker, kill -9 the driver, resume",
+        ("measure", "value", "target"),
+        ((key, str(value), str(targets.get(key, ""))) for key, value in report.items()),
+    )
+    console.print(f"wrote {run.write(results_path('reliability'), report)}")
 
 
 def _add_hostile_media(root: Path, manifest: Path, outside_of: str) -> list[str]:

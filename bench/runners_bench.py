@@ -15,28 +15,25 @@ Ray gives each worker as many intra-op threads as CPUs it reserved (one), while 
 torch use every core. On a busy machine that alone changes the encoder's speed severalfold, so compare engines
 with the same thread count: `OMP_NUM_THREADS=1` pins it for every process of every runner (it is recorded).
 
-    OMP_NUM_THREADS=1 python bench/runners_bench.py [--tracks 48] [--duration 30] [--rounds 3]
+    OMP_NUM_THREADS=1 python bench/runners_bench.py [--tracks 48] [--duration 30] [--rounds 3] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 
+from harness import BenchRun, console, parse_args, print_table, results_path
 from rich.console import Console
-from rich.table import Table
 
 from catalog_embed.pipelines.embed.config import EmbedConfig
 from catalog_embed.pipelines.embed.job import run_embed
 from catalog_embed.pipelines.runners.options import RayOptions
 from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 
-RESULTS = Path(__file__).parent / "results" / "runners.json"
 # (label, runner, decode workers, encoder actors)
 CASES = (
     ("local, 2 workers", "local", 2, 1),
@@ -47,6 +44,8 @@ CASES = (
     ("ray, 2 CPU workers, 2 encoder actors", "ray", 2, 2),
 )
 REFERENCE = CASES[0][0]
+# Every case once on a catalog of two good tracks and one file of each broken kind (the demo's 6).
+SMOKE = {"tracks": 8, "duration": 2.0, "rounds": 1}
 
 
 def main() -> None:
@@ -55,8 +54,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per track (the demo's 30)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=16)
-    args = parser.parse_args()
-    console = Console()
+    args = parse_args(parser, SMOKE)
+    run = BenchRun("runners", args)
     work = Path(tempfile.mkdtemp(prefix="runners-bench-"))
     demo = DemoCatalogConfig(n_tracks=args.tracks, duration_s=args.duration)
     console.print(f"rendering {demo.n_tracks} x {demo.duration_s:g} s demo tracks ({demo.n_broken} broken) in {work}")
@@ -113,32 +112,24 @@ def main() -> None:
         for label in ("ray, 2 CPU workers", "ray, 2 CPU workers, 2 encoder actors")
     }
 
-    table = Table(title=f"runners on {demo.n_tracks} x {demo.duration_s:g} s demo tracks, median of {args.rounds}")
-    for column in ("runner", "wall s", "x real time", "tracks/s", "wall vs local"):
-        table.add_column(column, justify="left" if column == "runner" else "right")
-    for row in rows:
-        table.add_row(row["runner"], f"{row['wall_s']:.1f}", f"{row['x_real_time']:.1f}",
-                      f"{row['tracks_per_s']:.2f}", f"{row['vs_local']:.2f}x")
-    console.print(table)
+    print_table(
+        f"runners on {demo.n_tracks} x {demo.duration_s:g} s demo tracks, median of {args.rounds}",
+        ("runner", "wall s", "x real time", "tracks/s", "wall vs local"),
+        ((row["runner"], f"{row['wall_s']:.1f}", f"{row['x_real_time']:.1f}", f"{row['tracks_per_s']:.2f}",
+          f"{row['vs_local']:.2f}x") for row in rows),
+    )  # fmt: skip
     for label, speedup in ray_scaling.items():
         console.print(f"ray speed-up over 1 CPU worker, {label}: {speedup:.2f}x")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "catalog": {"tracks": demo.n_tracks, "duration_s": demo.duration_s, "broken": demo.n_broken},
-                "rounds": args.rounds,
-                "shard_size": args.shard_size,
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                "runners": rows,
-                "ray_speedup_over_1_worker": ray_scaling,
-            },
-            indent=2,
-        )
-    )
-    console.print(f"wrote {RESULTS}")
+    results = {
+        "catalog": {"tracks": demo.n_tracks, "duration_s": demo.duration_s, "broken": demo.n_broken},
+        "rounds": args.rounds,
+        "shard_size": args.shard_size,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "runners": rows,
+        "ray_speedup_over_1_worker": ray_scaling,
+    }
+    console.print(f"wrote {run.write(results_path('runners'), results)}")
 
 
 if __name__ == "__main__":
