@@ -31,12 +31,17 @@ SECONDS_PER_TRACK=${SECONDS_PER_TRACK:-120}
 BENCH_ARGS=${BENCH_ARGS:-}
 OUT=${OUT:-bench/results/device}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+# The code imports as catalog_embed.* (pyproject.toml maps the top-level folders there) and nothing is installed on
+# the device machine: a folder of links gives the same namespace; $PWD gives the tests their `tests.helpers`.
+NAMESPACE=$(mktemp -d)
+mkdir "$NAMESPACE/catalog_embed"
+for package in pipelines workers schemas; do ln -s "$PWD/$package" "$NAMESPACE/catalog_embed/$package"; done
+export PYTHONUNBUFFERED=1 PYTHONPATH=$NAMESPACE:$PWD
 if [ "$DEVICE" != cpu ]; then
   export CATALOG_EMBED_CACHE=$PWD/.carry/cache  # the weights travel: no internet there
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 fi
 

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -29,8 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where results go unless a bench is told otherwise; tests point it elsewhere, so that a smoke run never
-# overwrites a real measurement.
+# A folder for results instead of bench/results/: tests set it, so that a smoke run never overwrites a measurement.
 RESULTS_ENV = "CATALOG_EMBED_BENCH_RESULTS"
 # What a bench's figures depend on; those not installed are left out of `meta.packages`.
 PACKAGES = ("catalog-embed", "torch", "torchaudio", "numpy", "pyarrow", "deltalake", "av", "soxr", "duckdb",
@@ -57,18 +57,12 @@ class Timing:
     @property
     def median_wall(self) -> float:
         """Median wall-clock seconds of a call."""
-        return _median(self.wall)
+        return statistics.median(self.wall)
 
     @property
     def median_cpu(self) -> float:
         """Median CPU seconds of a call."""
-        return _median(self.cpu)
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+        return statistics.median(self.cpu)
 
 
 def time_rounds(

@@ -47,9 +47,9 @@ from catalog_embed.workers.isolation import IsolatedPool
 from catalog_embed.workers.stages import DecodeStage, EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-# Enough shards that the run is still going when its decode worker and then it are killed: a hanging track holds
-# it for `timeout` seconds.
-SMOKE = {"tracks": 24, "hostile": 10, "duration": 1.5, "timeout": 3.0, "shard_size": 2}
+# Enough shards that the first run is still going when its decode worker and then it are killed (a hanging track
+# holds it for `timeout` seconds); short tracks, since starting processes costs more than embedding them.
+SMOKE = {"tracks": 40, "hostile": 10, "duration": 1.5, "timeout": 5.0, "shard_size": 2}
 
 
 def _embed(catalog: str, out: str, timeout: float, shard_size: int, failpoints: str) -> subprocess.Popen:
@@ -125,12 +125,16 @@ def main() -> None:
     _wait_for_shards(out, n_shards // 3, first)
     live = TableStore(out).staged_runs()
     swept = vacuum(out, staging_hours=0, retention_hours=168, dry_run=False)
-    # Another catalog (20 good tracks, listed in a second manifest) into the same tables, meanwhile.
-    other_ids = pa.array(expected_good[:20])
+    # Another catalog (20 good tracks, fewer in a small catalog so that the first run outlasts it, listed in a second
+    # manifest) into the same tables, meanwhile.
+    other_ids = pa.array(expected_good[: max(1, min(20, len(expected_good) // 10))])
     other_manifest = str(catalog.root / "manifest-other.parquet")
     pq.write_table(pq.read_table(manifest).filter(pc.is_in(pc.field("track_id"), other_ids)), other_manifest)
     other = run_embed(EmbedConfig(catalog=other_manifest, out=out, decode_timeout_s=args.timeout), Console(quiet=True))
     workers = _children(first.pid)
+    if not workers:
+        msg = f"the first run ended (exit {first.poll()}) before a decode worker could be killed: ask for more --tracks"
+        raise RuntimeError(msg)
     os.kill(workers[0], signal.SIGKILL)
     _wait_for_shards(out, 2 * n_shards // 3, first)
     os.killpg(first.pid, signal.SIGKILL)

@@ -15,7 +15,7 @@ Ray gives each worker as many intra-op threads as CPUs it reserved (one), while 
 torch use every core. On a busy machine that alone changes the encoder's speed severalfold, so compare engines
 with the same thread count: `OMP_NUM_THREADS=1` pins it for every process of every runner (it is recorded).
 
-    OMP_NUM_THREADS=1 python bench/runners_bench.py [--tracks 48] [--duration 30] [--rounds 3] [--smoke]
+    OMP_NUM_THREADS=1 python bench/runners_bench.py [--tracks 48] [--duration 30] [--rounds 3] [--case LABEL] [--smoke]
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ CASES = (
     ("ray, 2 CPU workers, 2 encoder actors", "ray", 2, 2),
 )
 REFERENCE = CASES[0][0]
-# Every case once on a catalog of two good tracks and one file of each broken kind (the demo's 6).
-SMOKE = {"tracks": 8, "duration": 2.0, "rounds": 1}
+# One case per engine, once, on a catalog of two good tracks and one file of each broken kind (the demo's 6).
+SMOKE = {"tracks": 8, "duration": 2.0, "rounds": 1, "case": ["beam direct, in process", "ray, 1 CPU worker"]}
 
 
 def main() -> None:
@@ -54,16 +54,19 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per track (the demo's 30)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=16)
+    parser.add_argument("--case", action="append", choices=[label for label, *_ in CASES],
+                        help=f"a case to run, repeatable (default: all; {REFERENCE!r}, the reference, always runs)")
     args = parse_args(parser, SMOKE)
+    cases = [case for case in CASES if case[0] == REFERENCE or args.case is None or case[0] in args.case]
     run = BenchRun("runners", args)
     work = Path(tempfile.mkdtemp(prefix="runners-bench-"))
     demo = DemoCatalogConfig(n_tracks=args.tracks, duration_s=args.duration)
     console.print(f"rendering {demo.n_tracks} x {demo.duration_s:g} s demo tracks ({demo.n_broken} broken) in {work}")
     catalog = render_demo_catalog(work / "catalog", demo, workers=2)
     quiet = Console(quiet=True)
-    runs: dict[str, list[dict]] = {label: [] for label, *_ in CASES}
+    runs: dict[str, list[dict]] = {label: [] for label, *_ in cases}
     for round_ in range(args.rounds):
-        for label, runner, workers, actors in CASES:
+        for label, runner, workers, actors in cases:
             config = EmbedConfig(
                 catalog=str(catalog.manifest_path),
                 out=str(work / f"tables-{round_}-{runner}-{workers}-{actors}"),
@@ -85,7 +88,7 @@ def main() -> None:
             console.print(f"round {round_ + 1}: {label}: {summary.wall_seconds:.1f} s")
 
     rows = []
-    for label, runner, workers, actors in CASES:
+    for label, runner, workers, actors in cases:
         done = runs[label]
         wall = statistics.median(r["wall_s"] for r in done)
         audio = done[0]["audio_s"]
@@ -110,6 +113,7 @@ def main() -> None:
     ray_scaling = {
         label: by_label["ray, 1 CPU worker"]["wall_s"] / by_label[label]["wall_s"]
         for label in ("ray, 2 CPU workers", "ray, 2 CPU workers, 2 encoder actors")
+        if {label, "ray, 1 CPU worker"} <= by_label.keys()  # both cases ran (see --case)
     }
 
     print_table(

@@ -63,7 +63,7 @@ def run_bench(script: str, *argv: str, results: Path) -> str:
 
 
 def assert_meta(document: dict, bench: str) -> None:
-    """The harness's record: every key, the machine's, and the run's own command line."""
+    """The harness's record: its keys, the machine's, the git state's and our own package's version."""
     meta = document["meta"]
     assert META <= meta.keys()
     assert MACHINE <= meta["machine"].keys()
@@ -79,6 +79,7 @@ def test_bench_smoke(bench, tmp_path):
     [path] = tmp_path.glob(bench.json_glob)
     document = json.loads(path.read_text())
     assert_meta(document, bench.script.removesuffix("_bench.py"))
+    assert document["meta"]["command"][-len(bench.argv) :] == list(bench.argv)
     assert document["meta"]["args"]["smoke"] is True
     assert bench.keys <= document.keys()
 
