@@ -1,8 +1,9 @@
 """Reliability report: a large catalog with hostile files, a decode worker and then the driver killed mid-run.
 
 1. Renders a demo catalog (default 1,000 tracks) whose broken rows cover every broken kind (truncated, empty, not
-   audio, corrupt header, missing), and marks further good tracks whose decoder will segfault or hang (injected at
-   the decoder, as `catalog_embed.workers.failpoints` documents): 50 hostile rows by default. Three hostile media files join them:
+   audio, corrupt header, missing), and marks further good tracks, spread over the catalog, whose decoder will
+   segfault or hang (injected at the decoder, as `catalog_embed.workers.failpoints` documents): 50 hostile rows by
+   default. Three hostile media files join them:
    an HLS playlist pointing at a file outside the catalog, an ffconcat list and an SDP session description (a
    decoder that followed them would embed the outside file or block on a socket).
 2. Starts `catalog-embed embed` in a process of its own; once a third of the shards are staged it runs
@@ -47,9 +48,9 @@ from catalog_embed.workers.isolation import IsolatedPool
 from catalog_embed.workers.stages import DecodeStage, EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-# Enough shards that the first run is still going when its decode worker and then it are killed (a hanging track
-# holds it for `timeout` seconds); short tracks, since starting processes costs more than embedding them.
-SMOKE = {"tracks": 40, "hostile": 10, "duration": 1.5, "timeout": 5.0, "shard_size": 2}
+# One crasher and one hanger; the hang holds the first run half way for `timeout` seconds, longer than the other
+# catalog's run takes on a busy machine. Short tracks: starting processes costs more than embedding them.
+SMOKE = {"tracks": 24, "hostile": 10, "duration": 1.5, "timeout": 30.0, "shard_size": 2}
 
 
 def _embed(catalog: str, out: str, timeout: float, shard_size: int, failpoints: str) -> subprocess.Popen:
@@ -110,7 +111,11 @@ def main() -> None:
     render_s = time.perf_counter() - started
     labels = pq.read_table(catalog.labels_path).to_pylist()
     good = sorted(la["track_id"] for la in labels if la["broken"] is None)
-    crashers, hangers = good[: n_injected // 2], good[n_injected // 2 : n_injected]
+    # Spread over the catalog, crashers and hangers in turn: the local runner keeps shards in order, so each hang
+    # holds the run at its place for `timeout` seconds and the run is still live when its worker and it are killed,
+    # even in a small catalog.
+    injected = good[:: max(1, len(good) // max(1, n_injected))][:n_injected]
+    crashers, hangers = injected[0::2], injected[1::2]
     expected_bad = sorted({la["track_id"] for la in labels if la["broken"]} | set(crashers) | set(hangers))
     expected_good = sorted(set(good) - set(crashers) - set(hangers))
     failpoints = ";".join([f"decode=segfault:{t}." for t in crashers] + [f"decode=hang:{t}." for t in hangers])
