@@ -1,14 +1,16 @@
-"""Fault injection for the fault-tolerance suite: make a named point crash, hang, exit or raise on demand.
+"""Fault injection for the fault-tolerance suite: make a named point crash, hang, exit, raise or slow down on demand.
 
 `CATALOG_EMBED_FAILPOINTS` holds `point=action:match` entries separated by `;`, e.g.
-`decode=segfault:track-07;encode=raise:demo-0003;commit.embeddings=exit;write_shard=raise*1:000-000002`. When code
-reaches `hit(point, key)` and `match` is a substring of `key` (or no match is given), the first such entry's action
-runs:
+`decode=segfault:track-07;encode=raise:demo-0003;commit.embeddings=exit;write_shard=raise*1:000-000002` or
+`decode=sleep(0.5)`. When code reaches `hit(point, key)` and `match` is a substring of `key` (or no match is given),
+the first such entry's action runs:
 
 - `segfault`: the process dies of SIGSEGV, as FFmpeg does on some hostile streams;
 - `hang`: the call never returns, as a decoder stuck in a loop;
 - `exit`: the process ends at once with status 137, as under `kill -9` (no cleanup, no flush);
-- `raise`: `FailpointError` is raised, as a transient fault an engine retries (a preempted worker's lost bundle).
+- `raise`: `FailpointError` is raised, as a transient fault an engine retries (a preempted worker's lost bundle);
+- `sleep(S)`: the call returns after S seconds, as a slow decoder or a slow store (so that a test's fault lands
+  while a run is under way).
 
 An action suffixed `*N` runs on the first N matching hits in a process only, so that a retry can succeed.
 
@@ -71,3 +73,5 @@ def hit(point: str, key: str = "") -> None:
             time.sleep(3600)
     elif action == "exit":
         os._exit(137)
+    elif action is not None and action.startswith("sleep(") and action.endswith(")"):
+        time.sleep(float(action.removeprefix("sleep(").removesuffix(")")))

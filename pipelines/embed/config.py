@@ -29,6 +29,7 @@ from catalog_embed.pipelines.runners.options import (
     RUNNER_CLASSES,
     BeamOptions,
     RayOptions,
+    parse_resources,
 )
 from catalog_embed.schemas.errors import ConfigError
 from catalog_embed.workers.audio import DecodeConfig
@@ -383,6 +384,12 @@ OPTIONS: tuple[Option, ...] = (
         "object-store memory for shards in flight; decoders wait when it is full (unset: Ray Data's share of the "
         "cluster's object store)",
         type=int, group="Ray (--runner ray)",
+    ),
+    Option(
+        "ray.encoder_resources", "--encoder-resource",
+        "custom Ray resource each encoder actor reserves, NAME=AMOUNT (repeatable), e.g. encoder=1: the actors run "
+        "only on nodes started with `ray start --resources '{\"encoder\": 1}'`",
+        kind="repeat", parse=parse_resources, metavar="NAME=AMOUNT", group="Ray (--runner ray)",
     ),
 )
 

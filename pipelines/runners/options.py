@@ -24,6 +24,8 @@ BEAM_RUNNERS = ("direct", "prism")
 # A Dataflow worker accelerator as Dataflow spells it, e.g. "type:nvidia-l4;count:1;install-nvidia-driver".
 ACCELERATOR_EXAMPLE = "type:nvidia-l4;count:1;install-nvidia-driver"
 _REMOTE_SCHEMES = ("gs://", "s3://")
+# Resources Ray reserves under their own arguments (num_cpus, num_gpus, memory), not in `resources`.
+_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 @dataclass(frozen=True)
@@ -158,11 +160,15 @@ class RayOptions:
         object_store_mb: the object-store memory the run may fill with shards in flight (decoded audio waiting
             for an encoder, outputs waiting for the sink), across the cluster; decoders wait when it is full.
             None leaves Ray Data's default, a share of the cluster's object store.
+        encoder_resources: custom Ray resources each encoder actor reserves besides its cores and GPUs, e.g.
+            {'encoder': 1}: the actors then run only on nodes started with `ray start --resources
+            '{"encoder": N}'` (accelerators Ray does not count as GPUs, or a node pool kept for encoding).
     """
 
     address: str | None = None
     embed_actors: int = 1
     object_store_mb: int | None = None
+    encoder_resources: dict[str, float] | None = None
 
     def uses_cluster(self) -> bool:
         """Whether the run goes to an existing cluster: `--address`, or RAY_ADDRESS as `ray job submit` sets it."""
@@ -173,7 +179,8 @@ class RayOptions:
         if runner != "ray":
             given = [flag for flag, changed in (("--address", self.address is not None),
                                                 ("--embed-actors", self.embed_actors != 1),
-                                                ("--object-store-mb", self.object_store_mb is not None)) if changed]
+                                                ("--object-store-mb", self.object_store_mb is not None),
+                                                ("--encoder-resource", bool(self.encoder_resources))) if changed]
             if given:
                 msg = f"{', '.join(given)} only apply to --runner ray (the runner is {runner!r})"
                 raise ConfigError(msg)
@@ -184,6 +191,35 @@ class RayOptions:
         if self.object_store_mb is not None and self.object_store_mb < 1:
             msg = f"--object-store-mb must be at least 1, got {self.object_store_mb}"
             raise ConfigError(msg)
+        for name, amount in (self.encoder_resources or {}).items():
+            if name in _BUILTIN_RESOURCES:
+                msg = (
+                    f"--encoder-resource {name}: Ray's own resources are not custom ones (the encoder's cores and "
+                    "GPUs come from --device); name a resource the encoder nodes advertise, e.g. encoder=1"
+                )
+                raise ConfigError(msg)
+            if not amount > 0:
+                msg = f"--encoder-resource {name}={amount:g}: the amount must be positive"
+                raise ConfigError(msg)
         if self.address is not None and not self.address.strip():
             msg = "--address is empty: pass 'auto', the head's host:port, or ray://host:10001"
             raise ConfigError(msg)
+
+
+def parse_resources(pairs: list[str]) -> dict[str, float] | None:
+    """`NAME=AMOUNT` pairs of `--encoder-resource` as a dict (AMOUNT defaults to 1), or None when there are none.
+
+    Raises:
+        ConfigError: a pair has no name, or an amount that is not a number.
+    """
+    resources: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, amount = pair.partition("=")
+        try:
+            resources[name.strip()] = float(amount) if sep else 1.0
+        except ValueError:
+            name = ""
+        if not name.strip():
+            msg = f"--encoder-resource {pair!r} is not NAME=AMOUNT (e.g. encoder=1)"
+            raise ConfigError(msg)
+    return resources or None

@@ -104,6 +104,10 @@ class RayRunner:
         if job.encoder.gpus and not ray.cluster_resources().get("GPU"):
             _LOG.warning("--device %s: the Ray cluster has no GPU yet; the encoder actors wait for one",
                          job.encoder.device)
+        for name in self.options.encoder_resources or {}:
+            if not ray.cluster_resources().get(name):
+                _LOG.warning("--encoder-resource %s: no node of the Ray cluster has it yet; the encoder actors wait "
+                             "for one", name)
         sink = PartSink(job.without_items())
         dataset.write_datasink(sink)
         return sink.stats
@@ -145,6 +149,8 @@ def build_dataset(job: EmbedJob, options: RayOptions) -> ray.data.Dataset:
             size=options.embed_actors, max_tasks_in_flight_per_actor=_SHARDS_QUEUED_PER_ACTOR
         ),
         **_reserved(embedder),
+        # Custom resources (`--encoder-resource encoder=1`) keep the actors on the nodes that advertise them.
+        **({"resources": dict(options.encoder_resources)} if options.encoder_resources else {}),
     )
 
 

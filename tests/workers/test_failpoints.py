@@ -23,3 +23,14 @@ def test_a_counted_raise_fires_that_often_then_lets_the_retry_through(monkeypatc
 def test_unset_failpoints_do_nothing(monkeypatch):
     monkeypatch.delenv(failpoints.ENV, raising=False)
     failpoints.hit("commit.runs", "any")
+
+
+def test_a_sleep_slows_the_matching_hits_only(monkeypatch):
+    slept = []
+    monkeypatch.setattr(failpoints, "_hits", {})
+    monkeypatch.setattr(failpoints.time, "sleep", slept.append)
+    monkeypatch.setenv(failpoints.ENV, "decode=sleep(0.25)*1:track-07")
+    failpoints.hit("decode", "/c/track-01.mp3")
+    failpoints.hit("decode", "/c/track-07.mp3")
+    failpoints.hit("decode", "/c/track-07.mp3")  # counted: the second hit passes
+    assert slept == [0.25]

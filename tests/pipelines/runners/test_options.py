@@ -3,6 +3,7 @@ Dataflow and Flex Template options turn into the Beam options Dataflow needs (bu
 
 from __future__ import annotations
 
+import argparse
 import http.server
 import socket
 import threading
@@ -14,7 +15,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOpt
 from rich.console import Console
 
 from catalog_embed.pipelines.cli import main
-from catalog_embed.pipelines.embed.config import EmbedConfig, config_from_args
+from catalog_embed.pipelines.embed.config import EmbedConfig, add_run_arguments, config_from_args
 from catalog_embed.pipelines.embed.job import run_embed
 from catalog_embed.pipelines.runners import EmbedJob
 from catalog_embed.pipelines.runners.beam import DataflowRunner
@@ -170,3 +171,23 @@ def test_the_ray_object_store_budget_is_parsed_checked_and_only_for_ray(capsys, 
     assert main(["embed", "--catalog", catalog, "--out", out, "--runner", "ray", "--object-store-mb", "0"]) == 2
     assert "--object-store-mb must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_encoder_resources_are_parsed_checked_and_only_for_ray(capsys, tmp_path):
+    catalog, out = str(tmp_path / "none.csv"), str(tmp_path / "out")
+    assert main(["embed", "--catalog", catalog, "--out", out, "--encoder-resource", "encoder=1"]) == 2
+    assert "--encoder-resource only apply to --runner ray (the runner is 'local')" in capsys.readouterr().err
+    ray = ["embed", "--catalog", catalog, "--out", out, "--runner", "ray"]
+    assert main([*ray, "--encoder-resource", "=1"]) == 2
+    assert "--encoder-resource '=1' is not NAME=AMOUNT" in capsys.readouterr().err
+    assert main([*ray, "--encoder-resource", "encoder=lots"]) == 2
+    assert "--encoder-resource 'encoder=lots' is not NAME=AMOUNT" in capsys.readouterr().err
+    assert main([*ray, "--encoder-resource", "GPU=1"]) == 2
+    assert "--encoder-resource GPU: Ray's own resources are not custom ones" in capsys.readouterr().err
+    assert main([*ray, "--encoder-resource", "encoder=0"]) == 2
+    assert "--encoder-resource encoder=0: the amount must be positive" in capsys.readouterr().err
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    args = parser.parse_args(["--catalog", catalog, "--out", out, "--runner", "ray", "--encoder-resource", "encoder",
+                              "--encoder-resource", "tpu-slice=0.5"])
+    assert config_from_args(args).ray.encoder_resources == {"encoder": 1.0, "tpu-slice": 0.5}

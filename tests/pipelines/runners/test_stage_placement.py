@@ -73,6 +73,14 @@ def test_ray_decodes_in_cpu_tasks_apart_from_the_encoder_actors(local_ray, devic
     assert embed.ray_remote_args["num_gpus"] == (1 if device == "cuda" else 0)
 
 
+def test_ray_encoder_actors_require_the_custom_resources_and_decode_tasks_do_not(local_ray):
+    dataset = build_dataset(_job("cpu"), RayOptions(encoder_resources={"encoder": 1.0}))
+    embed = dataset._logical_plan.dag
+    assert embed.ray_remote_args["resources"] == {"encoder": 1.0}
+    assert "resources" not in embed.input_dependencies[0].ray_remote_args
+    assert "resources" not in build_dataset(_job("cpu"), RayOptions())._logical_plan.dag.ray_remote_args
+
+
 def test_ray_in_flight_shards_are_bounded_by_the_object_store_budget(local_ray):
     default = ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory
     unbounded = build_dataset(_job("cpu"), RayOptions())
