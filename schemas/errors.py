@@ -15,6 +15,20 @@ from __future__ import annotations
 EX_TEMPFAIL = 75
 
 
+def first_line(exc: BaseException, with_type: bool = False) -> str:
+    """The first non-empty line of an error's message, for one-line errors that quote another library's: deltalake
+    appends a Rust backtrace when RUST_BACKTRACE is set, DuckDB and transformers add hints on further lines.
+
+    Args:
+        exc: the error.
+        with_type: prefix the error's class name (where the message alone would not say what failed).
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0]}" if with_type else lines[0]
+
+
 class CatalogEmbedError(Exception):
     """Base class of every error this project raises on purpose.
 

@@ -27,7 +27,7 @@ from rich.table import Table
 from catalog_embed.pipelines.io.storage import add_storage_option_argument, storage_options_from_args
 from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.pipelines.output import console, print_json
-from catalog_embed.schemas.errors import QueryError
+from catalog_embed.schemas.errors import QueryError, first_line
 from catalog_embed.schemas.tables import TABLES
 
 # Settings applied after the views are registered; the last one locks them all for the statement's lifetime.
@@ -88,10 +88,10 @@ def filter_rows(rows: pa.Table, name: str, predicate: str, option: str) -> pa.Ta
     try:
         return con.sql(f"SELECT * FROM {name} WHERE {predicate}").to_arrow_table()
     except duckdb.PermissionException as exc:
-        msg = f"{option} {predicate!r} reaches outside the table ({_first_line(exc)}): use its columns only ({columns})"
+        msg = f"{option} {predicate!r} reaches outside the table ({first_line(exc)}): use its columns only ({columns})"
         raise QueryError(msg) from exc
     except duckdb.Error as exc:
-        msg = f"{option} {predicate!r} failed: {_first_line(exc)} (columns: {columns}): fix the expression"
+        msg = f"{option} {predicate!r} failed: {first_line(exc)} (columns: {columns}): fix the expression"
         raise QueryError(msg) from exc
 
 
@@ -166,21 +166,18 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], duck
         result = con.execute(sql)
     except duckdb.PermissionException as exc:
         msg = (
-            f"{_first_line(exc)}: `query` reads only the tables under --out by default; pass --allow-files to let "
+            f"{first_line(exc)}: `query` reads only the tables under --out by default; pass --allow-files to let "
             "the SQL read local files"
         )
         raise QueryError(msg) from exc
     except duckdb.Error as exc:
-        msg = f"the SQL failed: {_first_line(exc)} (tables: {', '.join(TABLES)}): fix the statement"
+        msg = f"the SQL failed: {first_line(exc)} (tables: {', '.join(TABLES)}): fix the statement"
         raise QueryError(msg) from exc
     if result.description is None:
         return [], None
     return [column[0] for column in result.description], result
 
 
-def _first_line(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -38,7 +38,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from catalog_embed.schemas.errors import TableError
+from catalog_embed.schemas.errors import TableError, first_line
 from catalog_embed.schemas.tables import SCHEMA_VERSION, TABLES, TableSpec
 from catalog_embed.workers import failpoints
 
@@ -120,7 +120,7 @@ class TableStore:
         except (DeltaError, OSError) as exc:
             problem = _log_problem(self.fs, path)
             if problem is None:
-                msg = f"cannot open {self.uri(spec)}: {_first_line(exc)}; check --out and its credentials"
+                msg = f"cannot open {self.uri(spec)}: {first_line(exc)}; check --out and its credentials"
                 raise TableError(msg) from exc
         if problem is None:
             return None
@@ -686,8 +686,4 @@ def _data_without_log(fs: fsspec.AbstractFileSystem, table_path: str) -> str | N
     )
 
 
-def _first_line(exc: Exception) -> str:
-    """The first line of an error: deltalake appends a Rust backtrace to its message when RUST_BACKTRACE is set."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from catalog_embed.schemas.errors import EncoderError
+from catalog_embed.schemas.errors import EncoderError, first_line
 from catalog_embed.workers.encoders import HEAR_PREFIX as PREFIX
 from catalog_embed.workers.encoders.base import Encoder, FrontEnd, LayerSpec, Licence
 from catalog_embed.workers.encoders.handcrafted import WaveformWindows
@@ -127,10 +127,10 @@ class HearEncoder(Encoder):
                     f"it (often `pip install {top}`), or check the name"
                 )
             else:
-                msg = f"{self.name}: importing it failed ({_first_line(exc)}): pip install {exc.name}, its dependency"
+                msg = f"{self.name}: importing it failed ({first_line(exc, with_type=True)}): pip install {exc.name}, its dependency"
             raise EncoderError(msg) from None
         except Exception as exc:  # noqa: BLE001 (importing runs the module's own code, which may raise anything)
-            msg = f"{self.name}: importing it failed ({_first_line(exc)}): check the module's installation"
+            msg = f"{self.name}: importing it failed ({first_line(exc, with_type=True)}): check the module's installation"
             raise EncoderError(msg) from None
         missing = [fn for fn in FUNCTIONS if not callable(getattr(module, fn, None))]
         if missing:
@@ -182,7 +182,7 @@ class HearEncoder(Encoder):
             model = module.load_model(path) if path else module.load_model()
         except Exception as exc:  # noqa: BLE001 (the module's own loading code may raise anything)
             fix = "check that --weights is a model file for this module" if path else "it may need --weights"
-            msg = f"{self.name}: load_model({path!r}) failed ({_first_line(exc)}): {fix}"
+            msg = f"{self.name}: load_model({path!r}) failed ({first_line(exc, with_type=True)}): {fix}"
             raise EncoderError(msg) from None
         if not isinstance(model, torch.nn.Module):
             msg = (
@@ -305,6 +305,3 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp.name, path)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from catalog_embed.schemas.errors import EncoderError
+from catalog_embed.schemas.errors import EncoderError, first_line
 from catalog_embed.workers.encoders import HF_PREFIX as PREFIX
 
 UNKNOWN_LICENCE = "unknown: check the model card"
@@ -110,7 +110,7 @@ def resolve_folder(ref: CheckpointRef) -> tuple[Path, str]:
             allow_patterns=_ALLOW, ignore_patterns=_IGNORE,
         ))
     except Exception as exc:  # the hub client raises many types (HTTP, validation, cache misses): all mean "not here"
-        why = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else f"it could not be fetched ({_first_line(exc)})"
+        why = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else f"it could not be fetched ({first_line(exc, with_type=True)})"
         revision = f" --revision {ref.revision}" if ref.revision else ""
         msg = (
             f"hf:{ref.source}: {why} ({hub_cache()}): download it once with `hf download {ref.source}{revision}`, "
@@ -121,9 +121,6 @@ def resolve_folder(ref: CheckpointRef) -> tuple[Path, str]:
     return folder, commit
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def weight_files(folder: Path) -> list[Path]:
