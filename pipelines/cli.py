@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from catalog_embed.pipelines import logs
-from catalog_embed.schemas.errors import CatalogEmbedError, ConfigError, MissingExtraError
+from catalog_embed.schemas.errors import CatalogEmbedError, ConfigError, MissingExtraError, first_line
 
 # Modules providing subcommands, in the order `--help` lists them.
 _COMMAND_MODULES = (
@@ -151,6 +151,33 @@ def _main(argv: list[str] | None) -> int:
         if message is None:
             raise
         return _error(message)
+    except Exception as exc:
+        message = _credentials_message(exc)
+        if message is None:
+            raise
+        return _error(message)
+
+
+# Object-store clients' "no credentials" errors, by (module, class), and what to set: the clients are optional
+# extras, so they are recognised by name rather than imported here.
+_CREDENTIAL_ERRORS = {
+    ("botocore.exceptions", "NoCredentialsError"): "S3",
+    ("botocore.exceptions", "PartialCredentialsError"): "S3",
+    ("google.auth.exceptions", "DefaultCredentialsError"): "GCS",
+}
+_CREDENTIAL_FIXES = {
+    "S3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or give them with --storage-option",
+    "GCS": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run `gcloud auth "
+    "application-default login`",
+}
+
+
+def _credentials_message(exc: Exception) -> str | None:
+    """One line for an object store that refused for want of credentials; None for any other error."""
+    store = _CREDENTIAL_ERRORS.get((type(exc).__module__, type(exc).__name__))
+    if store is None:
+        return None
+    return f"{store} credentials not found ({first_line(exc)}): {_CREDENTIAL_FIXES[store]}"
 
 
 # errno -> what it means and what to do; the codes a user fixes on their side (space, permissions, mounts).

@@ -97,3 +97,21 @@ def test_a_read_only_home_names_the_cache_variable(tmp_path):
     assert f"cannot create the cache folder {home}/.cache/catalog-embed (Permission denied)" in err
     assert "set CATALOG_EMBED_CACHE to a folder this user can write" in err
 
+
+
+@pytest.mark.parametrize("command", [["query", "--out", "s3://bucket/tables", "SELECT 1"],
+                                     ["plan", "--catalog", "s3://bucket/catalog.parquet", "--out", "s3://bucket/t",
+                                      "--model", "mfcc-stats"]])
+def test_an_object_store_without_credentials_is_one_line_naming_what_to_set(tmp_path, command):
+    # No key in the environment, no ~/.aws, no instance metadata to ask: the request is never signed, so the
+    # endpoint (a closed port on this machine) is never reached.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {"HOME": str(tmp_path), "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+    done = subprocess.run(
+        [sys.executable, "-m", "catalog_embed.pipelines.cli", *command, "--storage-option",
+         "AWS_ENDPOINT_URL=http://127.0.0.1:9", "--storage-option", "AWS_ALLOW_HTTP=true"],
+        check=False, env=env, capture_output=True, text=True, timeout=300,
+    )
+    line = _one_line(done)
+    assert "S3 credentials not found" in line and "AWS_ACCESS_KEY_ID" in line
