@@ -11,9 +11,13 @@
    the same tables (it must not adopt the live run), then kill -9s one decode worker; once two thirds are staged it
    kill -9s the driver.
 3. Runs the same command again, which resumes the interrupted run, and checks the tables.
+4. Four cases of their own, each on a few of the catalog's tracks in tables of its own: a commit stalled past its
+   lease while a rerun comes (never adopted while alive; nothing lost once it is killed and resumed), a manifest
+   edited in place under a killed run (the resume commits what the catalog says now), damaged tables (every command
+   one line, exit 2, not a byte changed) and hostile `similar --where` fragments (refused, nothing written or leaked).
 
-Prints a table (job failures, rows, duplicates, lost tracks, the time a hang costs) and writes
-bench/results/reliability.json.
+Prints a table (job failures, rows, duplicates, lost tracks, the time a hang costs, each case's invariants, and
+whether every invariant held) and writes bench/results/reliability.json.
 
     python bench/reliability_bench.py [--tracks 1000] [--hostile 50] [--duration 4] [--timeout 10] [--smoke]
 """
@@ -21,13 +25,18 @@ bench/results/reliability.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,10 +45,12 @@ from harness import BenchRun, console, parse_args, print_table, results_path
 from rich.console import Console
 
 from catalog_embed.pipelines.analysts.query import connect
+from catalog_embed.pipelines.cli import main as cli_main
 from catalog_embed.pipelines.embed.config import EmbedConfig
 from catalog_embed.pipelines.embed.job import run_embed
 from catalog_embed.pipelines.embed.vacuum import vacuum
 from catalog_embed.pipelines.io.store import TableStore
+from catalog_embed.schemas.errors import CatalogEmbedError
 from catalog_embed.schemas.records import WorkItem
 from catalog_embed.schemas.tables import EMBEDDINGS
 from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
@@ -53,11 +64,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {"tracks": 24, "hostile": 10, "duration": 1.5, "timeout": 30.0, "shard_size": 2}
 
 
-def _embed(catalog: str, out: str, timeout: float, shard_size: int, failpoints: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **{FAILPOINTS: failpoints})
+def _embed(
+    catalog: str, out: str, timeout: float, shard_size: int, failpoints: str, *extra: str, **env_vars: str
+) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **{FAILPOINTS: failpoints}, **env_vars)
     command = [
         sys.executable, "-m", "catalog_embed.pipelines.cli", "embed", "--catalog", catalog, "--out", out,
-        "--decode-timeout", str(timeout), "--shard-size", str(shard_size), "--workers", "2",
+        "--decode-timeout", str(timeout), "--shard-size", str(shard_size), "--workers", "2", *extra,
     ]
     return subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -179,17 +192,213 @@ def main() -> None:
         "resume_run_s": round(resume_s, 1),
     }
     report["hang_cost_s"] = round(_hang_cost(catalog.root, hangers[0], args.timeout), 2) if hangers else 0.0
-    targets = {
+    invariants = {
         "job_failures": 0, "embeddings_rows": report["expected_good"], "failures_rows": report["expected_bad"],
-        "duplicates": 0, "lost": 0, "good_tracks_failed": 0, "hang_cost_s": f"its timeout, {args.timeout:g}",
+        "duplicates": 0, "lost": 0, "good_tracks_failed": 0,
         "live staging removed by vacuum": 0, "live run adopted by another catalog's run": 0,
     }
+    rows = pq.read_table(manifest)
+    few = rows.filter(pc.is_in(rows["track_id"], pa.array(expected_good[:4])))
+    for case in (_stalled_commit, _edited_catalog, _damaged_tables, _hostile_where):
+        console.print(f"case: {case.__doc__.splitlines()[0]}")
+        for key, (value, target) in case(catalog.root, few, work, args.timeout).items():
+            report[key], invariants[key] = value, target
+    report["every invariant held"] = all(report[key] == target for key, target in invariants.items())
+    targets = invariants | {"hang_cost_s": f"its timeout, {args.timeout:g}", "every invariant held": True}
     print_table(
         "reliability: kill a decode worker, kill -9 the driver, resume",
         ("measure", "value", "target"),
         ((key, str(value), str(targets.get(key, ""))) for key, value in report.items()),
     )
     console.print(f"wrote {run.write(results_path('reliability'), report)}")
+
+
+Invariants = dict[str, tuple[object, object]]  # measure -> (value, the value it must have)
+
+
+def _embedded(out: str) -> list[tuple[str, str]]:
+    """(track_id, source_uri) of every live embedding row, sorted (empty before the first commit)."""
+    try:
+        return sorted(connect(out).execute("SELECT track_id, source_uri FROM embeddings WHERE NOT deleted").fetchall())
+    except CatalogEmbedError:  # no tables yet: the run has not prepared them
+        return []
+
+
+def _wait(condition, proc: subprocess.Popen, what: str, limit_s: float = 600) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            msg = f"{what} did not happen (exit {proc.poll()})"
+            raise RuntimeError(msg)
+        time.sleep(0.2)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    """`catalog-embed argv...` in this process (a process each would cost its start-up many times over): its exit
+    code, stdout and stderr. RUST_BACKTRACE is set, as on many machines: no backtrace may reach the output."""
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, RUST_BACKTRACE="1"), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def _one_line_exit_2(done: tuple[int, str, str]) -> bool:
+    code, _, err = done
+    return code == 2 and err.count("\n") == 1 and err.startswith("catalog-embed: error:")
+
+
+def _stalled_commit(root: Path, tracks: pa.Table, work: Path, timeout: float) -> Invariants:
+    """a commit stalled past its lease, a rerun meanwhile, then the stalled run killed and resumed.
+
+    The run commits its rows and hangs before its runs row (failpoint) with a 2 s lease; once that lease would have
+    expired, the catalog gains a track and a rerun comes: it must not adopt the live run, and must embed the new
+    track. Then the stalled run is killed and the next run resumes it: every track once, both runs recorded.
+    """
+    manifest, out = str(root / "manifest-stalled.parquet"), str(work / "stalled")
+    pq.write_table(tracks.slice(0, 2), manifest)
+    stalled = _embed(manifest, out, timeout, 25, "commit.runs=hang", "--model", "mfcc-stats",
+                     CATALOG_EMBED_LEASE_TTL_S="2")
+    _wait(lambda: len(_embedded(out)) == 2, stalled, "the stalled run's rows committed")
+    time.sleep(4)  # past the 2 s lease: a live run that stopped heartbeating would now count as dead
+    pq.write_table(tracks.slice(0, 3), manifest)
+    config = EmbedConfig(catalog=manifest, out=out, encoder=EncoderConfig(model="mfcc-stats"),
+                         decode_timeout_s=timeout)
+    rerun = run_embed(config, Console(quiet=True))
+    stalled_id = next(name for name in TableStore(out).staged_runs() if name != rerun.run_id)
+    _kill(stalled)
+    resumed = run_embed(config, Console(quiet=True))
+    rows = _embedded(out)
+    runs = sorted(r[0] for r in connect(out).execute("SELECT run_id FROM runs").fetchall())
+    return {
+        "stalled commit adopted while alive": (int(rerun.run_id == stalled_id), 0),
+        "stalled commit: tracks embedded once": (len({t for t, _ in rows}), 3),
+        "stalled commit: duplicate rows": (len(rows) - len({t for t, _ in rows}), 0),
+        "stalled commit: killed run resumed and recorded": (resumed.run_id == stalled_id and stalled_id in runs, True),
+    }
+
+
+def _edited_catalog(root: Path, tracks: pa.Table, work: Path, timeout: float) -> Invariants:
+    """a manifest edited in place under a killed run: one track taken down, one pointed at another file.
+
+    The run stages the shard of a and b, hangs on c and is killed; the manifest then drops a and points b at d's file.
+    The resume must commit what the catalog says now: no row for a, b from its new file, every track once.
+    """
+    manifest, out = str(root / "manifest-edited.parquet"), str(work / "edited")
+    pq.write_table(tracks, manifest)
+    a, b, c, _ = tracks["track_id"].to_pylist()
+    killed = _embed(manifest, out, timeout, 2, f"decode=hang:{c}.", "--model", "mfcc-stats")
+    _wait(lambda: Path(out, "_staging").exists() and any(
+        TableStore(out).staged_parts(run, EMBEDDINGS) for run in TableStore(out).staged_runs()), killed,
+        "the first shard staged")
+    _kill(killed)
+    (killed_id,) = TableStore(out).staged_runs()
+    uris = tracks["uri"].to_pylist()
+    edited = [{"track_id": t, "uri": uris[3] if t == b else u} for t, u in zip(tracks["track_id"].to_pylist(), uris,
+                                                                              strict=True) if t != a]
+    pq.write_table(pa.Table.from_pylist(edited), manifest)
+    config = EmbedConfig(catalog=manifest, out=out, encoder=EncoderConfig(model="mfcc-stats"),
+                         decode_timeout_s=timeout)
+    resumed = run_embed(config, Console(quiet=True))
+    rows = dict(_embedded(out))
+    return {
+        "edited catalog: the killed run resumed": (resumed.run_id == killed_id, True),
+        "edited catalog: taken-down track live": (int(a in rows), 0),
+        "edited catalog: re-pointed track from its new file": (rows.get(b, "").endswith(Path(uris[3]).name), True),
+        "edited catalog: live rows": (len(rows), 3),
+    }
+
+
+def _damaged_tables(root: Path, tracks: pa.Table, work: Path, timeout: float) -> Invariants:
+    """damaged tables: a garbage commit, a missing commit, a truncated and a deleted part file.
+
+    For each damage, `query`, `similar`, `index`, `plan`, `embed` and `vacuum` must each print one line and exit 2,
+    and leave every byte of the tables as it was (sha256 of every file before and after).
+    """
+    manifest = str(root / "manifest-damaged.parquet")
+    pq.write_table(tracks, manifest)
+    clean = work / "damaged-clean"
+    run_embed(EmbedConfig(catalog=manifest, out=str(clean), encoder=EncoderConfig(model="mfcc-stats"),
+                          decode_timeout_s=timeout), Console(quiet=True))
+    table = "embeddings"
+
+    def last_commit(out: Path) -> Path:
+        return sorted((out / table / "_delta_log").glob("*.json"))[-1]
+
+    def a_part(out: Path) -> Path:
+        return next((out / table).rglob("*.parquet"))
+
+    damages = {
+        "garbage commit": lambda out: last_commit(out).write_text("not json"),
+        # The first: without the newest commit a table is its previous version, indistinguishable from a real one.
+        "deleted commit": lambda out: sorted((out / table / "_delta_log").glob("*.json"))[0].unlink(),
+        "truncated part": lambda out: a_part(out).write_bytes(a_part(out).read_bytes()[:100]),
+        "deleted part": lambda out: a_part(out).unlink(),
+    }
+    one_line = commands = changed = 0
+    for name, damage in damages.items():
+        out = work / f"damaged-{name.replace(' ', '-')}"
+        shutil.copytree(clean, out)
+        damage(out)
+        before = _digests(out)
+        for argv in (
+            ("query", "--out", str(out), "SELECT count(*) FROM embeddings"),
+            ("similar", "--out", str(out), "--track", tracks["track_id"][0].as_py()),
+            ("index", "--out", str(out)),
+            ("plan", "--catalog", manifest, "--out", str(out), "--model", "mfcc-stats"),
+            ("embed", "--catalog", manifest, "--out", str(out), "--model", "mfcc-stats"),
+            ("vacuum", "--out", str(out)),
+        ):
+            commands += 1
+            one_line += _one_line_exit_2(_cli(*argv))
+        changed += int(_digests(out) != before)
+    return {
+        "damaged tables: commands answering one line, exit 2": (f"{one_line}/{commands}", f"{commands}/{commands}"),
+        "damaged tables: tables changed by a command": (changed, 0),
+    }
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _hostile_where(root: Path, tracks: pa.Table, work: Path, timeout: float) -> Invariants:
+    """hostile `similar --where` fragments: a second statement, COPY TO, ATTACH, reading a file outside.
+
+    Each must be refused in one line (exit 2): no file written, no database created, no line of the outside file in
+    the output.
+    """
+    manifest, out = str(root / "manifest-where.parquet"), str(work / "where")
+    pq.write_table(tracks, manifest)
+    run_embed(EmbedConfig(catalog=manifest, out=out, encoder=EncoderConfig(model="mfcc-stats"),
+                          decode_timeout_s=timeout), Console(quiet=True))
+    secret = work / "secret.csv"
+    secret.write_text("token\nDO-NOT-LEAK-7a1f\n")
+    written = work / "pwned.csv"
+    attached = work / "pwned.duckdb"
+    fragments = (
+        f"1=1; COPY (SELECT 'x' AS x) TO '{written}'; SELECT 1 WHERE 1=1",
+        f"1=1; ATTACH '{attached}' AS pwned",
+        f"track_id IN (SELECT token FROM read_csv('{secret}'))",
+        f"(SELECT count(*) FROM read_csv('{secret}')) > 0",
+        "1=1 UNION SELECT * FROM duckdb_settings()",
+    )
+    refused = leaked = 0
+    for fragment in fragments:
+        done = _cli("similar", "--out", out, "--track", tracks["track_id"][0].as_py(), "--where", fragment)
+        refused += _one_line_exit_2(done)
+        leaked += "DO-NOT-LEAK" in done[1] + done[2]
+    return {
+        "--where: hostile fragments refused in one line": (f"{refused}/{len(fragments)}",
+                                                           f"{len(fragments)}/{len(fragments)}"),
+        "--where: files written or attached": (int(written.exists()) + int(attached.exists()), 0),
+        "--where: outside file leaked": (leaked, 0),
+    }
 
 
 def _add_hostile_media(root: Path, manifest: Path, outside_of: str) -> list[str]:
