@@ -81,3 +81,12 @@ def test_long_texts_are_truncated_to_the_text_towers_positions(clap) -> None:
         inputs = tokenizer([long], truncation=True, max_length=38, return_tensors="pt")
         theirs = model.get_text_features(**inputs).pooler_output
     assert torch.allclose(torch.from_numpy(encoder.embed([long])), theirs, rtol=0, atol=1e-5)
+
+
+def test_a_checkpoint_without_tokenizer_files_is_refused(clap, tmp_path) -> None:
+    """transformers would build a tokenizer of the special tokens alone, the same ids for every text."""
+    folder = shutil.copytree(clap, tmp_path / "clap")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(EncoderError, match="holds no tokenizer files"):
+        ClapTextEncoder(f"hf:{folder}", f"local-{weights_digest(folder)[:16]}", "pooled")

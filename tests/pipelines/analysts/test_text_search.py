@@ -18,11 +18,13 @@ from rich.console import Console
 
 from catalog_embed.pipelines.embed.config import EmbedConfig
 from catalog_embed.pipelines.embed.job import run_embed
+from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.workers.audio import DecodeConfig, load_audio
 from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 from catalog_embed.workers.stages import EncoderConfig
 from tests.helpers import hf_checkpoints
 from tests.helpers.cli import run_cli
+from tests.helpers.tables import commit, ids, mixture
 
 transformers = pytest.importorskip("transformers")
 
@@ -158,3 +160,14 @@ def test_a_table_of_another_version_of_the_checkpoint_is_refused(checkpoint, cat
     capsys.readouterr()  # transformers' own loading report, not the command's
     err = _refused(capsys, out, "--text", "piano")
     assert "but the table's rows are version local-" in err and "restore the weights" in err
+
+
+def test_a_table_holding_several_versions_of_the_model_is_refused(checkpoint, tmp_path, capsys) -> None:
+    """Rows of two versions (some tracks re-embedded with other weights): no one text tower fits them all."""
+    store = TableStore(str(tmp_path / "tables"))
+    store.ensure_tables()
+    vectors = mixture(4, 32, 0)
+    commit(store, "r1", f"hf:{checkpoint}", dict(zip(ids(2), vectors[:2], strict=True)), version="local-aaaa")
+    commit(store, "r2", f"hf:{checkpoint}", dict(zip(ids(2, "u"), vectors[2:], strict=True)), version="local-bbbb")
+    err = _refused(capsys, store.root, "--text", "piano")
+    assert "rows hold versions local-aaaa, local-bbbb: text search needs one; re-embed the catalog" in err

@@ -70,6 +70,14 @@ class ClapTextEncoder:
             self._network = encoder.family.load_text(encoder.folder)
         except (OSError, ValueError, TypeError) as exc:  # TypeError: no tokenizer class for the files present
             raise EncoderError(load_problem(model, "its tokenizer or text tower", exc)) from None
+        # Without tokenizer files transformers builds a tokenizer of the special tokens alone, which would turn
+        # every text into the same ids.
+        if len(self._tokenizer) <= len(self._tokenizer.all_special_ids):
+            msg = (
+                f"{model}: {encoder.folder} holds no tokenizer files (vocab.json and merges.txt, or tokenizer.json) "
+                "for the text tower: download the whole checkpoint"
+            )
+            raise EncoderError(msg)
         text = encoder.family.config.text_config
         # Roberta-style positions start after the padding index: longer token sequences have no position embedding.
         self._max_tokens = min(self._tokenizer.model_max_length, text.max_position_embeddings - text.pad_token_id - 1)
