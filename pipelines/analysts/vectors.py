@@ -185,6 +185,11 @@ class ModelLayer:
         return pa.table({"track_id": table["track_id"].cast(pa.string()),
                          "embedded_at": table["embedded_at"].cast(pa.int64())})
 
+    def versions(self) -> list[str]:
+        """The model versions of this layer's live rows, without reading a vector."""
+        rows = self.dataset.to_table(columns=["model_version"], filter=self.live)
+        return sorted(pc.unique(rows["model_version"].cast(pa.string())).to_pylist())
+
     def dim(self) -> int:
         """The length of this layer's vectors, from the first live row."""
         for batch in self.dataset.scanner(columns=[self.column], filter=self.live, batch_size=1).to_batches():

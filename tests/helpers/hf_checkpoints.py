@@ -7,6 +7,8 @@ of one window is cheap to embed on two cores.
 
 from __future__ import annotations
 
+import shutil
+import string
 from pathlib import Path
 
 import torch
@@ -61,7 +63,7 @@ def whisper(folder: Path) -> Path:
 
 def clap(folder: Path) -> Path:
     """A CLAP model (a two-stage Swin audio tower, a tiny text tower) over 1 s windows at 48 kHz, unfused with the
-    extractor's "rand_trunc" truncation, as laion/clap-htsat-unfused."""
+    extractor's "rand_trunc" truncation, as laion/clap-htsat-unfused, with a tiny tokenizer (see `_clap_tokenizer`)."""
     from transformers import ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapTextConfig
 
     torch.manual_seed(SEED)
@@ -76,7 +78,19 @@ def clap(folder: Path) -> Path:
     config = ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=32)
     ClapModel(config).save_pretrained(folder)
     ClapFeatureExtractor(max_length_s=1, truncation="rand_trunc").save_pretrained(folder)
+    _clap_tokenizer().save_pretrained(folder)
     return folder
+
+
+def _clap_tokenizer():
+    """A byte-level BPE tokenizer of the kind CLAP ships (RoBERTa's), written offline: the special tokens, lower-case
+    letters, the word-start marker and a few merges, 40 ids in all (the tiny text tower has 64)."""
+    from transformers import RobertaTokenizer
+
+    merges = [("Ġ", "s"), ("p", "i"), ("a", "n"), ("o", "w"), ("pi", "an"), ("Ġ", "pian"), ("l", "ow")]
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", *string.ascii_lowercase, "Ġ", ","]
+    vocab = {token: i for i, token in enumerate(tokens + [a + b for a, b in merges])}
+    return RobertaTokenizer(vocab=vocab, merges=merges)
 
 
 def text_only(folder: Path) -> Path:
@@ -87,6 +101,15 @@ def text_only(folder: Path) -> Path:
     BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64)).save_pretrained(folder)
     return folder
+
+
+def hub_snapshot(cache: Path, folder: str | Path, repo: str, commit: str) -> None:
+    """Lay `folder` out in a hub cache as `hf download` leaves it, as `commit` of `repo`, which refs/main then
+    names."""
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
 
 
 BUILDERS = {"wav2vec2": wav2vec2, "ast": ast, "whisper": whisper, "clap": clap}

@@ -32,9 +32,10 @@ def mixture(n: int, dim: int, seed: int) -> np.ndarray:
     return (centres[rng.integers(0, 20, n)] + 0.5 * rng.standard_normal((n, dim))).astype(np.float32)
 
 
-def commit(store: TableStore, run_id: str, model: str, vectors: dict[str, np.ndarray], gone: list[str] = ()) -> None:
-    """Commit `vectors` (track id -> vector) as one run of `model`, retiring `gone`."""
-    ctx = RowContext(run_id, model, ("pooled",), "v1", "h1")
+def commit(store: TableStore, run_id: str, model: str, vectors: dict[str, np.ndarray], gone: list[str] = (),
+           version: str = "v1") -> None:
+    """Commit `vectors` (track id -> vector) as one run of `model` at model version `version`, retiring `gone`."""
+    ctx = RowContext(run_id, model, ("pooled",), version, "h1")
     rows = [TrackEmbedding(WorkItem(t, f"/audio/{t}.wav", "size=1"), 6.0, 2, {"pooled": v}) for t, v in vectors.items()]
     if rows:
         store.write_part(run_id, EMBEDDINGS, "000000", embedding_rows(rows, ctx))

@@ -177,20 +177,11 @@ def test_models_lists_an_hf_checkpoint(checkpoints, capsys) -> None:
     assert listed["licence"]["weights"] == "unknown: check the model card"
 
 
-def _hub_snapshot(cache, folder: str, repo: str, commit: str) -> None:
-    """Lay `folder` out in a hub cache as `hf download` leaves it (blobs named by content, refs/main)."""
-    repo_dir = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = repo_dir / "snapshots" / commit
-    shutil.copytree(folder, snapshot)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
-
-
 def test_hub_names_resolve_offline_from_the_cache_with_their_commit(checkpoints, tmp_path, monkeypatch) -> None:
     """With HF_HUB_OFFLINE a cached repository id resolves; its version starts with the snapshot's commit, and
     the licence comes from its model card."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    _hub_snapshot(tmp_path / "hub", checkpoints["whisper"], "someone/tiny-whisper", commit)
+    hf_checkpoints.hub_snapshot(tmp_path / "hub", checkpoints["whisper"], "someone/tiny-whisper", commit)
     card = tmp_path / "hub/models--someone--tiny-whisper/snapshots" / commit / "README.md"
     card.write_text("---\nlicense: apache-2.0\ntags: [audio]\n---\n# tiny\n")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))

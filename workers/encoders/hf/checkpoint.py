@@ -23,10 +23,12 @@ from catalog_embed.workers.encoders import HF_PREFIX as PREFIX
 UNKNOWN_LICENCE = "unknown: check the model card"
 
 # What a snapshot download fetches: configs, weights in the formats PyTorch loads, remote code (only ever run with
-# --trust-remote-code), tokenizer-free extractor files and the model card. TF, Flax and ONNX exports are skipped.
+# --trust-remote-code), extractor and tokenizer files (the text tower of CLAP: vocab.json, merges.txt) and the model
+# card. TF, Flax and ONNX exports are skipped.
 _ALLOW = ["*.json", "*.safetensors", "*.bin", "*.py", "*.txt", "README.md"]
 _IGNORE = ["*tf_model*", "*flax_model*", "*.onnx", "*.msgpack", "*.h5"]
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+_HEX = re.compile(r"[0-9a-f]{1,40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
 
@@ -120,6 +122,15 @@ def resolve_folder(ref: CheckpointRef) -> tuple[Path, str]:
     commit = folder.name if _COMMIT.fullmatch(folder.name) else "local"
     return folder, commit
 
+
+def cached_commit(source: str, prefix: str) -> str | None:
+    """The commit of the one snapshot of hub repository `source` in the hub cache whose commit starts with `prefix`
+    (a version's revision part), or None where the cache holds none or several."""
+    snapshots = hub_cache() / f"models--{source.replace('/', '--')}" / "snapshots"
+    if not _HEX.fullmatch(prefix) or not snapshots.is_dir():
+        return None
+    found = [path.name for path in snapshots.iterdir() if _COMMIT.fullmatch(path.name) and path.name.startswith(prefix)]
+    return found[0] if len(found) == 1 else None
 
 
 

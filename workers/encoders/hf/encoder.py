@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -235,16 +237,16 @@ class ClapFamily(Family):
     def load(self, folder: Path, trust_remote_code: bool) -> torch.nn.Module:
         """The audio tower and its projection, without the text tower."""
         from transformers import ClapAudioModelWithProjection
-        from transformers.utils import logging
 
-        # Loading the audio side of a ClapModel checkpoint reports every text-tower weight as unexpected: it is
-        # left out on purpose, so the report is silenced for this load only.
-        level = logging.get_verbosity()
-        logging.set_verbosity_error()
-        try:
+        with _quiet_tower_load():
             return ClapAudioModelWithProjection.from_pretrained(folder, dtype=torch.float32)
-        finally:
-            logging.set_verbosity(level)
+
+    def load_text(self, folder: Path) -> torch.nn.Module:
+        """The text tower and its projection, without the audio tower (`text_embeds`, not yet normalised)."""
+        from transformers import ClapTextModelWithProjection
+
+        with _quiet_tower_load():
+            return ClapTextModelWithProjection.from_pretrained(folder, dtype=torch.float32).eval()
 
     def run(self, network: torch.nn.Module, inputs: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Hidden states (channels first: (n, C, H, W)) and the normalised `audio_embeds`."""
@@ -252,6 +254,26 @@ class ClapFamily(Family):
         is_longer = torch.zeros(len(inputs), 1, dtype=torch.bool, device=inputs.device)
         out = network(input_features=inputs, is_longer=is_longer, output_hidden_states=True)
         return tuple(out.hidden_states), torch.nn.functional.normalize(out.audio_embeds, dim=-1)
+
+
+@contextmanager
+def _quiet_tower_load() -> Iterator[None]:
+    """Silence transformers' loading report and progress bar for one load of one CLAP tower.
+
+    Loading one side of a ClapModel checkpoint reports every weight of the other tower as unexpected: it is left
+    out on purpose. The bar is dropped too: `similar --text` prints its answer, not a loader's progress.
+    """
+    from transformers.utils import logging
+
+    level, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bar:
+            logging.enable_progress_bar()
 
 
 def family_of(config: Any, extractor: Any) -> Family:
@@ -310,12 +332,12 @@ class HFEncoder(Encoder):
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=self.trust_remote_code)
         except (OSError, ValueError, KeyError) as exc:
-            raise EncoderError(_load_problem(where, "its config.json", exc)) from None
+            raise EncoderError(load_problem(where, "its config.json", exc)) from None
         try:
             extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=self.trust_remote_code)
         except (OSError, ValueError, KeyError) as exc:
             if "trust_remote_code" in str(exc):
-                raise EncoderError(_load_problem(where, "its feature extractor", exc)) from None
+                raise EncoderError(load_problem(where, "its feature extractor", exc)) from None
             extractor = None
         if not isinstance(extractor, SequenceFeatureExtractor) or not getattr(extractor, "sampling_rate", None):
             msg = (
@@ -354,6 +376,17 @@ class HFEncoder(Encoder):
         return tuple(specs)
 
     @property
+    def family(self) -> Family:
+        """The checkpoint's family, resolving the checkpoint (no weights read)."""
+        return self._resolved()
+
+    @property
+    def folder(self) -> Path:
+        """The local folder holding the checkpoint, resolving it (no weights read)."""
+        self._resolved()
+        return self._folder
+
+    @property
     def default_layer(self) -> str:
         """Per family: see the module docstring."""
         return self._resolved().default_layer
@@ -380,7 +413,7 @@ class HFEncoder(Encoder):
         try:
             network = family.load(self._folder, self.trust_remote_code)
         except (OSError, ValueError) as exc:
-            raise EncoderError(_load_problem(self.name, "its weights", exc)) from None
+            raise EncoderError(load_problem(self.name, "its weights", exc)) from None
         self._network = network.eval().to(device)
 
     def _forward(self, windows: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -396,8 +429,8 @@ class HFEncoder(Encoder):
         return outputs
 
 
-def _load_problem(where: str, what: str, exc: BaseException) -> str:
-    """One line saying why `transformers` could not load part of a checkpoint, and what to do."""
+def load_problem(where: str, what: str, exc: BaseException) -> str:
+    """One line saying why `transformers` could not load part (`what`) of checkpoint `where`, and what to do."""
     text = str(exc)
     if "trust_remote_code" in text:
         return f"{where}: {_REMOTE_CODE_HINT}"
