@@ -75,21 +75,21 @@ def commit_run(
     no_timeline = pa.concat_tables([embedded, retired, *([gone] if prune else [])])
     kept = embeddings.filter(pc.invert(pc.is_in(embedded["track_id"], gone["track_id"]))) if gone.num_rows else embeddings
     steps = [
-        (FAILURES, "", (failures, resolved),
+        (FAILURES, (failures, resolved),
          lambda t, txn: merge_rows(t, FAILURES, failures.cast(FAILURES.schema), txn, delete=resolved)),
-        (WINDOWS, "", (windows, no_timeline), lambda t, txn: merge_rows(t, WINDOWS, windows, txn, delete=no_timeline)),
+        (WINDOWS, (windows, no_timeline), lambda t, txn: merge_rows(t, WINDOWS, windows, txn, delete=no_timeline)),
         # One commit for the night's embeddings (see merge_rows): a track gone from the catalog is never upserted.
-        (EMBEDDINGS, "", (kept, retired, gone, pa.table({"prune": [prune]})),
+        (EMBEDDINGS, (kept, retired, gone, pa.table({"prune": [prune]})),
          lambda t, txn: merge_rows(
              t, EMBEDDINGS, kept, txn, delete=pa.concat_tables([retired, *([gone] if prune else [])]),
              mark_deleted=None if prune else gone,
          )),
     ]
     tag = {"catalog_embed.run_id": run_id}
-    for spec, suffix, content, step in steps:
+    for spec, content, step in steps:
         if fence is not None:
             fence()
-        store.commit_step(spec, app_id(run_id) + suffix, step, version=content_version(*content), tag=tag)
+        store.commit_step(spec, app_id(run_id), step, version=content_version(*content), tag=tag)
     if fence is not None:
         fence()
     store.commit_step(

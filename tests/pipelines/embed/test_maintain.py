@@ -10,11 +10,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from rich.console import Console
 
 from catalog_embed.pipelines.cli import main
+from catalog_embed.pipelines.embed.config import EmbedConfig
+from catalog_embed.pipelines.embed.job import run_embed
 from catalog_embed.pipelines.embed.maintain import maintain
 from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.schemas.tables import EMBEDDINGS, TABLES
+from catalog_embed.workers.stages import EncoderConfig
 from tests.helpers.tables import commit, ids
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -108,3 +112,16 @@ def test_maintain_while_an_embed_commits_loses_and_duplicates_nothing(tmp_path):
     assert "OPTIMIZE" in operations and operations.count("MERGE") == nights, operations
     # The rows every reader sees are those of the last commit: no track twice, every vector current.
     assert pa.table(store.table(EMBEDDINGS).to_pyarrow_table()).num_rows == len(expected(nights))
+
+
+def test_an_embed_with_maintain_target_mb_leaves_its_tables_packed_and_checkpointed(small_catalog, tmp_path):
+    out = tmp_path / "out"
+    config = EmbedConfig(catalog=str(small_catalog.manifest_path), out=str(out),
+                         encoder=EncoderConfig(model="chroma-stats"), workers=1, maintain_target_mb=100)
+    run_embed(config, Console(quiet=True))
+    store = TableStore(str(out))
+    for spec in TABLES.values():
+        table = store.table(spec)
+        assert len(table.file_uris()) <= 1, spec.name
+        checkpoint = out / spec.name / "_delta_log" / "_last_checkpoint"
+        assert json.loads(checkpoint.read_text())["version"] == table.version(), spec.name
