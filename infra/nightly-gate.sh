@@ -26,4 +26,6 @@ read -r -a CLI <<< "${CATALOG_EMBED:-catalog-embed}"
 "${CLI[@]}" embed --catalog "${CATALOG}" --out "${CANDIDATE_OUT}" --model "${MODEL}" "$@"
 "${CLI[@]}" compare --out "${OUT}" --b-out "${CANDIDATE_OUT}" --a "${MODEL}" --b "${MODEL}" \
   --fail-under "overlap=${MIN_OVERLAP}" --fail-under "cka=${MIN_CKA}" --report "${REPORT}"
-"${CLI[@]}" embed --catalog "${CATALOG}" --out "${OUT}" --model "${MODEL}" "$@"
+# The promoting run packs the small files its merge left and checkpoints the logs (`catalog-embed maintain`), so
+# files per table and log replay stay flat over the nights; the candidate root is rebuilt by every run's merge alone.
+"${CLI[@]}" embed --catalog "${CATALOG}" --out "${OUT}" --model "${MODEL}" --maintain-target-mb 100 "$@"

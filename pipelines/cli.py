@@ -31,6 +31,7 @@ _COMMAND_MODULES = (
     "catalog_embed.pipelines.embed.job",
     "catalog_embed.pipelines.analysts.query",
     "catalog_embed.pipelines.embed.vacuum",
+    "catalog_embed.pipelines.embed.maintain",
     "catalog_embed.pipelines.models",
     "catalog_embed.pipelines.demo",
     "catalog_embed.pipelines.probes.cli",

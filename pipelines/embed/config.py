@@ -66,6 +66,8 @@ class EmbedConfig:
         prune: delete the rows of tracks gone from the catalog instead of marking them `deleted`.
         prune_max_share: the largest share of the model's tracks (live embeddings and failures) one `prune` may
             delete; a larger one is refused before any work (a truncated manifest). 1.0 allows any.
+        maintain_target_mb: after committing, compact the tables' files below this size and checkpoint them, as
+            `catalog-embed maintain --target-mb` does; 0 leaves maintenance to a separate `maintain`.
         policy: which URIs the manifest may point at.
         storage_options: deltalake storage options for --out (an S3 endpoint, locking); credentials come from
             the environment's default chain, never from here.
@@ -87,6 +89,7 @@ class EmbedConfig:
     run_id: str | None = None
     prune: bool = False
     prune_max_share: float = PRUNE_MAX_SHARE
+    maintain_target_mb: int = 0
     policy: UriPolicy = field(default_factory=UriPolicy)
     storage_options: dict[str, str] | None = None
     beam: BeamOptions = field(default_factory=BeamOptions)
@@ -335,6 +338,12 @@ OPTIONS: tuple[Option, ...] = (
         "prune_max_share", "--prune-max-share",
         "largest share of the model's tracks one --prune may delete (1 allows any; a larger prune is refused)",
         rule="be in [0, 1]", valid=lambda v: 0.0 <= v <= 1.0,
+    ),
+    # A value, not a switch: a Dataflow Flex Template passes every parameter as `--name=value`.
+    Option(
+        "maintain_target_mb", "--maintain-target-mb",
+        "after committing, pack table files below this many MB and checkpoint the tables (0: leave it to `maintain`)",
+        rule="be >= 0", valid=lambda v: v >= 0,
     ),
     Option(
         "policy.allow_prefixes", "--allow-prefix",

@@ -7,8 +7,9 @@ Layout under the root (any fsspec/deltalake URI: local, s3://, gs://):
     _staging/<run_id>/<table>/part-<shard>.parquet  part files written by workers, invisible to readers
 
 Workers write part files with deterministic names, so a retried shard overwrites itself instead of duplicating.
-The store is generic: it writes and reads staged parts, merges rows by a table's key, retires keys, and runs a
-commit step tagged with a Delta application transaction unless that transaction is already in the table. What a
+The store is generic: it writes and reads staged parts, merges rows by a table's key (upserts, deletions and
+`deleted` marks in one commit), and runs a commit step tagged with a Delta application transaction unless that
+transaction is already in the table. What a
 run commits, in which order, and what decides whether a staged run may be committed at all is the embed job's
 (`catalog_embed.pipelines.embed.lifecycle`).
 """
@@ -401,6 +402,24 @@ class TableStore:
         """Append `rows` to `table` in one commit (a commit step's write; see `commit_step`)."""
         write_deltalake(table, rows, mode="append", commit_properties=txn, storage_options=self.storage_options)
 
+    # -- maintenance ------------------------------------------------------------------------------------------
+
+    def compact(self, spec: TableSpec, target_bytes: int) -> dict[str, Any]:
+        """Bin-pack a table's files smaller than `target_bytes` into files of about that size, in one commit that
+        rewrites rows without changing them; returns deltalake's metrics. A commit that loses a race with a run's
+        merge (both removed a file) is retried on the new version, so neither side loses or duplicates a row.
+        """
+        metrics: dict[str, Any] = {}
+        _retried(lambda: metrics.update(self.table(spec).optimize.compact(target_size=target_bytes)))
+        return metrics
+
+    def checkpoint(self, spec: TableSpec) -> None:
+        """Write a checkpoint of a table's current version, then drop the log entries older than the table's log
+        retention (30 days by default): readers replay only the commits after the checkpoint."""
+        table = self.table(spec)
+        table.create_checkpoint()
+        table.cleanup_metadata()
+
     # -- single-table writes (probe predictions) -------------------------------------------------------------
 
     def upsert(self, spec: TableSpec, rows: pa.Table) -> None:
@@ -523,11 +542,18 @@ def content_version(*tables: pa.Table) -> int:
 
 
 def merge_rows(
-    table: DeltaTable, spec: TableSpec, rows: pa.Table, txn: CommitProperties | None, delete: pa.Table | None = None
+    table: DeltaTable,
+    spec: TableSpec,
+    rows: pa.Table,
+    txn: CommitProperties | None,
+    delete: pa.Table | None = None,
+    mark_deleted: pa.Table | None = None,
 ) -> None:
-    """In one commit, upsert `rows` by the table's key and delete the rows whose key is in `delete` (nothing when
-    both are empty); new columns of `rows` are added first.
+    """In one commit, upsert `rows` by the table's key, delete the rows whose key is in `delete` and mark `deleted`
+    the rows whose key is in `mark_deleted` (nothing when all are empty); new columns of `rows` are added first.
 
+    One commit rather than one per kind of change: a merge rewrites every file holding a key it touches (deltalake
+    writes no deletion vectors), so a second commit for the same night would rewrite those files again.
     Columns are added with `alter` rather than the merge's schema evolution, which rewrites the table metadata
     and drops the schema-version tag.
 
@@ -537,33 +563,42 @@ def merge_rows(
         rows: rows to insert or replace.
         txn: the commit's properties.
         delete: keys (the key columns) whose rows are deleted; a key also in `rows` is upserted.
+        mark_deleted: keys whose rows get `deleted = true` (the table must have that column); a key also in `rows`
+            is upserted, one also in `delete` deleted.
     """
-    delete = delete if delete is not None else pa.table({k: pa.array([], pa.string()) for k in spec.key})
-    delete = delete.select(list(spec.key)).group_by(list(spec.key)).aggregate([])  # a source row per key at most
-    delete = delete.filter(pc.invert(_keys_in(delete, rows, spec))) if rows.num_rows and delete.num_rows else delete
-    if rows.num_rows == 0 and delete.num_rows == 0:
+    source = _changes(spec, rows, [("delete", delete), ("mark", mark_deleted)])
+    if source.num_rows == 0:
         return
     have = set(pa.schema(table.schema()).names)
     new = [field for field in rows.schema if field.name not in have]
     if new:
         table.alter.add_columns(DeltaSchema.from_arrow(pa.schema([f.with_nullable(True) for f in new])).fields)
-    # One source: the rows, then the keys to delete with every other column null, told apart by `_delete`.
-    schema = pa.schema([f.with_nullable(True) for f in rows.schema] + [pa.field("_delete", pa.bool_())])
-    gone = pa.table(
-        {f.name: delete[f.name] if f.name in spec.key else pa.nulls(delete.num_rows, f.type) for f in rows.schema}
-        | {"_delete": pa.repeat(True, delete.num_rows)}
-    )
-    source = pa.concat_tables(
-        [rows.append_column("_delete", pa.repeat(False, rows.num_rows)).cast(schema), gone.cast(schema)]
-    )
     columns = {name: f"s.{name}" for name in rows.schema.names}
     (
         table.merge(source, predicate=_key_predicate(spec), source_alias="s", target_alias="t", commit_properties=txn)
-        .when_matched_delete(predicate="s._delete")
-        .when_matched_update(updates=columns, predicate="NOT s._delete")
-        .when_not_matched_insert(updates=columns, predicate="NOT s._delete")
+        .when_matched_delete(predicate="s._change = 'delete'")
+        .when_matched_update(updates={"deleted": "true"}, predicate="s._change = 'mark'")
+        .when_matched_update(updates=columns, predicate="s._change = 'upsert'")
+        .when_not_matched_insert(updates=columns, predicate="s._change = 'upsert'")
         .execute()
     )
+
+
+def _changes(spec: TableSpec, rows: pa.Table, keyed: list[tuple[str, pa.Table | None]]) -> pa.Table:
+    """One merge source: `rows` (change `upsert`), then for each (change, keys) of `keyed` the keys not named
+    before, every other column null; a `_change` column tells them apart (a source row per key at most)."""
+    schema = pa.schema([f.with_nullable(True) for f in rows.schema] + [pa.field("_change", pa.string())])
+    parts = [rows.append_column("_change", pa.repeat("upsert", rows.num_rows)).cast(schema)]
+    named = rows.select(list(spec.key))
+    for change, keys in keyed:
+        if keys is None or keys.num_rows == 0:
+            continue
+        keys = keys.select(list(spec.key)).group_by(list(spec.key)).aggregate([])
+        keys = keys.filter(pc.invert(_keys_in(keys, named, spec))) if named.num_rows else keys
+        part = {f.name: keys[f.name] if f.name in spec.key else pa.nulls(keys.num_rows, f.type) for f in rows.schema}
+        parts.append(pa.table(part | {"_change": pa.repeat(change, keys.num_rows)}).cast(schema))
+        named = pa.concat_tables([named, keys.cast(named.schema)])
+    return pa.concat_tables(parts)
 
 
 def _keys_in(keys: pa.Table, rows: pa.Table, spec: TableSpec) -> pa.Array:
@@ -571,16 +606,6 @@ def _keys_in(keys: pa.Table, rows: pa.Table, spec: TableSpec) -> pa.Array:
     joined = keys.select(list(spec.key)).append_column("_i", pa.array(range(keys.num_rows), pa.int64()))
     hits = joined.join(rows.select(list(spec.key)), list(spec.key), join_type="inner")["_i"]
     return pc.is_in(joined["_i"], hits)
-
-
-def retire(table: DeltaTable, spec: TableSpec, keys: pa.Table, delete: bool, txn: CommitProperties) -> None:
-    """Mark the rows whose key is in `keys` as `deleted` (the table must have that column), or delete them."""
-    if keys.num_rows == 0:
-        return
-    merger = table.merge(
-        keys, predicate=_key_predicate(spec), source_alias="s", target_alias="t", commit_properties=txn
-    )
-    (merger.when_matched_delete() if delete else merger.when_matched_update({"deleted": "true"})).execute()
 
 
 def arrow_dataset(table: DeltaTable, **options: Any) -> pads.Dataset:

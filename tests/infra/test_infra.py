@@ -223,7 +223,8 @@ def _metadata_names() -> set[str]:
 
 
 def test_every_flex_template_parameter_is_one_of_our_flags():
-    samples = {"batch_windows": "64", "shard_size": "64", "decode_timeout": "300", "max_failure_ratio": "0.5"}
+    samples = {"batch_windows": "64", "shard_size": "64", "decode_timeout": "300", "max_failure_ratio": "0.5",
+               "maintain_target_mb": "100"}
     for name in _metadata_names():
         required = ["--catalog=gs://my-bucket/catalog.parquet", "--out=gs://my-bucket/tables"]
         args = parse_launcher_args([*required, f"--{name}={samples.get(name, 'gs://my-bucket/x')}"])

@@ -34,7 +34,8 @@ import pyarrow.compute as pc
 from catalog_embed.pipelines.embed.config import EmbedConfig
 from catalog_embed.pipelines.embed.lifecycle.shards import staged_counts
 from catalog_embed.pipelines.embed.lifecycle.staging import RunState, StagedRun
-from catalog_embed.pipelines.io.store import TableStore, app_id, content_version, merge_rows, retire
+from catalog_embed.pipelines.embed.maintain import maintain
+from catalog_embed.pipelines.io.store import TableStore, app_id, content_version, merge_rows
 from catalog_embed.pipelines.runners import RunStats
 from catalog_embed.schemas.errors import RunAbortedError, RunLostError
 from catalog_embed.schemas.records import REFUSED_FINGERPRINT
@@ -72,19 +73,23 @@ def commit_run(
     resolved = pa.concat_tables([embedded, gone])
     # A timeline staged for a key is upserted (merge_rows drops it from the deletions); any other is deleted.
     no_timeline = pa.concat_tables([embedded, retired, *([gone] if prune else [])])
+    kept = embeddings.filter(pc.invert(pc.is_in(embedded["track_id"], gone["track_id"]))) if gone.num_rows else embeddings
     steps = [
-        (FAILURES, "", (failures, resolved),
+        (FAILURES, (failures, resolved),
          lambda t, txn: merge_rows(t, FAILURES, failures.cast(FAILURES.schema), txn, delete=resolved)),
-        (WINDOWS, "", (windows, no_timeline), lambda t, txn: merge_rows(t, WINDOWS, windows, txn, delete=no_timeline)),
-        (EMBEDDINGS, "", (embeddings, retired),
-         lambda t, txn: merge_rows(t, EMBEDDINGS, embeddings, txn, delete=retired)),
-        (EMBEDDINGS, ":gone", (gone, pa.table({"prune": [prune]})), lambda t, txn: retire(t, EMBEDDINGS, gone, prune, txn)),
+        (WINDOWS, (windows, no_timeline), lambda t, txn: merge_rows(t, WINDOWS, windows, txn, delete=no_timeline)),
+        # One commit for the night's embeddings (see merge_rows): a track gone from the catalog is never upserted.
+        (EMBEDDINGS, (kept, retired, gone, pa.table({"prune": [prune]})),
+         lambda t, txn: merge_rows(
+             t, EMBEDDINGS, kept, txn, delete=pa.concat_tables([retired, *([gone] if prune else [])]),
+             mark_deleted=None if prune else gone,
+         )),
     ]
     tag = {"catalog_embed.run_id": run_id}
-    for spec, suffix, content, step in steps:
+    for spec, content, step in steps:
         if fence is not None:
             fence()
-        store.commit_step(spec, app_id(run_id) + suffix, step, version=content_version(*content), tag=tag)
+        store.commit_step(spec, app_id(run_id), step, version=content_version(*content), tag=tag)
     if fence is not None:
         fence()
     store.commit_step(
@@ -135,6 +140,8 @@ class RunCommit:
             store.drop_staging(self.run_id)  # a retried commit of a committed run (a repeated Beam bundle)
             return
         self._commit(store, stats, "succeeded")
+        if self.config.maintain_target_mb:
+            maintain(self.config.out, self.config.maintain_target_mb, self.config.storage_options)
 
     def abort(self) -> None:
         """Drop the run's parts and commit an `aborted` runs row."""
