@@ -131,7 +131,7 @@ def s3_catalog(env: dict[str, str], n_rows: int, n_sources: int) -> str:
 
 
 def measure(python: str, catalog: str, out: Path, env: dict[str, str] | None = None) -> dict[str, float]:
-    """Wall seconds and peak RSS (MB) of one `plan` command, read from the kernel when the child exits."""
+    """Wall and CPU seconds and peak RSS (MB) of one `plan` command, read from the kernel when the child exits."""
     cmd = [python, "-m", "catalog_embed.pipelines.cli", "plan", "--catalog", catalog, "--out", str(out)]
     cmd += ["--model", "mfcc-stats"]
     start = time.perf_counter()
@@ -144,7 +144,8 @@ def measure(python: str, catalog: str, out: Path, env: dict[str, str] | None = N
             raise SystemExit(f"{' '.join(cmd)} failed: {stderr.read().decode()[-3000:]}")
         stdout.seek(0)
         new = int(re.search(r"tracks in the catalog: (\d+) new", stdout.read().decode())[1])
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "new": new}
+    cpu = usage.ru_utime + usage.ru_stime  # steadier than wall time on a shared machine
+    return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": usage.ru_maxrss / 1024, "new": new}
 
 
 def main() -> None:
@@ -180,13 +181,15 @@ def main() -> None:
                         "python": python,
                         "runs": len(runs),
                         "plan_s": statistics.median(r["seconds"] for r in runs),
+                        "cpu_s": statistics.median(r["cpu_s"] for r in runs),
                         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
                         "load_avg": os.getloadavg()[0],
                     }
                 )
                 row = results[-1]
                 print(
-                    f"{where:6} {n_rows:>9,} {label:8} plan {row['plan_s']:7.1f} s (median of {len(runs)})  "
+                    f"{where:6} {n_rows:>9,} {label:8} plan {row['plan_s']:7.1f} s, CPU {row['cpu_s']:6.1f} s (median of "
+                    f"{len(runs)})  "
                     f"peak RSS {row['peak_rss_mb']:6.0f} MB  load {row['load_avg']:.1f}",
                     flush=True,
                 )

@@ -333,9 +333,13 @@ def _listing(folder: str) -> dict[str, dict[str, Any]]:
     filesystem); empty when the folder cannot be listed."""
     try:
         fs, path = _fresh(folder)
-        return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in fs.ls(path, detail=True)}
+        entries = fs.ls(path, detail=True)
     except (OSError, ValueError):
         return {}
+    # The filesystem keeps what it listed: a million objects' entries held for the process's life, and read
+    # back later as if current (see `_fresh`).
+    fs.invalidate_cache(path)
+    return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in entries}
 
 
 def _read_manifest(uri: str, fmt: str) -> pa.Table:
