@@ -16,9 +16,12 @@ MISSING_FINGERPRINT = "missing"
 REFUSED_FINGERPRINT = "refused"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WorkItem:
-    """One track to embed: the unit every runner shards, decodes and reports on."""
+    """One track to embed: the unit every runner shards, decodes and reports on.
+
+    Slotted: a plan of a million-track catalog holds a million of them, and an instance dict would double each.
+    """
 
     track_id: str
     uri: str

@@ -205,52 +205,73 @@ def plan_run(
         feature_hash: the front end's current hash.
         retry_failed: retry known-bad tracks even when unchanged.
     """
-    current = {
-        row["track_id"]: (row["source_fingerprint"], row["model_version"], row["feature_hash"], row["covered"])
-        for row in embedded.to_pylist()
-        if not row["deleted"]
-    }
-    known_bad = {
-        row["track_id"]: row["source_fingerprint"]
-        for row in failed.to_pylist()
-        if (row["stage"] in _DETERMINISTIC_STAGES or row["source_fingerprint"] in _STILL_BAD)
-        and not row["limits_changed"]
-    }
-    items: list[WorkItem] = []
-    refused: list[tuple[WorkItem, str]] = []
-    n_new = n_changed = n_unchanged = n_known_bad = 0
-    ids = catalog["track_id"].to_pylist()
-    for track_id, uri, fingerprint, reason in zip(
-        ids, catalog["uri"].to_pylist(), fingerprints, catalog["refused"].to_pylist(), strict=True
-    ):
-        if reason is not None:
-            if known_bad.get(track_id) == REFUSED_FINGERPRINT:
-                n_known_bad += 1
-            else:
-                refused.append((WorkItem(track_id, uri, REFUSED_FINGERPRINT), reason))
-            continue
-        have = current.get(track_id)
-        if have == (fingerprint, model_version, feature_hash, True):
-            n_unchanged += 1
-            continue
-        if not retry_failed and known_bad.get(track_id) == fingerprint:
-            n_known_bad += 1
-            continue
-        if have is None:
-            n_new += 1
-        else:
-            n_changed += 1
-        items.append(WorkItem(track_id=track_id, uri=uri, fingerprint=fingerprint))
-    in_catalog = set(ids)
-    known = set(current) | set(failed["track_id"].to_pylist())
+    # The diff is a join of columns, never a dict per row: a catalog holds millions of tracks.
+    live = embedded.filter(pc.invert(embedded["deleted"]))
+    bad = pc.or_(
+        pc.is_in(failed["stage"], pa.array(_DETERMINISTIC_STAGES)),
+        pc.is_in(failed["source_fingerprint"], pa.array(_STILL_BAD)),
+    )
+    known_bad = failed.filter(pc.and_(bad, pc.invert(failed["limits_changed"])))
+    rows = pa.table(
+        {
+            "row": pa.array(range(catalog.num_rows), pa.int64()),
+            "track_id": catalog["track_id"],
+            "uri": catalog["uri"],
+            "fingerprint": pa.array(fingerprints, pa.string()),
+            "reason": catalog["refused"],
+        }
+    )
+    current = live.select(["track_id", "source_fingerprint", "model_version", "feature_hash", "covered"])
+    rows = rows.join(current.append_column("live", pa.repeat(True, current.num_rows)), "track_id")
+    rows = rows.join(
+        known_bad.select(["track_id", "source_fingerprint"]).rename_columns(["track_id", "bad_fingerprint"]),
+        "track_id",
+    )
+    rows = rows.sort_by("row")  # joins do not keep the catalog's order
+    refused_rows = pc.is_valid(rows["reason"])
+    was_refused = pc.equal(rows["bad_fingerprint"], REFUSED_FINGERPRINT).fill_null(False)
+    unchanged = pc.and_(
+        pc.and_(
+            pc.equal(rows["source_fingerprint"], rows["fingerprint"]), pc.equal(rows["model_version"], model_version)
+        ),
+        pc.and_(pc.equal(rows["feature_hash"], feature_hash), rows["covered"]),
+    ).fill_null(False)
+    still_bad = pc.equal(rows["bad_fingerprint"], rows["fingerprint"]).fill_null(False)
+    if retry_failed:
+        still_bad = pa.repeat(False, rows.num_rows)
+    looked_at = pc.invert(refused_rows)
+    skipped_bad = pc.and_(pc.and_(looked_at, pc.invert(unchanged)), still_bad)
+    embed = pc.and_(pc.and_(looked_at, pc.invert(unchanged)), pc.invert(still_bad))
+    new = pc.and_(embed, pc.is_null(rows["live"]))
+    to_refuse = rows.filter(pc.and_(refused_rows, pc.invert(was_refused)))
+    to_embed = rows.filter(embed)
+    items = [
+        WorkItem(track_id, uri, fingerprint)
+        for track_id, uri, fingerprint in zip(
+            to_embed["track_id"].to_pylist(), to_embed["uri"].to_pylist(), to_embed["fingerprint"].to_pylist(), strict=True
+        )
+    ]
+    refused = [
+        (WorkItem(track_id, uri, REFUSED_FINGERPRINT), reason)
+        for track_id, uri, reason in zip(
+            to_refuse["track_id"].to_pylist(), to_refuse["uri"].to_pylist(), to_refuse["reason"].to_pylist(), strict=True
+        )
+    ]
+    n_new = _count(new)
+    known = pc.unique(pa.chunked_array([live["track_id"], failed["track_id"]], pa.string()))
+    gone = known.filter(pc.invert(pc.is_in(known, catalog["track_id"])))
     return Plan(
         items=tuple(items),
         refused=tuple(refused),
-        gone=tuple(sorted(known - in_catalog)),
+        gone=tuple(sorted(gone.to_pylist())),
         n_known=len(known),
         n_catalog=catalog.num_rows,
         n_new=n_new,
-        n_changed=n_changed,
-        n_unchanged=n_unchanged,
-        n_known_bad=n_known_bad,
+        n_changed=_count(embed) - n_new,
+        n_unchanged=_count(pc.and_(looked_at, unchanged)),
+        n_known_bad=_count(skipped_bad) + _count(pc.and_(refused_rows, was_refused)),
     )
+
+
+def _count(mask: pa.Array | pa.ChunkedArray) -> int:
+    return pc.sum(pc.cast(mask, pa.int64())).as_py() or 0

@@ -59,30 +59,49 @@ class UriPolicy:
         real = [_as_prefix(os.path.realpath(path)) for path in map(_local_path, prefixes) if path is not None]
         return tuple(dict.fromkeys(prefixes + real))
 
-    def violation(self, raw_uri: str, resolved_uri: str, prefixes: tuple[str, ...]) -> str | None:
-        """Why a row's URI is refused, or None when it is allowed.
+    def violations(self, raw: pa.Array, resolved: pa.Array, prefixes: tuple[str, ...]) -> pa.Array:
+        """Why each row's URI is refused (null where it is allowed).
 
         A local path must lie under an allowed prefix both as written and once its symlinks are resolved: a
         symlink in the catalog folder cannot point elsewhere.
+
+        Args:
+            raw: the URIs as the manifest wrote them.
+            resolved: the same URIs resolved against the catalog's folder.
+            prefixes: the allowed prefixes (`prefixes`).
         """
-        if ".." in raw_uri.replace("\\", "/").split("/"):
-            return f"URI {raw_uri!r} contains a '..' segment"
-        scheme = resolved_uri.split("://", 1)[0] if "://" in resolved_uri else "file"
-        if scheme in ("http", "https"):
-            if self.allow_http:
-                return None
-            return f"URI {raw_uri!r} uses {scheme}, which is off: enable it with --allow-http"
+        dotdot = pc.match_substring_regex(pc.replace_substring(raw, "\\", "/"), r"(^|/)\.\.(/|$)")
+        http = pc.or_(pc.starts_with(resolved, "http://"), pc.starts_with(resolved, "https://"))
+        written, real = _local_forms(resolved)
+        outside = pc.invert(_under_all(written, prefixes))
+        escapes = pc.and_(pc.is_valid(real), pc.invert(_under_all(real, prefixes)))
+        checked = pc.and_not(pc.or_(outside, escapes), http)
+        refused = pc.or_(dotdot, pc.or_(checked, pc.and_(http, pa.scalar(not self.allow_http))))
+        rows = pc.indices_nonzero(refused)
+        reasons: list[str | None] = [None] * len(raw)
         allowed = ", ".join(prefixes)
-        if not _under(resolved_uri, prefixes):
-            return f"URI {raw_uri!r} is outside the allowed prefixes {allowed}: add one with --allow-prefix"
-        path = _local_path(resolved_uri)
-        real = os.path.realpath(path) if path is not None else None
-        if real is not None and not _under(real, prefixes):
-            return (
-                f"URI {raw_uri!r} resolves to {real!r}, outside the allowed prefixes {allowed} (a symlink): "
-                "add one with --allow-prefix"
-            )
-        return None
+        for i, uri, target, is_dotdot, is_http, is_outside in zip(
+            rows.to_pylist(),
+            raw.take(rows).to_pylist(),
+            real.take(rows).to_pylist(),
+            dotdot.take(rows).to_pylist(),
+            http.take(rows).to_pylist(),
+            outside.take(rows).to_pylist(),
+            strict=True,
+        ):
+            if is_dotdot:
+                reasons[i] = f"URI {uri!r} contains a '..' segment"
+            elif is_http:
+                scheme = resolved[i].as_py().split("://", 1)[0]
+                reasons[i] = f"URI {uri!r} uses {scheme}, which is off: enable it with --allow-http"
+            elif is_outside:
+                reasons[i] = f"URI {uri!r} is outside the allowed prefixes {allowed}: add one with --allow-prefix"
+            else:
+                reasons[i] = (
+                    f"URI {uri!r} resolves to {target!r}, outside the allowed prefixes {allowed} (a symlink): "
+                    "add one with --allow-prefix"
+                )
+        return pa.array(reasons, pa.string())
 
 
 def catalog_root(uri: str) -> str:
@@ -125,8 +144,58 @@ def _as_prefix(uri: str) -> str:
     return (_local_path(uri) or uri).rstrip("/") + "/"
 
 
-def _under(uri: str, prefixes: tuple[str, ...]) -> bool:
-    return any(_as_prefix(uri).startswith(p) for p in prefixes)
+def _under_all(paths: pa.Array, prefixes: tuple[str, ...]) -> pa.Array:
+    """Which of `paths` (local paths or URIs, no trailing '/'; null: none) lie under one of `prefixes`."""
+    slashed = pc.binary_join_element_wise(paths, "/", "")
+    under = pa.repeat(False, len(paths))
+    for prefix in prefixes:
+        under = pc.or_(under, pc.starts_with(slashed, prefix))
+    return under.fill_null(False)
+
+
+def _split_folders(uris: pa.Array) -> tuple[pa.DictionaryArray, pa.Array]:
+    """Each URI's folder (up to its last '/', kept; one dictionary entry per distinct folder) and file name."""
+    parts = pc.extract_regex(uris, r"(?P<folder>.*/)?(?P<name>[^/]*)$")
+    return parts.field("folder").dictionary_encode(), parts.field("name")
+
+
+def _local_forms(uris: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Each URI as the prefix check reads it (a local one absolute, without a trailing '/'), and each local one
+    with its symlinks resolved (null for other schemes).
+
+    Resolved folder by folder, because `realpath` walks every component of a path: each distinct folder is
+    resolved once, and one listing of it tells which of its files are themselves symlinks. Only those, and names
+    that are not plain file names, are resolved one by one, so a million files in a thousand folders cost a
+    thousand resolutions, not a million.
+    """
+    folders, names = _split_folders(uris)
+    absolute: list[str | None] = []
+    real: list[str | None] = []
+    one_by_one: list[str] = []
+    for folder in folders.dictionary.to_pylist():
+        path = _local_path(folder) if folder else None
+        absolute.append(None if path is None else path.rstrip("/"))
+        real.append(None if path is None else os.path.realpath(path).rstrip("/"))
+        if path is not None:
+            one_by_one += [folder + entry.name for entry in _scandir(path) if entry.is_symlink()]
+    local_written = pc.binary_join_element_wise(pa.array(absolute, pa.string()).take(folders.indices), names, "/")
+    local_real = pc.binary_join_element_wise(pa.array(real, pa.string()).take(folders.indices), names, "/")
+    odd = pc.is_in(names, pa.array(["", ".", ".."]))
+    slow = pc.and_(pc.is_valid(local_written), pc.or_(odd, pc.is_in(uris, pa.array(one_by_one, pa.string()))))
+    slow_paths = [_local_path(uri) or uri for uri in uris.filter(slow).to_pylist()]
+    local_written = pc.replace_with_mask(local_written, slow, pa.array([p.rstrip("/") for p in slow_paths], pa.string()))
+    local_real = pc.replace_with_mask(local_real, slow, pa.array([os.path.realpath(p) for p in slow_paths], pa.string()))
+    written = pc.coalesce(local_written, pc.replace_substring_regex(uris, "/+$", ""))
+    return written, local_real
+
+
+def _scandir(path: str) -> list[os.DirEntry]:
+    """A folder's entries; none when it cannot be listed (its files are then missing, or unreadable, anyway)."""
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except OSError:
+        return []
 
 
 def read_catalog(uri: str, policy: UriPolicy = UriPolicy()) -> pa.Table:
@@ -142,13 +211,11 @@ def read_catalog(uri: str, policy: UriPolicy = UriPolicy()) -> pa.Table:
     suffix = posixpath.splitext(uri.split("?")[0])[1].lower()
     table = _read_manifest(uri, MANIFEST_FORMATS[suffix]) if suffix in MANIFEST_FORMATS else _list_directory(uri)
     table = validate_catalog(table, uri)
-    raw = table["uri"].to_pylist()
-    base = catalog_root(uri)
-    resolved = [_resolve(u, base) for u in raw]
-    prefixes = policy.prefixes(uri)
-    refused = [policy.violation(r, u, prefixes) for r, u in zip(raw, resolved, strict=True)]
-    table = table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(resolved, pa.string()))
-    return table.append_column("refused", pa.array(refused, pa.string()))
+    raw = table["uri"].combine_chunks()
+    resolved = _resolve(raw, catalog_root(uri))
+    refused = policy.violations(raw, resolved, policy.prefixes(uri))
+    table = table.set_column(table.schema.get_field_index("uri"), "uri", resolved)
+    return table.append_column("refused", refused)
 
 
 def validate_catalog(table: pa.Table, uri: str) -> pa.Table:
@@ -170,20 +237,22 @@ def validate_catalog(table: pa.Table, uri: str) -> pa.Table:
             msg = f"{uri}: column {column} holds {kind} values: it must hold one string (or number) per row"
             raise ManifestError(msg)
         table = table.set_column(table.schema.get_field_index(column), column, pc.cast(table[column], pa.string()))
-    ids = table["track_id"].to_pylist()
-    uris = table["uri"].to_pylist()
-    empty = [i for i, (t, u) in enumerate(zip(ids, uris, strict=True)) if not (t and t.strip()) or not u]
-    if empty:
-        msg = f"{uri}: empty track_id or uri in row(s) {_rows(empty)} (rows count from 0, header excluded)"
+    ids, uris = table["track_id"], table["uri"]
+    empty = pc.or_(
+        pc.equal(pc.utf8_trim_whitespace(ids), "").fill_null(True), pc.equal(uris, "").fill_null(True)
+    )
+    if pc.any(empty).as_py():
+        rows = pc.indices_nonzero(empty).to_pylist()
+        msg = f"{uri}: empty track_id or uri in row(s) {_rows(rows)} (rows count from 0, header excluded)"
         raise ManifestError(msg)
-    seen: dict[str, int] = {}
-    duplicates: list[str] = []
-    for i, track_id in enumerate(ids):
-        if track_id in seen:
-            duplicates.append(f"{track_id!r} (rows {seen[track_id]} and {i})")
-        else:
-            seen[track_id] = i
-    if duplicates:
+    if pc.count_distinct(ids).as_py() < table.num_rows:
+        seen: dict[str, int] = {}
+        duplicates: list[str] = []
+        for i, track_id in enumerate(ids.to_pylist()):
+            if track_id in seen:
+                duplicates.append(f"{track_id!r} (rows {seen[track_id]} and {i})")
+            else:
+                seen[track_id] = i
         msg = f"{uri}: duplicate track_id: {', '.join(duplicates[:_MAX_LISTED])}" + (
             f" and {len(duplicates) - _MAX_LISTED} more" if len(duplicates) > _MAX_LISTED else ""
         )
@@ -192,21 +261,38 @@ def validate_catalog(table: pa.Table, uri: str) -> pa.Table:
 
 
 def fingerprints(uris: list[str], threads: int = 16) -> list[str]:
-    """Source fingerprints (size plus generation, ETag or modification time) for each URI.
+    """Source fingerprints (size plus generation, ETag or modification time) for each URI: what the filesystem's
+    `info()` tells, read in bulk.
 
-    Stats run in a thread pool because on object stores each is a round trip. A file that cannot be stat-ed gets
-    `MISSING_FINGERPRINT`, so it is planned, fails at read time, and lands in `failures` with its reason.
+    A local file is stat-ed directly: building a filesystem object per file cost more than the stat. Objects
+    elsewhere are read from one listing per distinct folder, never a HEAD request each: a million objects in a
+    thousand prefixes cost about a thousand list requests (a page holds a thousand keys on S3). The listings
+    run in a thread pool because on object stores each is a round trip. A file that cannot be stat-ed, or is
+    not in its folder's listing, gets `MISSING_FINGERPRINT`, so it is planned, fails at read time, and lands in
+    `failures` with its reason.
     """
+    prints = [MISSING_FINGERPRINT] * len(uris)
+    remote: dict[str, list[tuple[int, str]]] = {}
+    for i, uri in enumerate(uris):
+        path = _local_path(uri)
+        if path is not None:
+            prints[i] = _local_fingerprint(path)
+        else:
+            folder, _, name = uri.rpartition("/")
+            remote.setdefault(folder, []).append((i, name))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(_fingerprint, uris))
+        for rows, listing in zip(remote.values(), pool.map(_listing, remote), strict=True):
+            for i, name in rows:
+                if name in listing:
+                    prints[i] = fingerprint_from_info(listing[name])
+    return prints
 
 
 def catalog_fingerprints(catalog: pa.Table) -> list[str]:
     """Fingerprints of a catalog's rows; rows the URI policy refused are never touched (`REFUSED_FINGERPRINT`)."""
-    allowed = [i for i, reason in enumerate(catalog["refused"].to_pylist()) if reason is None]
-    uris = catalog["uri"].to_pylist()
+    allowed = pc.indices_nonzero(pc.is_null(catalog["refused"].combine_chunks())).to_pylist()
     prints = [REFUSED_FINGERPRINT] * catalog.num_rows
-    for i, fingerprint in zip(allowed, fingerprints([uris[i] for i in allowed]), strict=True):
+    for i, fingerprint in zip(allowed, fingerprints(catalog["uri"].take(allowed).to_pylist()), strict=True):
         prints[i] = fingerprint
     return prints
 
@@ -233,12 +319,27 @@ def _fresh(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
-def _fingerprint(uri: str) -> str:
+def _local_fingerprint(path: str) -> str:
+    """What `fingerprint_from_info` makes of fsspec's local `info()`: the size and mtime of the symlink's target."""
     try:
-        fs, path = _fresh(uri)
-        return fingerprint_from_info(fs.info(path))
+        stat = os.stat(path)
     except (OSError, ValueError):
         return MISSING_FINGERPRINT
+    return fingerprint_from_info({"size": stat.st_size, "mtime": stat.st_mtime})
+
+
+def _listing(folder: str) -> dict[str, dict[str, Any]]:
+    """File name -> `info()` of the entries directly in `folder` (a URI), from one listing (paged by the
+    filesystem); empty when the folder cannot be listed."""
+    try:
+        fs, path = _fresh(folder)
+        entries = fs.ls(path, detail=True)
+    except (OSError, ValueError):
+        return {}
+    # The filesystem keeps what it listed: a million objects' entries held for the process's life, and read
+    # back later as if current (see `_fresh`).
+    fs.invalidate_cache(path)
+    return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in entries}
 
 
 def _read_manifest(uri: str, fmt: str) -> pa.Table:
@@ -263,11 +364,19 @@ def _read_manifest(uri: str, fmt: str) -> pa.Table:
     return table
 
 
-def _resolve(uri: str, base: str) -> str:
-    """Relative URIs resolve against the catalog's folder; absolute ones and other schemes stay as they are."""
-    if "://" in uri or uri.startswith("/"):
-        return uri
-    return posixpath.normpath(posixpath.join(base, uri)) if "://" not in base else f"{base}/{uri}"
+def _resolve(uris: pa.Array, base: str) -> pa.Array:
+    """Relative URIs resolve against the catalog's folder; absolute ones and other schemes stay as they are.
+
+    Local results are normalised (`normpath`), one by one only where a path needs it (`.` or `..` segments,
+    repeated or trailing slashes): joining is enough for the rest.
+    """
+    relative = pc.invert(pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/")))
+    if "://" in base:
+        return pc.if_else(relative, pc.binary_join_element_wise(base, uris, "/"), uris)
+    joined = pc.binary_join_element_wise(base.rstrip("/"), uris, "/")
+    untidy = pc.and_(relative, pc.match_substring_regex(uris, r"(^|/)\.\.?(/|$)|//|/$"))
+    tidied = [posixpath.normpath(path) for path in joined.filter(untidy).to_pylist()]
+    return pc.if_else(relative, pc.replace_with_mask(joined, untidy, pa.array(tidied, pa.string())), uris)
 
 
 def _list_directory(uri: str) -> pa.Table:

@@ -699,7 +699,10 @@ def _log_problem(fs: fsspec.AbstractFileSystem, table_path: str) -> str | None:
 def _data_without_log(fs: fsspec.AbstractFileSystem, table_path: str) -> str | None:
     """The problem with a table folder that holds files but no Delta log (its log was deleted), else None."""
     try:
-        files = [p for p in fs.find(table_path) if "/_delta_log/" not in p]
+        # Files only: s3fs's find answers an empty prefix with the prefix itself, as a directory, once another
+        # process has created the table since it listed (two runs creating the tables at the same instant).
+        found = fs.find(table_path, detail=True)
+        files = [p for p, info in found.items() if info["type"] == "file" and "/_delta_log/" not in p]
     except OSError:
         return None
     if not files:

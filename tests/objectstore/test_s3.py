@@ -23,7 +23,13 @@ from catalog_embed.pipelines.embed.config import EmbedConfig
 from catalog_embed.pipelines.embed.job import run_embed
 from catalog_embed.pipelines.embed.lifecycle.commit import commit_run
 from catalog_embed.pipelines.embed.lifecycle.staging import RUN_META, RunState, StagedRun
-from catalog_embed.pipelines.io.catalog import UriPolicy, catalog_fingerprints, read_catalog
+from catalog_embed.pipelines.io.catalog import (
+    UriPolicy,
+    catalog_fingerprints,
+    fingerprint_from_info,
+    fingerprints,
+    read_catalog,
+)
 from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.schemas.records import TrackEmbedding, WorkItem
 from catalog_embed.schemas.tables import EMBEDDINGS, RUNS
@@ -223,6 +229,28 @@ def test_a_long_lived_process_sees_objects_as_they_are_now(s3_catalog):
     read_catalog(f"s3://{BUCKET}/fresh")
     s3.put_object(Bucket=BUCKET, Key="fresh/manifest.csv", Body=b"track_id,uri\na,audio/new.flac\nb,audio/b.flac\n")
     assert read_catalog(f"s3://{BUCKET}/fresh/manifest.csv")["track_id"].to_pylist() == ["a", "b"]
+
+
+def test_fingerprints_list_each_prefix_once_instead_of_a_head_per_object(s3_catalog, monkeypatch):
+    fs = s3_catalog.fs
+    s3 = boto3.client("s3")
+    s3.copy_object(Bucket=BUCKET, Key="bulk/deeper/x.flac", CopySource=f"{BUCKET}/catalog/audio/demo-0005.flac")
+    objects = sorted(f"s3://{path}" for path in fs.find(f"{BUCKET}/catalog/audio"))
+    uris = [*objects, f"s3://{BUCKET}/bulk/deeper/x.flac", f"{s3_catalog.audio}/absent.mp3", f"s3://{BUCKET}/nowhere/y.mp3"]
+    fs.invalidate_cache()
+    per_object = [fingerprint_from_info(fs.info(uri)) for uri in uris[:-2]]  # a HEAD each: what it replaces
+    requests: list[str] = []
+    call_s3 = s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        requests.append(method)
+        return await call_s3(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    assert fingerprints(uris) == [*per_object, "missing", "missing"]
+    # No HEAD: one listing per distinct prefix however many objects it holds (audio, bulk/deeper), and two for
+    # the prefix that does not exist (s3fs looks again before it says so).
+    assert requests == ["list_objects_v2"] * 4, requests
 
 
 def test_the_uri_policy_allows_the_catalog_folder_of_a_bucket_and_refuses_other_buckets(s3_catalog):

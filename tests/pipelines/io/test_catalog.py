@@ -107,6 +107,40 @@ def test_fingerprints_change_with_content_and_mark_missing_files(tmp_path):
     assert fingerprints([str(path)])[0] != first[0]
 
 
+def test_local_fingerprints_in_bulk_are_what_fsspec_info_tells_per_file(linked_catalog):
+    """Local files are stat-ed without a filesystem object each; symlinks count as their targets."""
+    uris = [str(linked_catalog / name) for name in ("a.mp3", "sub/b.mp3", "inside.mp3", "escape.mp3", "sub")]
+    uris += [str(linked_catalog / "linked_dir" / "c.mp3"), f"file://{linked_catalog / 'a.mp3'}"]
+    fs = fsspec.filesystem("file")
+    expected = [fingerprint_from_info(fs.info(uri)) for uri in uris]
+    assert fingerprints([*uris, str(linked_catalog / "gone.mp3")]) == [*expected, MISSING_FINGERPRINT]
+
+
+def test_a_memory_filesystem_is_listed_once_per_folder(monkeypatch):
+    fs = fsspec.filesystem("memory")
+    for name in ("a.ogg", "b.ogg", "sub/c.ogg"):
+        fs.pipe(f"/bulk/{name}", name.encode())
+    uris = ["memory://bulk/a.ogg", "memory://bulk/sub/c.ogg", "memory://bulk/b.ogg", "memory://bulk/gone.ogg"]
+    listed, original = [], type(fs).ls
+    monkeypatch.setattr(type(fs), "ls", lambda self, path, **kw: listed.append(path) or original(self, path, **kw))
+    monkeypatch.setattr(type(fs), "info", lambda *_, **__: pytest.fail("a fingerprint asked info() of one file"))
+    prints = fingerprints(uris)
+    # The memory filesystem's `info()` dates `created` as a datetime and its listing as a timestamp, so only the
+    # sizes are compared here (it holds nothing across processes); S3 and GCS list what `info()` tells.
+    assert [p.split(";")[0] for p in prints] == ["size=5", "size=9", "size=5", MISSING_FINGERPRINT]
+    assert sorted(listed) == ["/bulk", "/bulk/sub"]
+
+
+def test_relative_uris_are_normalised_and_absolute_ones_kept(tmp_path):
+    (tmp_path / "m.csv").write_text("track_id,uri\n1,audio/./a.mp3\n2,audio//b.mp3\n3,./c.mp3\n4,d/\n5,/x//y.mp3\n")
+    table = read_catalog(str(tmp_path / "m.csv"), UriPolicy(allow_prefixes=("/x",)))
+    assert table["uri"].to_pylist() == [
+        str(tmp_path / "audio/a.mp3"), str(tmp_path / "audio/b.mp3"), str(tmp_path / "c.mp3"), str(tmp_path / "d"),
+        "/x//y.mp3",
+    ]  # fmt: skip
+    assert table["refused"].to_pylist() == [None] * 5
+
+
 def test_fingerprint_prefers_object_generation_or_etag():
     assert fingerprint_from_info({"size": 3, "generation": "17", "mtime": 5}) == "size=3;generation=17"
     assert fingerprint_from_info({"size": 3, "ETag": '"abc"'}) == "size=3;etag=abc"

@@ -1,0 +1,207 @@
+"""Scale benchmark: `catalog-embed plan` on catalogs of 100,000 and 1,000,000 rows, local and on S3 (moto).
+
+Each catalog is a Parquet manifest of distinct paths to real audio: a few thousand one-second WAV clips, each
+hard-linked under many names (hard links, not symlinks: the URI policy resolves symlinks, and a catalog of
+symlinks would measure that instead). The S3 catalog holds one object per row in a bucket of moto's server,
+started here on a free loopback port.
+
+Every measurement runs the command line in a subprocess (`python -m catalog_embed.pipelines.cli plan`), as users
+run it, and reads its wall time and peak RSS from the kernel (`os.wait4`). `--python LABEL=PATH` (repeatable)
+names the interpreters to compare, e.g. main's virtual environment against this branch's, so that every figure
+of one table comes from the same session of the machine; the load average is recorded next to them.
+
+    python bench/scale_bench.py [--rows 100000 1000000] [--s3-rows 100000] [--repeat 3]
+        [--python main=/work/main/.venv/bin/python --python branch=.venv/bin/python] [--data /tmp/scale-bench]
+
+Prints a table and writes bench/results/scale_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+RESULTS = Path(__file__).parent / "results" / "scale_bench.json"
+BUCKET = "scale-bench"
+# Files per folder: catalogs group tracks by album or label, not one flat folder of a million files.
+_PER_FOLDER = 1000
+
+
+def _clip(seconds: float, rate: int, seed: int) -> bytes:
+    """A real WAV clip: a tone whose pitch depends on `seed`, so that the clips differ."""
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (0.3 * np.sin(2 * np.pi * (110 + seed % 880) * t) * 32767).astype("<i2")
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(samples.tobytes())
+    return out.getvalue()
+
+
+def _relative_path(i: int) -> str:
+    return f"audio/{i // _PER_FOLDER:05d}/track-{i:07d}.wav"
+
+
+def _manifest(n_rows: int, uri_of) -> pa.Table:
+    ids = [f"track-{i:07d}" for i in range(n_rows)]
+    return pa.table({"track_id": ids, "uri": [uri_of(i) for i in range(n_rows)]})
+
+
+def local_catalog(root: Path, n_rows: int, n_sources: int) -> Path:
+    """A manifest of `n_rows` distinct local paths (relative to the manifest), hard links to `n_sources` clips."""
+    manifest = root / f"manifest-{n_rows}.parquet"
+    if manifest.exists():
+        return manifest
+    sources = root / "sources"
+    sources.mkdir(parents=True, exist_ok=True)
+    for s in range(n_sources):
+        source = sources / f"{s:05d}.wav"
+        if not source.exists():
+            source.write_bytes(_clip(1.0, 16000, s))
+    for i in range(n_rows):
+        path = root / _relative_path(i)
+        if i % _PER_FOLDER == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            os.link(sources / f"{i % n_sources:05d}.wav", path)
+    pq.write_table(_manifest(n_rows, _relative_path), manifest)
+    return manifest
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_moto(python: str, log: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    """moto's S3 server on a free loopback port, and the environment that points clients at it."""
+    port = _free_port()
+    with log.open("wb") as sink:
+        server = subprocess.Popen([python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=sink, stderr=sink)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ALLOW_HTTP": "true",
+    }
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return server, env
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"moto's server did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
+
+
+def s3_catalog(env: dict[str, str], n_rows: int, n_sources: int) -> str:
+    """A bucket holding `n_rows` objects (copies of `n_sources` short clips) and a manifest of their URIs."""
+    import s3fs  # only the S3 part needs it
+
+    os.environ.update(env)
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(BUCKET)
+    clips = [_clip(0.1, 8000, s) for s in range(n_sources)]
+    batch = 2000
+    for start in range(0, n_rows, batch):
+        fs.pipe({f"{BUCKET}/{_relative_path(i)}": clips[i % n_sources] for i in range(start, min(n_rows, start + batch))})
+    manifest = f"{BUCKET}/manifest-{n_rows}.parquet"
+    with fs.open(manifest, "wb") as fh:
+        pq.write_table(_manifest(n_rows, lambda i: f"s3://{BUCKET}/{_relative_path(i)}"), fh)
+    return f"s3://{manifest}"
+
+
+def measure(python: str, catalog: str, out: Path, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Wall and CPU seconds and peak RSS (MB) of one `plan` command, read from the kernel when the child exits."""
+    cmd = [python, "-m", "catalog_embed.pipelines.cli", "plan", "--catalog", catalog, "--out", str(out)]
+    cmd += ["--model", "mfcc-stats"]
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        child = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            stderr.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed: {stderr.read().decode()[-3000:]}")
+        stdout.seek(0)
+        new = int(re.search(r"tracks in the catalog: (\d+) new", stdout.read().decode())[1])
+    cpu = usage.ru_utime + usage.ru_stime  # steadier than wall time on a shared machine
+    return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": usage.ru_maxrss / 1024, "new": new}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="*", default=[100_000, 1_000_000])
+    parser.add_argument("--s3-rows", type=int, nargs="*", default=[100_000])
+    parser.add_argument("--sources", type=int, default=2000, help="distinct audio clips behind the rows")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure below 1M rows (1M rows: once)")
+    parser.add_argument("--python", action="append", default=[], metavar="LABEL=PATH", help="interpreter to measure")
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "scale-bench")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    pythons = dict(p.split("=", 1) for p in args.python) or {"this": sys.executable}
+    out = Path(tempfile.mkdtemp(prefix="scale-bench-out-")) / "tables"  # no tables: every row is new
+    cases: list[tuple[str, int, str, dict[str, str] | None]] = []
+    for n_rows in args.rows:
+        cases.append(("local", n_rows, str(local_catalog(args.data, n_rows, args.sources)), None))
+    server = None
+    if args.s3_rows:
+        server, env = start_moto(sys.executable, Path(tempfile.mkdtemp(prefix="scale-bench-moto-")) / "moto.log")
+        cases += [("s3", n_rows, s3_catalog(env, n_rows, args.sources), env) for n_rows in args.s3_rows]
+    results = []
+    try:
+        for where, n_rows, catalog, env in cases:
+            for label, python in pythons.items():
+                runs = [measure(python, catalog, out, env) for _ in range(1 if n_rows >= 1_000_000 else args.repeat)]
+                assert all(run["new"] == n_rows for run in runs), runs
+                results.append(
+                    {
+                        "catalog": where,
+                        "rows": n_rows,
+                        "code": label,
+                        "python": python,
+                        "runs": len(runs),
+                        "plan_s": statistics.median(r["seconds"] for r in runs),
+                        "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+                        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                        "load_avg": os.getloadavg()[0],
+                    }
+                )
+                row = results[-1]
+                print(
+                    f"{where:6} {n_rows:>9,} {label:8} plan {row['plan_s']:7.1f} s, CPU {row['cpu_s']:6.1f} s (median of "
+                    f"{len(runs)})  "
+                    f"peak RSS {row['peak_rss_mb']:6.0f} MB  load {row['load_avg']:.1f}",
+                    flush=True,
+                )
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
+    args.results.parent.mkdir(exist_ok=True)
+    document = {"machine": f"{os.cpu_count()} CPUs, shared", "results": results}
+    args.results.write_text(json.dumps(document, indent=2))
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
