@@ -67,6 +67,10 @@ _CONTAINER_OPTIONS = {
     # No protocol at all: the container reads our file object and can open nothing else, not even a local file.
     # (Opened from a path, FFmpeg would inherit the file protocol's short list; from a file object it allows all.)
     "protocol_whitelist": "",
+    # Probe no further than the header: the decode loop reads the stream anyway. FFmpeg's default (5 MB) made
+    # opening a WAV cost five times decoding it (1 s of 44.1 kHz stereo: 10 ms against 2). Checked: mp3, Ogg
+    # Vorbis and Opus, FLAC, WAV, m4a, ADTS AAC, Matroska, AIFF, W64, CAF and ASF files decode to the same samples.
+    "probesize": "32",
 }
 _NOT_ON_WHITELIST = "Format not on whitelist"
 
@@ -178,7 +182,7 @@ def decode(
         stream = container.streams.audio[0]
         source_rate = stream.codec_context.sample_rate or stream.rate
         if not source_rate:
-            msg = "the audio stream declares no sample rate"
+            msg = f"corrupt audio stream ({stream.codec_context.name}): its header declares no sample rate"
             raise AudioDecodeError(msg)
         target_rate = sample_rate or source_rate
         # FFmpeg's resampler runs in the loop and counts samples at the target rate; soxr runs after it.

@@ -410,7 +410,10 @@ class EmbedStage:
         (which matters on a GPU, where the front end may run: a shard of long tracks is many windows).
         """
         size = self.batch_windows
-        pending: torch.Tensor | None = None
+        # Joined once per batch: concatenating each track onto the pending windows copied them again per track,
+        # quadratic in the tracks per batch (64 one-window clips: 2,080 window copies instead of 64).
+        pending: list[torch.Tensor] = []
+        n_pending = 0
         for i, track in enumerate(tracks):
             try:
                 windows = self._windows(track)
@@ -419,12 +422,16 @@ class EmbedStage:
                 counts.append(0)
                 continue
             counts.append(len(windows))
-            pending = windows if pending is None else torch.cat([pending, windows])
-            while len(pending) >= size:
-                yield pending[:size]
-                pending = pending[size:]
-        if pending is not None and len(pending):
-            yield pending
+            pending.append(windows)
+            n_pending += len(windows)
+            if n_pending >= size:
+                joined = torch.cat(pending)
+                while len(joined) >= size:
+                    yield joined[:size]
+                    joined = joined[size:]
+                pending, n_pending = [joined], len(joined)
+        if n_pending:
+            yield torch.cat(pending)
 
     def process(self, tracks: list[TrackFeatures]) -> list[TrackEmbedding | TrackFailure]:
         """Embed every window of `tracks` in batches of `batch_windows`, then pool per track.
