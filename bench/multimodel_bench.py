@@ -56,7 +56,7 @@ def main() -> None:
     models = args.models.split(",")
     console = Console()
     work = Path(tempfile.mkdtemp(prefix="multimodel-bench-"))
-    demo = DemoCatalogConfig(n_tracks=args.tracks, duration_s=args.duration)
+    demo = DemoCatalogConfig(n_tracks=args.tracks, duration_s=args.duration, n_broken=0)  # decode work, not faults
     console.print(f"rendering {demo.n_tracks} x {demo.duration_s:g} s demo tracks in {work}")
     catalog = render_demo_catalog(work / "catalog", demo, workers=2)
     cases = {"one run, --model " + args.models: True, f"{len(models)} runs, one encoder each": False}
