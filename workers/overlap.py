@@ -49,7 +49,7 @@ def embed_overlapped(
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     items = [item for _, shard in shards for item in shard]
     ahead = max(1, workers) * AHEAD_PER_WORKER
-    pin = embedder.encoder.gpus > 0
+    pin = embedder.resources.gpus > 0
     with (
         IsolatedPool(decode, workers, timeout_s, decode.resources.memory_mb, niceness=DECODE_NICENESS) as pool,
         DecodeFeeder(pool, items, ahead, pin=pin) as decoded,

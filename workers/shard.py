@@ -32,9 +32,9 @@ import torch
 from catalog_embed.schemas.records import TrackEmbedding, TrackFailure, WorkItem
 from catalog_embed.workers.isolation import IsolatedPool
 from catalog_embed.workers.rows import RowContext, embedding_rows, failure_rows, window_rows
-from catalog_embed.workers.stages import EmbedStage, EncoderConfig, Resources, TrackFeatures
+from catalog_embed.workers.stages import EmbedStage, EncoderConfig, Resources, TrackFeatures, TrackFeatureSet
 
-Decoded = tuple[TrackFeatures | TrackFailure, float]  # a decode result and the seconds it took
+Decoded = tuple[TrackFeatures | TrackFeatureSet | TrackFailure, float]  # a decode result and the seconds it took
 DecodedShard = tuple[str, Iterable[Decoded]]  # a shard's part name and its tracks as decoded, in plan order
 _LOG = logging.getLogger(__name__)
 # Failures described in a shard's stats, for the run summary.
@@ -212,3 +212,78 @@ class ShardEmbedder:
             return [TrackFailure.from_error(tracks[0].item, error, stage="encode")]
         half = len(tracks) // 2
         return self._embed(tracks[:half]) + self._embed(tracks[half:])
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """One encoder of a run with several (`--model a,b,...`).
+
+    Attributes:
+        encoder: which encoder, where.
+        rows: what every row of this encoder shares.
+        skip: track ids of the run's work items this encoder does not embed (its rows are current).
+    """
+
+    encoder: EncoderConfig
+    rows: RowContext
+    skip: frozenset[str] = frozenset()
+
+
+@dataclass
+class MultiShardEmbedder:
+    """The shard core for several encoders over one decode (`catalog_embed.workers.stages.MultiDecodeStage`): each
+    encoder's `ShardEmbedder` embeds its own tracks of the shard, and their rows make one `ShardOutput`, so a
+    shard is staged (and resumed) for all encoders at once.
+
+    A track that failed to decode becomes a failure of each encoder that planned it; every other failure is its
+    encoder's own. The shard's decoded tracks are held until the last encoder has taken them.
+    """
+
+    models: tuple[ModelJob, ...]
+    write_windows: bool = False
+    _embedders: tuple[ShardEmbedder, ...] = field(default=(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._embedders = tuple(ShardEmbedder(m.encoder, m.rows, self.write_windows) for m in self.models)
+
+    @property
+    def resources(self) -> Resources:
+        """One core, and a GPU when any encoder runs on one (they share it: one device per run)."""
+        return max((e.resources for e in self._embedders), key=lambda r: r.gpus)
+
+    def setup(self) -> None:
+        """Load every encoder (once per worker)."""
+        for embedder in self._embedders:
+            embedder.setup()
+
+    def teardown(self) -> None:
+        """Release the encoders."""
+        for embedder in self._embedders:
+            embedder.teardown()
+
+    def process(self, shard: DecodedShard) -> ShardOutput:
+        """Embed a decoded shard with every encoder; one output holding all encoders' rows."""
+        name, decoded = shard
+        tracks = list(decoded)
+        stats = ShardStats()
+        stats.add_time("decode", sum(seconds for _, seconds in tracks))  # once: the encoders share the decode
+        outputs = []
+        for i, (model, embedder) in enumerate(zip(self.models, self._embedders, strict=True)):
+            mine = [(r, 0.0) for result, _ in tracks if (r := _for_model(result, i, model)) is not None]
+            outputs.append(embedder.process((name, mine)))
+        for output in outputs:
+            stats.merge(output.stats)
+        return ShardOutput(
+            name=name,
+            embeddings=pa.concat_tables([o.embeddings for o in outputs], promote_options="default"),
+            failures=pa.concat_tables([o.failures for o in outputs]),
+            windows=pa.concat_tables([o.windows for o in outputs]) if self.write_windows else None,
+            stats=stats,
+        )
+
+
+def _for_model(result: TrackFeatureSet | TrackFailure, index: int, model: ModelJob) -> TrackFeatures | TrackFailure | None:
+    """What encoder `index` of a multi-encoder run gets of a decode result: None when it does not embed the track."""
+    if isinstance(result, TrackFailure):
+        return None if result.item.track_id in model.skip else result
+    return result.per_model[index]

@@ -26,6 +26,7 @@ from catalog_embed.schemas.records import TrackEmbedding, TrackFailure, WorkItem
 from catalog_embed.workers import failpoints
 from catalog_embed.workers.audio import (
     SOXR_HQ,
+    Audio,
     DecodeConfig,
     DeviceResampler,
     load_audio,
@@ -47,6 +48,8 @@ MAX_CUDA_BATCH_WINDOWS = 1024
 # significant bits, relative to each sample, as suits log-mel features) moved musicnn's embeddings of 40 demo tracks
 # by at most 4e-7 in cosine distance per window (tests/workers/test_precision.py holds it to 1e-5).
 SHIPPED_DTYPE = torch.float16
+# How a front end wants a file decoded: (rate, None for the file's own; channel rule; resampler), as `load_audio` takes.
+AudioRequest = tuple[int | None, str, str]
 
 
 @dataclass(frozen=True)
@@ -283,20 +286,29 @@ class DecodeStage:
     def process(self, item: WorkItem) -> TrackFeatures | TrackFailure:
         """Decode `item`; every per-track error becomes a TrackFailure, never an exception."""
         self.setup()
-        front_end = self._front_end
-        on_encoder = self.encoder.front_end_on_encoder
         failpoints.hit("decode", item.uri)
-        # The device's resampler is soxr HQ's: another resampler runs here, in the decoder.
-        stop_at_own_rate = on_encoder and front_end.resampler == SOXR_HQ
         try:
-            audio = load_audio(
-                item.uri, None if stop_at_own_rate else front_end.sample_rate, self.decode,
-                front_end.channels, front_end.resampler,
-            )
+            audio = _load(item.uri, self.audio_request(), self.decode)
         except TrackError as exc:
             return TrackFailure.from_error(item, exc)
-        samples, rate = audio.samples, audio.sample_rate
-        if not resamples_on_device(rate, front_end.sample_rate):  # a rate the device's resampler does not take
+        return self.features(item, audio.samples, audio.sample_rate)
+
+    def audio_request(self) -> AudioRequest:
+        """How this stage's front end wants the file decoded: (rate or None for the file's own, channel rule,
+        resampler); see `load_audio`."""
+        self.setup()
+        front_end = self._front_end
+        # The device's resampler is soxr HQ's: another resampler runs here, in the decoder.
+        stop_at_own_rate = self.encoder.front_end_on_encoder and front_end.resampler == SOXR_HQ
+        return None if stop_at_own_rate else front_end.sample_rate, front_end.channels, front_end.resampler
+
+    def features(self, item: WorkItem, samples: np.ndarray, rate: int) -> TrackFeatures | TrackFailure:
+        """A decoded track's encoder input from its samples at `rate`, decoded as `audio_request` says (at the
+        file's own rate too when the resampler is soxr HQ: then it is resampled here, as `load_audio` would)."""
+        self.setup()
+        front_end = self._front_end
+        on_encoder = self.encoder.front_end_on_encoder
+        if rate != front_end.sample_rate and not (on_encoder and resamples_on_device(rate, front_end.sample_rate)):
             samples, rate = resample(samples, rate, front_end.sample_rate), front_end.sample_rate
         n_samples = resampled_length(samples.shape[-1], rate, front_end.sample_rate)
         # Channels kept apart are windowed one after the other, each on the same timeline.
@@ -313,6 +325,84 @@ class DecodeStage:
         return TrackFeatures(item=item, windows=windows, starts=starts, duration_s=duration_s)
 
     __call__ = process  # a plain callable for process pools (`catalog_embed.workers.isolation`)
+
+
+def _load(uri: str, request: AudioRequest, decode: DecodeConfig) -> Audio:
+    """`load_audio` as a front end's `AudioRequest` says."""
+    rate, channels, resampler = request
+    return load_audio(uri, rate, decode, channels, resampler)
+
+
+@dataclass
+class TrackFeatureSet:
+    """One decoded track's encoder inputs for several encoders (`MultiDecodeStage`), in the order of its stages.
+
+    Attributes:
+        per_model: one entry per encoder: its `TrackFeatures`, its `TrackFailure` (the decode or its front end
+            failed), or None when the plan does not embed this track with that encoder.
+    """
+
+    item: WorkItem
+    per_model: tuple[TrackFeatures | TrackFailure | None, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors carried to the encoders."""
+        return sum(f.nbytes for f in self.per_model if isinstance(f, TrackFeatures))
+
+
+@dataclass
+class MultiDecodeStage:
+    """Decode one track once for several encoders (`--model a,b,...`), each getting its own front end's input.
+
+    Encoders that want the same decode (channel rule and, for FFmpeg's in-loop resampler, rate) share one: soxr HQ
+    runs after the decode loop, so such a decode stops at the file's rate and each encoder's input is resampled
+    from it, exactly as a decode for that encoder alone would (`DecodeStage.features`).
+
+    Args:
+        stages: one decode stage per encoder.
+        skip: per encoder, the work items' track ids it does not embed (current for it, new for another).
+    """
+
+    stages: tuple[DecodeStage, ...]
+    skip: tuple[frozenset[str], ...]
+
+    @property
+    def resources(self) -> Resources:
+        """One core and the decode memory cap, as each stage."""
+        return self.stages[0].resources
+
+    def setup(self) -> None:
+        """Build every encoder's front end once per worker."""
+        for stage in self.stages:
+            stage.setup()
+
+    def teardown(self) -> None:
+        """Drop the front ends."""
+        for stage in self.stages:
+            stage.teardown()
+
+    def process(self, item: WorkItem) -> TrackFeatureSet | TrackFailure:
+        """Decode `item` once per distinct decode its encoders want; a failure of the decode itself (the same for
+        every encoder) comes back as one TrackFailure, never an exception."""
+        failpoints.hit("decode", item.uri)
+        wanted = [i for i, skip in enumerate(self.skip) if item.track_id not in skip]
+        decoded: dict[AudioRequest, tuple[np.ndarray, int]] = {}
+        per_model: list[TrackFeatures | TrackFailure | None] = [None] * len(self.stages)
+        for i in wanted:
+            stage = self.stages[i]
+            rate, channels, resampler = stage.audio_request()
+            request = (None if resampler == SOXR_HQ else rate, channels, resampler)
+            if request not in decoded:
+                try:
+                    audio = _load(item.uri, request, stage.decode)
+                except TrackError as exc:
+                    return TrackFailure.from_error(item, exc)
+                decoded[request] = audio.samples, audio.sample_rate
+            per_model[i] = stage.features(item, *decoded[request])
+        return TrackFeatureSet(item, tuple(per_model))
+
+    __call__ = process
 
 
 @dataclass

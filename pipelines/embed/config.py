@@ -110,8 +110,37 @@ class EmbedConfig:
                 "every track would fail; lower --min-duration or raise --max-duration"
             )
             raise ConfigError(msg)
+        if len(self.models) > 1:
+            self._validate_models()
         self.beam.validate(self.runner, self.out, self.catalog, self.encoder.device)
         self.ray.validate(self.runner)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The encoders of the run: `--model a,b,...` names several, each track decoded once for all of them."""
+        return tuple(name.strip() for name in self.encoder.model.split(","))
+
+    def for_model(self, model: str) -> EmbedConfig:
+        """This config with `model` as its only encoder."""
+        return dataclasses.replace(self, encoder=dataclasses.replace(self.encoder, model=model))
+
+    def _validate_models(self) -> None:
+        """The rules of a run with several encoders: distinct names, and no option that names one encoder's
+        layers or weights (run such an encoder alone)."""
+        models = self.models
+        if "" in models or len(set(models)) < len(models):
+            msg = f"--model {self.encoder.model!r}: name each encoder once, comma-separated (a,b,c)"
+            raise ConfigError(msg)
+        for flag, value in (
+            ("--layer", self.encoder.layers), ("--weights", self.encoder.weights),
+            ("--weights-sha256", self.encoder.weights_sha256),
+        ):
+            if value:
+                msg = (
+                    f"{flag} applies to one encoder, and --model names {len(models)}: drop {flag} (each encoder "
+                    f"writes its default layer with its own weights), or run that encoder alone"
+                )
+                raise ConfigError(msg)
 
     def max_workers(self) -> int:
         """The largest --workers accepted: decode processes are local to this machine on the local runner."""
@@ -270,7 +299,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("out", "--out", "output root for the tables (local path, s3://, gs://)", required=True),
     Option(
         "encoder.model", "--model",
-        "encoder name (see `catalog-embed models`), or a bring-your-own encoder's config: a path or URI *.json",
+        "encoder name (see `catalog-embed models`), or a bring-your-own encoder's config: a path or URI *.json; "
+        "several comma-separated (a,b,c) decode each track once for all of them",
     ),
     Option(
         "encoder.layers", "--layer", "layer(s) to write, comma-separated (empty: the encoder's default layer)",

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from catalog_embed.pipelines import logs
 from catalog_embed.pipelines.embed.config import EmbedConfig, add_run_arguments, config_from_args
-from catalog_embed.pipelines.embed.lifecycle.commit import RunCommit
+from catalog_embed.pipelines.embed.lifecycle.commit import ModelCommit, RunCommit
 from catalog_embed.pipelines.embed.lifecycle.lease import RunLease
 from catalog_embed.pipelines.embed.lifecycle.shards import prune_torn_shards, write_shard
 from catalog_embed.pipelines.embed.lifecycle.staging import RUN_META, ResumeKey, RunState, StagedRun, staged_runs
@@ -39,7 +39,7 @@ from catalog_embed.schemas.records import TrackFailure
 from catalog_embed.schemas.tables import EMBEDDINGS, TABLES
 from catalog_embed.workers.encoders.base import Licence, resolve_device
 from catalog_embed.workers.rows import RowContext
-from catalog_embed.workers.shard import ShardOutput
+from catalog_embed.workers.shard import ModelJob, ShardOutput
 
 # A run launched on Dataflow keeps its lease this long after the launcher exits: its job commits it meanwhile.
 _LAUNCHED_LEASE_S = 48 * 3600.0
@@ -56,8 +56,8 @@ class RunSummary:
         stats: the runner's counts and stage times.
         wall_seconds: from the start of `run_embed` to the end of the commit.
         out: the output root holding the tables.
-        model: the encoder's name.
-        model_version: the encoder's version (the sha256 of its weights).
+        model: the encoder's name (several encoders: their names, comma-separated).
+        model_version: the encoder's version (the sha256 of its weights; several: comma-separated).
     """
 
     run_id: str
@@ -138,6 +138,32 @@ def prepare_run(config: EmbedConfig, create_tables: bool = True) -> PreparedRun:
     return PreparedRun(config, encoder.name, encoder.version, encoder.licence, layers, feature_hash, plan, store)
 
 
+def prepare_runs(config: EmbedConfig, create_tables: bool = True) -> tuple[PreparedRun, ...]:
+    """`prepare_run` for each encoder of the run (`--model a,b,...`): each is planned on its own, so a track can
+    be new for one encoder and current for another.
+
+    Raises:
+        As `prepare_run`, for any of the encoders.
+    """
+    config.validate()
+    return tuple(prepare_run(config.for_model(model), create_tables) for model in config.models)
+
+
+def resume_key(prepared: tuple[PreparedRun, ...]) -> ResumeKey:
+    """The resume key of a run of these encoders: with several, their models, versions, feature hashes and
+    layers joined in order (each writes only its default layer), so a run resumes only for the same encoders."""
+    keys = [run.resume_key() for run in prepared]
+    if len(keys) == 1:
+        return keys[0]
+    return dataclasses.replace(
+        keys[0],
+        model=",".join(key.model for key in keys),
+        model_version=",".join(key.model_version for key in keys),
+        feature_hash=",".join(key.feature_hash for key in keys),
+        layers=tuple(layer for key in keys for layer in key.layers),
+    )
+
+
 def run_embed(config: EmbedConfig, console: Console | None = None, progress: ShardProgress | None = None) -> RunSummary:
     """Run one embed job end to end: prepare, claim, run, commit, summary.
 
@@ -161,11 +187,11 @@ def run_embed(config: EmbedConfig, console: Console | None = None, progress: Sha
     clock = time.perf_counter()
     config.validate()
     runner = get_runner(config.runner, **config.runner_options())
-    prepared = prepare_run(config)
-    lease = claim_run(prepared.store, config.run_id, prepared.resume_key(), started)
+    prepared = prepare_runs(config)
+    lease = claim_run(prepared[0].store, config.run_id, resume_key(prepared), started)
     try:
         with logs.bound_run_id(lease.run_id):
-            return _run_claimed(prepared, runner, lease, started, clock, console, progress)
+            return _run_claimed(config, prepared, runner, lease, started, clock, console, progress)
     finally:
         lease.release()
 
@@ -202,7 +228,8 @@ def claim_run(store: TableStore, run_id: str | None, key: ResumeKey, started: da
 
 
 def _run_claimed(
-    prepared: PreparedRun,
+    given: EmbedConfig,
+    prepared: tuple[PreparedRun, ...],
     runner: Runner,
     lease: RunLease,
     started: datetime,
@@ -211,43 +238,62 @@ def _run_claimed(
     on_progress: ShardProgress | None,
 ) -> RunSummary:
     """Run the run `lease` holds; see `run_embed`."""
-    config, plan, store, run_id = prepared.config, prepared.plan, prepared.store, lease.run_id
+    first, store, run_id = prepared[0], prepared[0].store, lease.run_id
+    plan = Plan.joined(tuple(run.plan for run in prepared))
+    # Several encoders: the run records the models as given, with the first one's sizing (the same on a CPU).
+    config = dataclasses.replace(first.config, encoder=dataclasses.replace(first.config.encoder, model=given.encoder.model))
     staged, attempt = prune_torn_shards(store, run_id, plan.planned())
     items = tuple(item for item in plan.items if item.track_id not in staged)
     if attempt:
         console.print(f"resuming run {run_id}: {len(plan.items) - len(items)} planned tracks are already staged")
-    store.write_staged_json(run_id, RUN_META, prepared.resume_key().to_json())
-    console.print(
-        f"[bold]run {run_id}[/]: {prepared.model} {prepared.model_version} layers {','.join(prepared.layers)}; "
-        f"{plan.describe()}"
-    )
+    store.write_staged_json(run_id, RUN_META, resume_key(prepared).to_json())
+    for run in prepared:
+        console.print(
+            f"[bold]run {run_id}[/]: {run.model} {run.model_version} layers {','.join(run.layers)}; "
+            f"{run.plan.describe()}"
+        )
     commit = RunCommit(
         config=config,
         run_id=run_id,
-        model=prepared.model,
-        model_version=prepared.model_version,
-        licence_code=prepared.licence.code,
-        licence_weights=prepared.licence.weights,
-        feature_hash=prepared.feature_hash,
+        models=tuple(
+            ModelCommit(
+                model=run.model,
+                model_version=run.model_version,
+                licence_code=run.licence.code,
+                licence_weights=run.licence.weights,
+                feature_hash=run.feature_hash,
+                n_planned=len(run.plan.items) + len(run.plan.refused),
+                n_skipped=run.plan.n_skipped,
+                gone=run.plan.gone,
+            )
+            for run in prepared
+        ),
         n_catalog=plan.n_catalog,
-        n_planned=len(plan.items) + len(plan.refused),
-        n_skipped=plan.n_skipped,
-        gone=plan.gone,
         started=started,
         lease_owner=lease.owner,
+    )
+    rows = [RowContext(run_id, run.model, run.layers, run.model_version, run.feature_hash) for run in prepared]
+    everything = {item.track_id for item in plan.items}
+    models = tuple(
+        ModelJob(run.config.encoder, row, frozenset(everything - {item.track_id for item in run.plan.items}))
+        for run, row in zip(prepared, rows, strict=True)
     )
     job = EmbedJob(
         run_id=run_id,
         config=config,
         items=items,
-        rows=RowContext(run_id, prepared.model, prepared.layers, prepared.model_version, prepared.feature_hash),
+        rows=rows[0],
         commit=commit.finish,
         attempt=attempt,
+        models=models if len(models) > 1 else (),
     )
     stats = RunStats()
-    if plan.refused:
-        refused = [TrackFailure(item, "plan", "UriRefused", reason) for item, reason in plan.refused]
-        refused_shard = ShardOutput.of(f"{attempt:03d}-refused", [], refused, job.rows, job.write_windows)
+    for i, (run, row) in enumerate(zip(prepared, rows, strict=True)):
+        if not run.plan.refused:
+            continue
+        refused = [TrackFailure(item, "plan", "UriRefused", reason) for item, reason in run.plan.refused]
+        name = f"{attempt:03d}-refused" + (f"-{i}" if i else "")
+        refused_shard = ShardOutput.of(name, [], refused, row, job.write_windows)
         stats.add_time("write", write_shard(store, run_id, refused_shard))
         stats.merge(refused_shard.stats)
     if items:
@@ -274,7 +320,8 @@ def _run_claimed(
         commit.succeed(stats)  # the heartbeat goes on: a commit that outlasts the lease TTL is still this run's
         stats.add_time("commit", time.perf_counter() - commit_start)
     summary = RunSummary(
-        run_id, status, plan, stats, time.perf_counter() - clock, config.out, prepared.model, prepared.model_version
+        run_id, status, plan, stats, time.perf_counter() - clock, config.out,
+        ",".join(run.model for run in prepared), ",".join(run.model_version for run in prepared),
     )
     print_summary(summary, console)
     return summary
@@ -370,9 +417,14 @@ def _handle(args: argparse.Namespace) -> int:
 
 
 def _handle_plan(args: argparse.Namespace) -> int:
-    prepared = prepare_run(config_from_args(args), create_tables=False)
+    for prepared in prepare_runs(config_from_args(args), create_tables=False):  # several encoders: a plan each
+        _print_plan(prepared, args.json)
+    return 0
+
+
+def _print_plan(prepared: PreparedRun, as_json: bool) -> None:
     plan = prepared.plan
-    if args.json:
+    if as_json:
         print_json(
             {
                 "model": prepared.model,
@@ -391,7 +443,7 @@ def _handle_plan(args: argparse.Namespace) -> int:
                 "prune" if prepared.config.prune else "delete": list(plan.gone),
             }
         )
-        return 0
+        return
     console = output_console(markup=False)
     console.print(f"{prepared.model} {prepared.model_version}: {plan.describe()}")
     for item in plan.items[:20]:
@@ -403,4 +455,3 @@ def _handle_plan(args: argparse.Namespace) -> int:
     shown = min(len(plan.items), 20) + min(len(plan.refused), 20) + min(len(plan.gone), 20)
     if shown < len(plan.items) + len(plan.refused) + len(plan.gone):
         console.print("  ... (the first 20 of each kind are shown)")
-    return 0

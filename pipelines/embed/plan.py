@@ -171,6 +171,25 @@ class Plan:
         """Whether the run changes any table."""
         return bool(self.items or self.refused or self.gone)
 
+    @classmethod
+    def joined(cls, plans: tuple[Plan, ...]) -> Plan:
+        """The plans of one catalog for several encoders as one: the tracks any of them embeds (in the order they
+        plan them) or refuses, and every count per (encoder, track)."""
+        if len(plans) == 1:
+            return plans[0]
+        items = {item.track_id: item for plan in plans for item in plan.items}
+        refused = {item.track_id: (item, why) for plan in plans for item, why in plan.refused}
+        return cls(
+            items=tuple(items.values()),
+            refused=tuple(refused.values()),
+            gone=tuple(track for plan in plans for track in plan.gone),
+            n_catalog=plans[0].n_catalog,
+            **{
+                name: sum(getattr(plan, name) for plan in plans)
+                for name in ("n_known", "n_new", "n_changed", "n_unchanged", "n_known_bad")
+            },
+        )
+
     def describe(self) -> str:
         """One line for humans."""
         return (

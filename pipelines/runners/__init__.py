@@ -34,8 +34,8 @@ from catalog_embed.schemas.errors import ConfigError, RunAbortedError
 from catalog_embed.schemas.records import WorkItem
 from catalog_embed.schemas.tables import EMBEDDINGS
 from catalog_embed.workers.rows import RowContext
-from catalog_embed.workers.shard import ShardEmbedder, ShardStats
-from catalog_embed.workers.stages import DecodeStage
+from catalog_embed.workers.shard import ModelJob, MultiShardEmbedder, ShardEmbedder, ShardStats
+from catalog_embed.workers.stages import DecodeStage, MultiDecodeStage
 
 if TYPE_CHECKING:  # the config imports the engines' options from this package: no import at run time
     from catalog_embed.pipelines.embed.config import EmbedConfig
@@ -60,6 +60,8 @@ class EmbedJob:
         rows: what every row of the run records (model, version, layers, feature hash).
         commit: commits the run, for runners whose graph commits it (Beam).
         attempt: how often the run was resumed; it leads the part names.
+        models: with several encoders (`--model a,b,...`), one entry each (its encoder, rows and the items it does
+            not embed): each track is decoded once for all of them. Empty: the one encoder of `config` and `rows`.
     """
 
     run_id: str
@@ -68,6 +70,7 @@ class EmbedJob:
     rows: RowContext
     commit: Callable[[RunStats], str] | None = None
     attempt: int = 0
+    models: tuple[ModelJob, ...] = ()
 
     # What the runners read of the config, by the names they use.
     encoder = property(lambda self: self.config.encoder)
@@ -110,12 +113,17 @@ class EmbedJob:
         """The output store (cheap; build one per worker)."""
         return TableStore(self.config.out, self.config.storage_options)
 
-    def decode_stage(self) -> DecodeStage:
+    def decode_stage(self) -> DecodeStage | MultiDecodeStage:
         """The decode stage every runner runs in its supervised decode processes."""
+        if self.models:
+            stages = tuple(DecodeStage(m.encoder, self.decode) for m in self.models)
+            return MultiDecodeStage(stages, tuple(m.skip for m in self.models))
         return DecodeStage(self.encoder, self.decode)
 
-    def shard_embedder(self) -> ShardEmbedder:
+    def shard_embedder(self) -> ShardEmbedder | MultiShardEmbedder:
         """The shard core every runner hands its decoded shards to (built cheaply; it loads in `setup()`)."""
+        if self.models:
+            return MultiShardEmbedder(self.models, self.write_windows)
         return ShardEmbedder(self.encoder, self.rows, self.write_windows)
 
 

@@ -52,7 +52,7 @@ from catalog_embed.schemas.records import WorkItem
 from catalog_embed.schemas.tables import FAILURES, RUNS
 from catalog_embed.workers.isolation import IsolatedPool
 from catalog_embed.workers.shard import DecodedShard, ShardEmbedder, ShardOutput, decode_shard
-from catalog_embed.workers.stages import DecodeStage, TrackFeatures
+from catalog_embed.workers.stages import DecodeStage, TrackFeatures, TrackFeatureSet
 
 METRICS_NAMESPACE = "catalog-embed"
 # Stage times reported as distributions `<stage>_ms`.
@@ -236,7 +236,7 @@ class ShardModelHandler(ModelHandler[DecodedShard, ShardOutput, ShardEmbedder]):
 
     def get_num_bytes(self, batch: Sequence[DecodedShard]) -> int:
         """Bytes of decoded audio or windows in a batch (the default pickles the whole batch to measure it)."""
-        return sum(r.nbytes for _, decoded in batch for r, _ in decoded if isinstance(r, TrackFeatures))
+        return sum(r.nbytes for _, decoded in batch for r, _ in decoded if isinstance(r, TrackFeatures | TrackFeatureSet))
 
     def get_metrics_namespace(self) -> str:
         """Beam's inference metrics go next to ours."""
@@ -326,13 +326,13 @@ def _stage_shards(job: EmbedJob) -> str:
 
 
 def _committed_run(job: EmbedJob) -> dict[str, Any]:
-    """The `runs` row the pipeline committed for `job`."""
+    """The `runs` row the pipeline committed for `job`; a run of several encoders (one row each) summed."""
     columns = ["status", "n_embedded", "n_failed", "audio_seconds"]
     rows = job.store().read(RUNS, columns, pc.field("run_id") == job.run_id)
     if not rows.num_rows:
         msg = f"the Beam job finished but committed no runs row for run {job.run_id}"
         raise TableError(msg)
-    return rows.to_pylist()[0]
+    return {"status": rows["status"][0].as_py(), **{c: pc.sum(rows[c]).as_py() for c in columns[1:]}}
 
 
 def _counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:

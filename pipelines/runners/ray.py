@@ -46,7 +46,7 @@ from catalog_embed.schemas.errors import ConfigError
 from catalog_embed.workers.audio import DecodeConfig
 from catalog_embed.workers.isolation import IsolatedPool
 from catalog_embed.workers.shard import ShardEmbedder, ShardOutput, decode_shard
-from catalog_embed.workers.stages import DecodeStage, EncoderConfig, Stage
+from catalog_embed.workers.stages import DecodeStage, EncoderConfig, MultiDecodeStage, Stage
 
 # Seconds to wait for a cluster's head to accept a connection before calling --address unreachable.
 _CONNECT_TIMEOUT_S = 3.0
@@ -160,18 +160,18 @@ def _reserved(stage: Stage) -> dict[str, float]:
     return {"num_cpus": stage.resources.cpus, "num_gpus": stage.resources.gpus}
 
 
-def _decode_shard(row: dict[str, Any], stage: DecodeStage, timeout_s: float) -> dict[str, Any]:
+def _decode_shard(row: dict[str, Any], stage: DecodeStage | MultiDecodeStage, timeout_s: float) -> dict[str, Any]:
     """Decode a shard's tracks in one CPU task, each in a supervised child process: a decoder that crashes, hangs
     or balloons on a file costs that track a `failures` row, as on the local runner, not the task."""
     decoded = decode_shard(_decode_pool(stage, timeout_s), _unpack(row["items"]))
     return {"shard": row["shard"], "decoded": _pack(decoded)}
 
 
-def _decode_pool(stage: DecodeStage, timeout_s: float) -> IsolatedPool:
+def _decode_pool(stage: DecodeStage | MultiDecodeStage, timeout_s: float) -> IsolatedPool:
     """This Ray worker's decode child for `stage`, started on its first shard and kept for the next ones (Ray
     reuses its workers), so a child's start-up (importing torch and FFmpeg) is paid once per worker, not per shard.
     The child exits with the worker: its pipe to the worker closes."""
-    key = (stage.encoder, stage.decode, timeout_s)
+    key = (repr(stage), timeout_s)  # the stage's frozen configs (its built state is not in its repr)
     if key not in _DECODE_POOLS:
         _DECODE_POOLS[key] = IsolatedPool(stage, 1, timeout_s, stage.resources.memory_mb)
     return _DECODE_POOLS[key]

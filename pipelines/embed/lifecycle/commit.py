@@ -112,8 +112,26 @@ def _changed_and_failed(store: TableStore, failures: pa.Table) -> pa.Table:
 
 
 @dataclass(frozen=True)
+class ModelCommit:
+    """What one encoder of a run records in its `runs` row and retires."""
+
+    model: str
+    model_version: str
+    licence_code: str
+    licence_weights: str
+    feature_hash: str
+    n_planned: int
+    n_skipped: int
+    gone: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class RunCommit:
-    """Commits one run: its staged parts, then its `runs` row (see `commit_run`).
+    """Commits one run: its staged parts, then its `runs` rows (see `commit_run`).
+
+    A run of several encoders (`--model a,b,...`) commits one `runs` row per encoder, all under its run id and
+    in the one commit that marks the run committed: each row holds its encoder's identity and counts; the config,
+    timings and stage seconds are the run's, shared by the rows.
 
     Picklable, so that a runner whose driver may exit before its job ends (Beam, launched from a Dataflow Flex
     Template) can commit from its graph's last step; committing a run twice adds nothing.
@@ -121,15 +139,8 @@ class RunCommit:
 
     config: EmbedConfig
     run_id: str
-    model: str
-    model_version: str
-    licence_code: str
-    licence_weights: str
-    feature_hash: str
+    models: tuple[ModelCommit, ...]
     n_catalog: int
-    n_planned: int
-    n_skipped: int
-    gone: tuple[str, ...]
     started: datetime
     lease_owner: str
 
@@ -168,39 +179,50 @@ class RunCommit:
     def _commit(self, store: TableStore, stats: RunStats, status: str) -> None:
         succeeded = status == "succeeded"
         self._fence(store)
-        # Counted from the staged parts, so a resumed run reports the tracks of all its attempts.
-        n_embedded, n_failed, audio_seconds = staged_counts(store, self.run_id) if succeeded else (0, 0, 0.0)
-        compute = sum(s for k, s in stats.stage_seconds.items() if k in ("decode", "encode"))
         finished = datetime.now(UTC)
-        row = pa.table(
+        rows = [self._row(store, stats, status, model, finished) for model in self.models]
+        gone = pa.table(
+            {
+                "model": [m.model for m in self.models for _ in m.gone],
+                "track_id": [track for m in self.models for track in m.gone],
+            },
+            schema=KEYS,
+        )
+        commit_run(
+            store, self.run_id, pa.concat_tables(rows), gone=gone if succeeded else None, prune=self.config.prune,
+            staged=succeeded, fence=lambda: self._fence(store),
+        )
+
+    def _row(self, store: TableStore, stats: RunStats, status: str, model: ModelCommit, finished: datetime) -> pa.Table:
+        """The `runs` row of one encoder of the run."""
+        succeeded = status == "succeeded"
+        # Counted from the staged parts, so a resumed run reports the tracks of all its attempts.
+        n_embedded, n_failed, audio_seconds = staged_counts(store, self.run_id, model.model) if succeeded else (0, 0, 0.0)
+        compute = sum(s for k, s in stats.stage_seconds.items() if k in ("decode", "encode"))
+        return pa.table(
             {
                 "run_id": [self.run_id],
                 "status": [status],
                 "runner": [self.config.runner],
-                "model": [self.model],
-                "model_version": [self.model_version],
-                "licence_code": [self.licence_code],
-                "licence_weights": [self.licence_weights],
-                "feature_hash": [self.feature_hash],
+                "model": [model.model],
+                "model_version": [model.model_version],
+                "licence_code": [model.licence_code],
+                "licence_weights": [model.licence_weights],
+                "feature_hash": [model.feature_hash],
                 "config_json": [json.dumps(dataclasses.asdict(self.config), sort_keys=True)],
                 "code_version": [package_version("catalog-embed")],
                 "started_at": [self.started],
                 "finished_at": [finished],
                 "n_catalog": [self.n_catalog],
-                "n_planned": [self.n_planned],
-                "n_skipped": [self.n_skipped],
+                "n_planned": [model.n_planned],
+                "n_skipped": [model.n_skipped],
                 "n_embedded": [n_embedded],
                 "n_failed": [n_failed],
-                "n_deleted": [len(self.gone) if succeeded else 0],
+                "n_deleted": [len(model.gone) if succeeded else 0],
                 "audio_seconds": [audio_seconds],
                 "wall_seconds": [(finished - self.started).total_seconds()],
                 "compute_s_per_audio_hour": [compute / (audio_seconds / 3600) if audio_seconds else None],
                 "stage_seconds_json": [json.dumps(stats.stage_seconds, sort_keys=True)],
             },
             schema=RUNS.schema,
-        )
-        gone = pa.table({"model": [self.model] * len(self.gone), "track_id": list(self.gone)}, schema=KEYS)
-        commit_run(
-            store, self.run_id, row, gone=gone if succeeded else None, prune=self.config.prune, staged=succeeded,
-            fence=lambda: self._fence(store),
         )

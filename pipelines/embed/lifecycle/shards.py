@@ -86,8 +86,10 @@ def _still_planned(rows: pa.Table, planned: Mapping[str, tuple[str, str]]) -> pa
     return pa.array([planned.get(track) == (uri, fingerprint) for track, uri, fingerprint in staged], pa.bool_())
 
 
-def staged_counts(store: TableStore, run_id: str) -> tuple[int, int, float]:
-    """(tracks embedded, tracks failed, audio seconds) staged by a run over all its attempts."""
+def staged_counts(store: TableStore, run_id: str, model: str) -> tuple[int, int, float]:
+    """(tracks embedded, tracks failed, audio seconds) staged by a run for `model` over all its attempts."""
     embedded = store.read_staged(run_id, EMBEDDINGS)
+    embedded = embedded.filter(pc.equal(embedded["model"], model))
     failed = store.read_staged(run_id, FAILURES)
+    failed = failed.filter(pc.equal(failed["model"], model))
     return embedded.num_rows, failed.num_rows, float(pc.sum(embedded["duration_s"]).as_py() or 0.0)

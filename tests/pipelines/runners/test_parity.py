@@ -163,3 +163,64 @@ def test_non_finite_embeddings_are_the_same_failures_rows_on_every_runner(nan_ru
         )
         columns = ["track_id", "stage", "error_type", "message"]
         assert _table(configs[runner], FAILURES).select(columns) == reference["failures"].select(columns), runner
+
+
+@pytest.fixture(scope="module")
+def multi_runs(small_catalog, tmp_path_factory) -> tuple[list[str], EmbedConfig, dict[str, EmbedConfig]]:
+    """Three encoders (each its own sample rate and front end; the third returns NaN on the louder half) run
+    separately into one output root, and together (`--model a,b,c`) on every runner into one root each: the
+    encoders' names, the separate runs' config and each runner's config."""
+    folder = tmp_path_factory.mktemp("multi")
+    threshold, _loud = loud_half(small_catalog.manifest_path, folder)
+    models = ["mfcc-stats", "chroma-stats", str(loud_nan_encoder(folder, threshold))]
+    base = EmbedConfig(
+        catalog=str(small_catalog.manifest_path), out="", workers=2, shard_size=4, write_windows=True
+    )
+    separate = replace(base, out=str(tmp_path_factory.mktemp("multi-separate")))
+    for model in models:
+        run_embed(replace(separate, encoder=EncoderConfig(model=model)), QUIET)
+    configs = {}
+    for runner in RUNNER_NAMES:
+        configs[runner] = replace(
+            base, out=str(tmp_path_factory.mktemp(f"multi-{runner}")), runner=runner,
+            encoder=EncoderConfig(model=",".join(models)),
+        )
+        run_embed(configs[runner], QUIET)
+    return models, separate, configs
+
+
+def _by_key(config: EmbedConfig, spec) -> pa.Table:
+    return TableStore(config.out).read(spec).sort_by([("model", "ascending"), ("track_id", "ascending")])
+
+
+def test_several_encoders_in_one_run_write_the_rows_of_separate_runs_on_every_runner(multi_runs, small_labels):
+    _models, separate, configs = multi_runs
+    expected = {spec.name: _by_key(separate, spec) for spec in (EMBEDDINGS, FAILURES, WINDOWS)}
+    # The NaN encoder fails the louder half, the other two embed them: failures are per encoder.
+    failed_by_model = {}
+    for row in expected["failures"].to_pylist():
+        failed_by_model.setdefault(row["model"], set()).add(row["track_id"])
+    assert len({frozenset(tracks) for tracks in failed_by_model.values()}) == 2
+    key_columns = ["model", "track_id", "n_windows", "duration_s", "source_fingerprint", "model_version",
+                   "feature_hash", "dim"]  # fmt: skip
+    for runner, config in configs.items():
+        embeddings = _by_key(config, EMBEDDINGS)
+        assert embeddings.select(key_columns) == expected["embeddings"].select(key_columns), runner
+        np.testing.assert_allclose(
+            np.concatenate([np.array(v) for v in embeddings["embedding"].to_pylist()]),
+            np.concatenate([np.array(v) for v in expected["embeddings"]["embedding"].to_pylist()]),
+            atol=ATOL, err_msg=runner,
+        )
+        failures = _by_key(config, FAILURES).select(["model", "track_id", "stage", "error_type"])
+        assert failures == expected["failures"].select(["model", "track_id", "stage", "error_type"]), runner
+        windows = _by_key(config, WINDOWS)
+        assert windows.select(["model", "track_id", "start_s"]) == expected["windows"].select(
+            ["model", "track_id", "start_s"]
+        ), runner
+        runs = TableStore(config.out).read(RUNS).sort_by("model")
+        (run_id,) = set(runs["run_id"].to_pylist())  # one run, one runs row per encoder
+        separate_runs = TableStore(separate.out).read(RUNS).sort_by("model")
+        assert runs.select(["model", "model_version", "feature_hash", "n_embedded", "n_failed"]) == separate_runs.select(
+            ["model", "model_version", "feature_hash", "n_embedded", "n_failed"]
+        ), runner
+        assert len(small_labels) * 3 == sum(runs["n_embedded"].to_pylist()) + sum(runs["n_failed"].to_pylist())
