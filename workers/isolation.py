@@ -1,9 +1,8 @@
 """Run a per-track stage in supervised child processes, so hostile input costs one track, never the run.
 
 Decoders crash (FFmpeg segfaults on some truncated streams), hang, or balloon in memory on hostile files. Each
-child process handles one item at a time, in the order it was sent them, and answers each, so when a child dies or
-overruns its timeout the supervisor knows exactly which item it was on (the oldest unanswered): that item becomes a
-`TrackFailure`, the items queued behind it go to other children, the child is replaced, and the rest go on. General
+child process handles one item at a time, so when a child dies or overruns its timeout the supervisor knows exactly
+which item it held: that item becomes a `TrackFailure`, the child is replaced, and the other items go on. General
 process pools cannot promise that attribution (a child that dies between taking a task and acknowledging it leaves
 the pool guessing), which is why this module exists.
 """
@@ -18,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -29,24 +28,19 @@ from catalog_embed.schemas.records import TrackFailure, WorkItem
 
 _READY = "ready"
 _PARENT_POLL_S = 1.0
-# Items a child holds at once: the one it decodes and the next, already in its pipe, so that it starts on that one as
-# soon as it answers. With one item per child, each track waited for a round trip through the supervisor, which
-# shares its cores with the encoder: decoding 1 s clips, the children spent about two thirds of their time idle.
-HELD_PER_CHILD = 2
 
 
 @dataclass
 class _Child:
     process: multiprocessing.process.BaseProcess
     conn: Connection
-    held: deque[int] = field(default_factory=deque)  # positions of the items sent, in order; the first is in work
-    started: float = 0.0  # when it started on the first held item
+    index: int | None = None  # position of the item it holds
+    started: float = 0.0
     ready: bool = False  # set up and waiting for items (start-up does not count against an item's timeout)
 
 
 class IsolatedPool:
-    """A fixed number of child processes, each running `stage` on one item at a time (holding the next ones in
-    its pipe, `HELD_PER_CHILD` in all).
+    """A fixed number of child processes, each running `stage` on one item at a time.
 
     Args:
         stage: picklable callable with a `setup()` method, run once per child before its first item.
@@ -107,11 +101,6 @@ class IsolatedPool:
         child.close()
         return _Child(process, parent)
 
-    @property
-    def capacity(self) -> int:
-        """Items the children hold at once: an `imap` that reads this many ahead keeps every child busy."""
-        return len(self._children) * HELD_PER_CHILD
-
     def close(self) -> None:
         """Stop every child (idle ones exit cleanly, busy ones are killed).
 
@@ -120,7 +109,7 @@ class IsolatedPool:
         """
         self._closed = True
         for child in self._children:
-            if child.ready and not child.held and child.process.is_alive():
+            if child.ready and child.index is None and child.process.is_alive():
                 child.conn.send(None)
             else:
                 child.process.kill()
@@ -156,17 +145,10 @@ class IsolatedPool:
                 window[next_read] = item
                 queue.append(next_read)
                 next_read += 1
-            # One item per child per pass, so that every child has work before any has a second one queued.
-            for _ in range(HELD_PER_CHILD):
-                for child in self._children:
-                    if child.ready and len(child.held) < HELD_PER_CHILD and queue:
-                        if not child.held:
-                            child.started = time.monotonic()
-                        child.held.append(queue.popleft())
-                        try:
-                            child.conn.send(window[child.held[-1]])
-                        except (BrokenPipeError, ConnectionResetError):
-                            pass  # it died meanwhile: `_collect` sees it and hands out again what it held
+            for child in self._children:
+                if child.ready and child.index is None and queue:
+                    child.index, child.started = queue.popleft(), time.monotonic()
+                    child.conn.send(window[child.index])
             if next_yield in done:
                 # Yield what is ready, then read and hand out more before waiting again.
                 while next_yield in done:
@@ -181,8 +163,8 @@ class IsolatedPool:
 
     def _collect(self, window: dict[int, WorkItem], done: dict[int, tuple[Any, float]], queue: deque[int]) -> None:
         """Wait for a result, a dead child, a child ready or a timeout, and record what happened."""
-        watched = [c for c in self._children if c.held or not c.ready]
-        busy = [c for c in watched if c.held]
+        watched = [c for c in self._children if c.index is not None or not c.ready]
+        busy = [c for c in watched if c.index is not None]
         timeout = max(0.0, min(c.started for c in busy) + self._timeout_s - time.monotonic()) if busy else None
         ready = wait([c.conn for c in watched] + [c.process.sentinel for c in watched], timeout)
         now = time.monotonic()
@@ -195,36 +177,31 @@ class IsolatedPool:
                     msg = f"a decode worker died while starting ({_exit_reason(child.process.exitcode)})"
                     raise WorkerError(msg) from None
                 continue
-            if not child.held:
+            if child.index is None:
                 continue
             if child.conn in ready:
                 try:
-                    done[child.held.popleft()] = child.conn.recv()
-                    child.started = now  # it went on with the next held item as it answered
+                    done[child.index] = child.conn.recv()
+                    child.index = None
                     continue
-                except (EOFError, ConnectionResetError):
-                    # It died before answering: a crash, handled below. (A reset, not an end of file, when it left
-                    # items unread in its pipe.)
-                    pass
-            index, behind = child.held[0], list(child.held)[1:]
-            item = window[index]
+                except EOFError:
+                    pass  # it died before answering: a crash, handled below
+            item = window[child.index]
             if child.conn in ready or child.process.sentinel in ready:
                 child.process.join()
-                crashes = self._crashes[index] = self._crashes.get(index, 0) + 1
+                crashes = self._crashes[child.index] = self._crashes.get(child.index, 0) + 1
                 if crashes <= self._crash_retries:
-                    behind.insert(0, index)
+                    queue.appendleft(child.index)
                 else:
                     reason = f"the decoder process died ({_exit_reason(child.process.exitcode)})"
-                    done[index] = (TrackFailure(item, "decode", "DecoderCrashed", reason), now - child.started)
+                    done[child.index] = (TrackFailure(item, "decode", "DecoderCrashed", reason), now - child.started)
             elif now - child.started >= self._timeout_s:
                 child.process.kill()
                 child.process.join()
                 reason = f"decoding took over {self._timeout_s:g} s"
-                done[index] = (TrackFailure(item, "decode", "DecodeTimeout", reason), now - child.started)
+                done[child.index] = (TrackFailure(item, "decode", "DecodeTimeout", reason), now - child.started)
             else:
                 continue
-            # The items it held but had not started cost nothing: they go first to the next free child, in order.
-            queue.extendleft(reversed(behind))
             child.conn.close()
             if self._closed:
                 return

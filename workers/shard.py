@@ -111,7 +111,7 @@ class ShardOutput:
 
 def decode_shard(pool: IsolatedPool, items: Iterable[WorkItem]) -> list[Decoded]:
     """Decode a shard's tracks in order in a supervised pool (for engines that decode in a task of their own)."""
-    return list(pool.imap(items, ahead=pool.capacity))
+    return list(pool.imap(items, ahead=1))
 
 
 @dataclass

@@ -67,20 +67,6 @@ def test_results_keep_order_and_each_fault_is_charged_to_its_own_item():
     assert isinstance(results[4], TrackFailure) and results[4].error_type == "IndexError"
 
 
-def test_items_queued_behind_a_fault_in_the_same_child_are_not_charged_with_it():
-    """A child holds the next item while it decodes one (`HELD_PER_CHILD`): when it crashes or hangs, only the item
-    it was on fails; the ones queued behind it are decoded by its replacement (no retries: a wrongly charged item
-    would fail)."""
-    items = _items("a", "crash", "b", "c", "hang", "d")
-    with IsolatedPool(ScriptedStage(), workers=1, timeout_s=3.0, memory_mb=1024, crash_retries=0) as pool:
-        results = [result for result, _seconds in pool.imap(items, ahead=4)]
-    assert [results[i] for i in (0, 2, 3, 5)] == ["A", "B", "C", "D"]
-    assert isinstance(results[1], TrackFailure) and results[1].error_type == "DecoderCrashed"
-    assert results[1].item.track_id == "t1"
-    assert isinstance(results[4], TrackFailure) and results[4].error_type == "DecodeTimeout"
-    assert results[4].item.track_id == "t4"
-
-
 def test_children_run_at_the_niceness_they_are_given():
     """The local runner's decode children yield the cores to the encoder (workers/overlap.py)."""
     own = os.nice(0)
