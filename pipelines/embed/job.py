@@ -242,7 +242,7 @@ def _run_claimed(
     plan = Plan.joined(tuple(run.plan for run in prepared))
     # Several encoders: the run records the models as given, with the first one's sizing (the same on a CPU).
     config = dataclasses.replace(first.config, encoder=dataclasses.replace(first.config.encoder, model=given.encoder.model))
-    staged, attempt = prune_torn_shards(store, run_id, plan.planned())
+    staged, attempt = prune_torn_shards(store, run_id, plan.listed_files)
     items = tuple(item for item in plan.items if item.track_id not in staged)
     if attempt:
         console.print(f"resuming run {run_id}: {len(plan.items) - len(items)} planned tracks are already staged")

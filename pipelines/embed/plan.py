@@ -131,6 +131,7 @@ class Plan:
         gone: track ids with a live embedding or a failure that left the catalog: embeddings are marked deleted
             (or pruned), failures removed.
         n_known: track ids with a live embedding or a failure before the run (what `gone` is a share of).
+        listed: every catalog row's track_id, uri and fingerprint (what a resumed run's staged rows must match).
     """
 
     items: tuple[WorkItem, ...]
@@ -142,15 +143,18 @@ class Plan:
     n_changed: int
     n_unchanged: int
     n_known_bad: int
+    listed: pa.Table
 
     @property
     def n_skipped(self) -> int:
         """Tracks the run leaves alone."""
         return self.n_unchanged + self.n_known_bad
 
-    def planned(self) -> dict[str, tuple[str, str]]:
-        """Track id -> (uri, fingerprint) of every track the run embeds or refuses."""
-        return {item.track_id: (item.uri, item.fingerprint) for item in (*self.items, *(i for i, _ in self.refused))}
+    def listed_files(self) -> dict[str, tuple[str, str]]:
+        """Track id -> (uri, fingerprint) of every track the catalog lists now, the ones the run leaves alone
+        included: a resumed run whose commit had begun finds tracks it staged already in the tables, unchanged."""
+        columns = (self.listed[name].to_pylist() for name in ("track_id", "uri", "fingerprint"))
+        return {track: (uri, fingerprint) for track, uri, fingerprint in zip(*columns, strict=True)}
 
     def check_prune(self, max_share: float) -> None:
         """Refuse a prune that would delete more than `max_share` of the model's tracks.
@@ -184,6 +188,7 @@ class Plan:
             refused=tuple(refused.values()),
             gone=tuple(track for plan in plans for track in plan.gone),
             n_catalog=plans[0].n_catalog,
+            listed=plans[0].listed,
             **{
                 name: sum(getattr(plan, name) for plan in plans)
                 for name in ("n_known", "n_new", "n_changed", "n_unchanged", "n_known_bad")
@@ -289,6 +294,7 @@ def plan_run(
         n_changed=_count(embed) - n_new,
         n_unchanged=_count(pc.and_(looked_at, unchanged)),
         n_known_bad=_count(skipped_bad) + _count(pc.and_(refused_rows, was_refused)),
+        listed=rows.select(["track_id", "uri", "fingerprint"]),
     )
 
 

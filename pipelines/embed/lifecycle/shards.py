@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,20 +37,24 @@ def write_shard(store: TableStore, run_id: str, shard: ShardOutput) -> float:
     return time.perf_counter() - start
 
 
-def prune_torn_shards(store: TableStore, run_id: str, planned: Mapping[str, tuple[str, str]]) -> tuple[set[str], int]:
+def prune_torn_shards(
+    store: TableStore, run_id: str, listed: Callable[[], Mapping[str, tuple[str, str]]]
+) -> tuple[set[str], int]:
     """Make a resumed run's staging hold only what its current plan still wants; return the tracks it keeps (not
     to embed again) and the next attempt number.
 
     The parts of a shard without its embeddings part (a worker killed mid-shard) are deleted, so the shard is
-    redone whole. A complete shard keeps only its rows of tracks still planned with the same URI and fingerprint:
-    the catalog may have been edited in place since the run staged them (a track removed, or pointed at another
-    file). Such a shard's parts are rewritten without those rows, its embeddings part last, so that a crash
+    redone whole. A complete shard keeps only its rows of tracks the catalog still lists with the same URI and
+    fingerprint: the catalog may have been edited in place since the run staged them (a track removed, or pointed
+    at another file). Tracks it lists unchanged stay although the plan may skip them now: the run's own commit, cut
+    short, may have put them in the tables already. Such a shard's parts are rewritten without those rows, its embeddings part last, so that a crash
     midway leaves a shard this function prunes the same way again. Call this only on a run this process holds.
 
     Args:
         store: the output store.
         run_id: the run.
-        planned: track id -> (uri, fingerprint) of every track the run plans (to embed, or to refuse).
+        listed: builds track id -> (uri, fingerprint) of every track the catalog lists (only called when the run
+            has staged shards to check).
     """
     complete = {posixpath.basename(p) for p in store.staged_parts(run_id, EMBEDDINGS)}
     attempts = [-1]
@@ -61,11 +65,12 @@ def prune_torn_shards(store: TableStore, run_id: str, planned: Mapping[str, tupl
             if name not in complete:
                 store.fs.rm(part)
     kept: set[str] = set()
+    files = listed() if complete else {}
     for name in sorted(complete):
         shard = name.removeprefix("part-").removesuffix(".parquet")
         parts = {spec: posixpath.join(store.staging_dir(run_id, spec), name) for spec in (FAILURES, WINDOWS, EMBEDDINGS)}
         rows = {spec: pq.read_table(path, filesystem=store.fs) for spec, path in parts.items() if store.fs.exists(path)}
-        keep = {spec: _still_planned(table, planned) for spec, table in rows.items() if spec is not WINDOWS}
+        keep = {spec: _still_listed(table, files) for spec, table in rows.items() if spec is not WINDOWS}
         embedded = rows[EMBEDDINGS].filter(keep[EMBEDDINGS])["track_id"]
         if WINDOWS in rows:
             keep[WINDOWS] = pc.is_in(rows[WINDOWS]["track_id"], embedded)
@@ -78,12 +83,12 @@ def prune_torn_shards(store: TableStore, run_id: str, planned: Mapping[str, tupl
     return kept, max(attempts) + 1
 
 
-def _still_planned(rows: pa.Table, planned: Mapping[str, tuple[str, str]]) -> pa.Array:
-    """Which staged rows are of a planned track with the same URI and fingerprint."""
+def _still_listed(rows: pa.Table, files: Mapping[str, tuple[str, str]]) -> pa.Array:
+    """Which staged rows are of a track the catalog lists with the same URI and fingerprint."""
     staged = zip(
         rows["track_id"].to_pylist(), rows["source_uri"].to_pylist(), rows["source_fingerprint"].to_pylist(), strict=True
     )
-    return pa.array([planned.get(track) == (uri, fingerprint) for track, uri, fingerprint in staged], pa.bool_())
+    return pa.array([files.get(track) == (uri, fingerprint) for track, uri, fingerprint in staged], pa.bool_())
 
 
 def staged_counts(store: TableStore, run_id: str, model: str) -> tuple[int, int, float]:

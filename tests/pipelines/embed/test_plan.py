@@ -83,7 +83,7 @@ def test_every_kind_of_track_is_planned_in_catalog_order():
     counts = (plan.n_catalog, plan.n_new, plan.n_changed, plan.n_unchanged, plan.n_known_bad, plan.n_known)
     # known: the live embeddings and every failure, of tracks in the catalog or not
     assert counts == (14, 5, 4, 1, 3, 13)
-    assert plan.planned()["edited"] == ("/c/edited.mp3", "fp-new")
+    assert plan.listed_files()["edited"] == ("/c/edited.mp3", "fp-new")
 
 
 def test_retry_failed_retries_known_bad_tracks_but_not_refused_ones():

@@ -176,7 +176,7 @@ def test_pruning_torn_shards_keeps_complete_shards_and_drops_torn_ones(store):
     store.write_part("r1", FAILURES, "000-000000", failure_rows([bad], ctx))
     store.write_part("r1", EMBEDDINGS, "000-000000", embedding_rows([_embedded("t1", 1.0)], ctx))
     store.write_part("r1", FAILURES, "000-000001", failure_rows([], ctx))  # its embeddings part never came
-    done, attempt = prune_torn_shards(store, "r1", {t: (f"/audio/{t}.mp3", "size=" + s) for t, s in (("t1", "1"), ("t9", "0"))})
+    done, attempt = prune_torn_shards(store, "r1", lambda: {t: (f"/audio/{t}.mp3", "size=" + s) for t, s in (("t1", "1"), ("t9", "0"))})
     assert done == {"t1", "t9"}
     assert attempt == 1
     assert [p.rsplit("/", 1)[1] for p in store.staged_parts("r1", FAILURES)] == ["part-000-000000.parquet"]
