@@ -111,11 +111,11 @@ def _handle(args: argparse.Namespace) -> int:
         print_json(models)
         return 0
     table = Table(title="encoders")
-    for column in ("model", "layers (dim)", "version", "licence"):
+    for column in ("model", "layers (dim)", "version", "licence: code / weights"):
         table.add_column(column)
     for model in models:
-        licence = f"code {model['licence']['code']}, weights {model['licence']['weights']}"
-        table.add_row(model["name"], layers_text(model["layers"]), model["version"] or "needs weights: see below", licence)
+        licence = f"{model['licence']['code']} / {model['licence']['weights']}"
+        table.add_row(model["name"], layers_text(model["layers"]), model["version"] or "needs weights", licence)
     out = console(markup=False)
     out.print(table)
     out.print("* default layer. Pick others with --layer a,b")
