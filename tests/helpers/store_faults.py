@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Below the proxy's stall: a stalled request times out on the client's side and is retried.
 CLIENT_TIMEOUT_S = 2
 # Bounds one command's wall time: a run that neither finishes nor gives up is a failure of the test.
-PROCESS_TIMEOUT_S = 240
+PROCESS_TIMEOUT_S = 480
 
 
 class Finished(NamedTuple):

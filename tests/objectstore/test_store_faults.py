@@ -61,6 +61,7 @@ def test_transient_faults_in_every_phase_of_a_run_cost_nothing(s3_catalog, proxy
     assert [status for _, status in runs] == ["succeeded"]
 
 
+@pytest.mark.slow  # three runs, two of them spending their retries: minutes on a loaded 2-core machine
 def test_a_store_that_keeps_failing_ends_the_run_resumable_and_the_rerun_completes(s3_catalog, proxy, small_labels):
     out = f"s3://{BUCKET}/faults-persistent"
     good, bad = expected_tracks(small_labels)
