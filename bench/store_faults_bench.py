@@ -120,6 +120,7 @@ def main() -> int:
                 "phase": phase, "rate": rate, "matched": matched, "injected": injected,
                 "first": [f.code for f in first], "rerun": [f.code for f in again],
                 "errors": [f.last_line for f in first if f.code != 0],
+            "error_causes": [f.output.strip().splitlines()[-12:] for f in first if f.code != 0],
                 "exactly_once": exact, "clean": clean, "seconds": round(seconds, 1),
                 "tracebacks": sum("Traceback" in f.output for f in first + again),
             })

@@ -36,6 +36,8 @@ _TRANSIENT_MESSAGE = re.compile(
     r"slowdown|service unavailable",
     re.IGNORECASE,
 )
+# Colours and arrows deltalake puts in front of each cause of its error.
+_DECORATION = re.compile(r"\x1b\[[0-9;]*m|↳")
 # Not the store's state but the object's or the caller's: never retried, never resumable.
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 _ATTEMPTS = 3
@@ -75,11 +77,14 @@ def storage_unavailable(exc: BaseException) -> bool:
 
 def unavailable_error(what: str, exc: BaseException) -> StorageUnavailableError:
     """The run-ending error for a store that kept failing while doing `what`."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    cause = lines[0] if lines else type(exc).__name__
+    # deltalake's message is a chain of causes, one a line, under a generic first line ("Generic S3 error"): name
+    # the one that says what happened.
+    lines = [_DECORATION.sub("", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    cause = next((line for line in lines if _TRANSIENT_MESSAGE.search(line)), lines[0] if lines else "")
     msg = (
-        f"the object store kept failing while {what} ({type(exc).__name__}: {cause}); nothing was committed "
-        "half-way: run the same command again once the store answers, and it resumes"
+        f"the object store kept failing while {what} ({type(exc).__name__}: {cause}): run the same command again "
+        "once the store answers (an embed run resumes from its staging and commits each row once)"
     )
     return StorageUnavailableError(msg)
 
