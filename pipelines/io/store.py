@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import posixpath
+import random
 import re
 import time
 import urllib.parse
@@ -526,15 +527,22 @@ def table_at(uri: str, spec: TableSpec, storage_options: dict[str, str] | None =
 
 
 def _retried(commit: Callable[[], object]) -> None:
-    """Run `commit`; one that loses a race with another writer is retried with exponential backoff."""
+    """Run `commit`; one that loses a race with another writer, or whose request the store dropped, is retried with
+    exponential backoff and jitter.
+
+    object_store does not retry the Delta log's conditional put once its request may have been sent (a reset, a cut
+    response): the write may have landed. Trying again is safe here: a commit step first looks for its application
+    transaction (so one that landed is skipped), and the single-table writes (upsert, overwrite, delete) are
+    idempotent.
+    """
     for attempt in range(_COMMIT_ATTEMPTS):
         try:
             commit()
             return
-        except CommitFailedError:
-            if attempt == _COMMIT_ATTEMPTS - 1:
+        except Exception as exc:
+            if not (isinstance(exc, CommitFailedError) or storage_unavailable(exc)) or attempt == _COMMIT_ATTEMPTS - 1:
                 raise
-            time.sleep(_COMMIT_BACKOFF_S * 2**attempt)
+            time.sleep(_COMMIT_BACKOFF_S * 2**attempt * random.uniform(0.5, 1.5))
 
 
 def _fsspec_options(root: str, storage_options: dict[str, str] | None) -> dict[str, str]:
