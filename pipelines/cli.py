@@ -25,6 +25,7 @@ from typing import NoReturn
 
 from catalog_embed.pipelines import logs
 from catalog_embed.schemas.errors import CatalogEmbedError, ConfigError, MissingExtraError, first_line
+from catalog_embed.workers.transient import storage_unavailable, unavailable_error
 
 # Modules providing subcommands, in the order `--help` lists them.
 _COMMAND_MODULES = (
@@ -147,13 +148,11 @@ def _main(argv: list[str] | None) -> int:
         # stdout at exit; point stdout at /dev/null so it does not.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as exc:
-        message = _os_error_message(exc, args)
-        if message is None:
-            raise
-        return _error(message)
     except Exception as exc:
-        message = _credentials_message(exc)
+        # A store that kept failing past every retry is not a bug: one line and exit 75, whichever command read it.
+        if storage_unavailable(exc):
+            return _error(unavailable_error(f"running `{command}`", exc))
+        message = _os_error_message(exc, args) if isinstance(exc, OSError) else _credentials_message(exc)
         if message is None:
             raise
         return _error(message)

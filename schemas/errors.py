@@ -116,6 +116,11 @@ class RunLostError(RetryableError):
     """A run lost its staging while it ran (taken over by another run, or removed): it commits nothing."""
 
 
+class StorageUnavailableError(RetryableError):
+    """The object store kept failing (throttled, unreachable, stalled) after its clients' retries and ours: the run
+    stopped with nothing committed half-way; run again once the store answers."""
+
+
 class LabelsError(CatalogEmbedError):
     """A labels table is unreadable or does not fit the probe task (columns, types, ids, splits)."""
 

@@ -36,6 +36,9 @@ import soxr
 import torch
 
 from catalog_embed.schemas.errors import AudioDecodeError, AudioTooLongError, AudioTooShortError, SourceReadError
+from catalog_embed.workers.transient import configure_s3fs, retry_transient, storage_unavailable
+
+configure_s3fs()  # here too: decode workers are processes of their own that import this module, not the store
 
 # soxr's HQ recipe, librosa's default ("soxr_hq") and so the musicnn reference's.
 _SOXR_QUALITY = "HQ"
@@ -133,7 +136,17 @@ def load_audio(
         SourceReadError: the file is missing, unreadable or above `max_file_mb`.
         AudioDecodeError: the bytes hold no decodable audio stream, or a container that may reference others.
         AudioTooLongError / AudioTooShortError: outside the configured duration bounds.
+        StorageUnavailableError: its store kept failing (throttled, unreachable, stalled) through the client's
+            retries and ours: not the track's fault, so no failure of the track either; the run stops resumable.
     """
+    # The client retries each request; a decoder whose read failed mid-stream has to start over, whole.
+    return retry_transient(
+        lambda: _load_audio(uri, sample_rate, config, channels, resampler), f"reading the audio file {uri}"
+    )
+
+
+def _load_audio(uri: str, sample_rate: int | None, config: DecodeConfig, channels: str, resampler: str) -> Audio:
+    """`load_audio` once; a transient storage error passes through (see `catalog_embed.workers.transient`)."""
     try:
         fs, path = fsspec.core.url_to_fs(uri)
         size = fs.size(path)
@@ -141,6 +154,8 @@ def load_audio(
         msg = f"file not found: {uri}"
         raise SourceReadError(msg) from exc
     except OSError as exc:
+        if storage_unavailable(exc):
+            raise
         msg = f"cannot stat {uri}: {exc}"
         raise SourceReadError(msg) from exc
     if size is not None and size > config.max_file_mb * 2**20:
@@ -155,6 +170,8 @@ def load_audio(
     except (AudioDecodeError, AudioTooLongError):
         raise
     except OSError as exc:
+        if storage_unavailable(exc):
+            raise
         msg = f"cannot read {uri}: {exc}"
         raise SourceReadError(msg) from exc
     if audio.duration_s < config.min_duration_s:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from catalog_embed.schemas.errors import WorkerError
+from catalog_embed.schemas.errors import RetryableError, WorkerError
 from catalog_embed.schemas.records import TrackFailure, WorkItem
 
 _READY = "ready"
@@ -181,11 +181,15 @@ class IsolatedPool:
                 continue
             if child.conn in ready:
                 try:
-                    done[child.index] = child.conn.recv()
+                    answer = child.conn.recv()
+                except EOFError:
+                    answer = None  # it died before answering: a crash, handled below
+                if answer is not None:
+                    if isinstance(answer[0], RetryableError):
+                        raise answer[0]  # the store failed, not the item: the run stops, resumable
+                    done[child.index] = answer
                     child.index = None
                     continue
-                except EOFError:
-                    pass  # it died before answering: a crash, handled below
             item = window[child.index]
             if child.conn in ready or child.process.sentinel in ready:
                 child.process.join()
@@ -228,6 +232,8 @@ def _child_main(conn: Connection, stage: Any, memory_mb: float, niceness: int) -
             start = time.perf_counter()
             try:
                 result = stage(item)
+            except RetryableError as exc:
+                result = exc  # not the item's fault (its store is failing): the supervisor stops the run
             except MemoryError:
                 reason = f"decoding needed more memory than the {memory_mb:g} MB allowed (--decode-memory-mb)"
                 result = TrackFailure(item, "decode", "DecodeOutOfMemory", reason)

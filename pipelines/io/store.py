@@ -17,17 +17,19 @@ run commits, in which order, and what decides whether a staged run may be commit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import posixpath
+import random
 import re
 import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, Any, ParamSpec, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -42,6 +44,9 @@ from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundErr
 from catalog_embed.schemas.errors import TableError, first_line
 from catalog_embed.schemas.tables import SCHEMA_VERSION, TABLES, TableSpec
 from catalog_embed.workers import failpoints
+from catalog_embed.workers.transient import configure_s3fs, storage_unavailable, unavailable_error
+
+configure_s3fs()
 
 SCHEMA_VERSION_KEY = "catalog_embed.schema_version"
 STAGING = "_staging"
@@ -56,6 +61,30 @@ _COMMIT_ATTEMPTS = 6
 _COMMIT_BACKOFF_S = 0.2
 # The names deltalake (object_store) accepts for an S3 endpoint; s3fs calls it `endpoint_url`.
 _S3_ENDPOINT_KEYS = ("aws_endpoint_url", "aws_endpoint", "endpoint_url", "endpoint")
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _store_io(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Make a store method end with `StorageUnavailableError` (exit 75, resumable) when the store keeps failing
+    past its clients' retries (botocore's under s3fs, object_store's under deltalake), instead of a traceback or
+    an error that blames the table or the track."""
+
+    def wrap(method: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(method)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return method(*args, **kwargs)
+            except Exception as exc:
+                if storage_unavailable(exc):
+                    raise unavailable_error(f"{what} under {args[0].root}", exc) from exc
+                raise
+
+        return run
+
+    return wrap
 
 
 def app_id(run_id: str) -> str:
@@ -119,6 +148,8 @@ class TableStore:
             # A folder of data files whose log is gone is a table that lost its history, not a place to create one.
             problem = _data_without_log(self.fs, path)
         except (DeltaError, OSError) as exc:
+            if storage_unavailable(exc):
+                raise unavailable_error(f"opening {self.uri(spec)}", exc) from exc
             problem = _log_problem(self.fs, path)
             if problem is None:
                 msg = f"cannot open {self.uri(spec)}: {first_line(exc)}; check --out and its credentials"
@@ -159,6 +190,8 @@ class TableStore:
                     break
             entries = self.fs.ls(path, detail=False) if self.fs.isdir(path) else []
         except (OSError, ValueError) as exc:
+            if storage_unavailable(exc):
+                raise unavailable_error(f"checking --out {self.root}", exc) from exc
             msg = f"cannot read --out {self.root}: {exc}; check the path and its credentials"
             raise TableError(msg) from exc
         foreign = sorted(posixpath.basename(e.rstrip("/")) for e in entries)
@@ -223,6 +256,8 @@ class TableStore:
                 storage_options=self.storage_options,
             )
         except (DeltaError, OSError) as exc:
+            if storage_unavailable(exc):
+                raise unavailable_error(f"creating {self.uri(spec)}", exc) from exc
             msg = f"cannot create the {spec.name} table under --out {self.root}: {exc}; check that it is writable"
             raise TableError(msg) from exc
 
@@ -260,6 +295,7 @@ class TableStore:
     def _local(self) -> bool:
         return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
+    @_store_io("writing a staged part")
     def write_part(self, run_id: str, spec: TableSpec, part: str, rows: pa.Table) -> str:
         """Write one part file with a deterministic name; rewriting the same part replaces it."""
         path = posixpath.join(self.staging_dir(run_id, spec), f"part-{part}.parquet")
@@ -267,6 +303,7 @@ class TableStore:
             pq.write_table(rows, fh)
         return path
 
+    @_store_io("listing staged parts")
     def staged_parts(self, run_id: str, spec: TableSpec) -> list[str]:
         """Complete part files staged for one table of a run, sorted."""
         folder = self.staging_dir(run_id, spec)
@@ -274,6 +311,7 @@ class TableStore:
             return []
         return sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".parquet"))
 
+    @_store_io("reading staged parts")
     def read_staged(self, run_id: str, spec: TableSpec) -> pa.Table:
         """Every staged row of one table of a run (empty when none), one per key.
 
@@ -287,11 +325,13 @@ class TableStore:
         last = order.group_by(list(spec.key)).aggregate([("_row", "max")])["_row_max"]
         return table.take(pc.take(last, pc.sort_indices(last))) if len(last) < table.num_rows else table
 
+    @_store_io("writing a run's staging file")
     def write_staged_json(self, run_id: str, name: str, payload: dict[str, Any]) -> None:
         """Write a small JSON file (the run's meta, its lease) into a run's staging folder, atomically."""
         with self._atomic(posixpath.join(self.staging_dir(run_id), name), "w") as fh:
             json.dump(payload, fh, sort_keys=True)
 
+    @_store_io("reading a run's staging file")
     def read_staged_json(self, run_id: str, name: str) -> dict[str, Any] | None:
         """A JSON file of a run's staging folder, or None when it is missing or unreadable."""
         try:
@@ -301,6 +341,7 @@ class TableStore:
             return None
         return payload if isinstance(payload, dict) else None
 
+    @_store_io("claiming a run's staging")
     def create_staged_json(self, run_id: str, name: str, payload: dict[str, Any]) -> bool:
         """Write a small JSON file into a run's staging folder only if no file has that name yet; returns whether
         this call created it. Of several processes creating one name at the same instant exactly one wins: a local
@@ -327,6 +368,7 @@ class TableStore:
             return False
         return True
 
+    @_store_io("listing a run's staging")
     def staged_entries(self, run_id: str) -> list[str]:
         """Names in a run's staging folder (files and table folders), sorted; empty when it does not exist."""
         folder = self.staging_dir(run_id)
@@ -334,6 +376,7 @@ class TableStore:
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False))
 
+    @_store_io("listing _staging")
     def staged_runs(self) -> list[str]:
         """Names of the folders under `_staging/`, sorted: runs' staging, and anything else someone put there
         (callers touch only folders that hold a run's `run.json`)."""
@@ -342,11 +385,13 @@ class TableStore:
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(root, detail=False))
 
+    @_store_io("reading a run's staging")
     def last_staged(self, run_id: str) -> float:
         """Unix time of the newest file in a run's staging folder (0 when empty)."""
         files = self.fs.find(self.staging_dir(run_id))
         return max((self.fs.modified(p).timestamp() for p in files), default=0.0)
 
+    @_store_io("removing a run's staging")
     def drop_staging(self, run_id: str) -> None:
         """Remove a run's staged parts (after its commit, or by `vacuum`)."""
         folder = self.staging_dir(run_id)
@@ -366,6 +411,7 @@ class TableStore:
             return None
         return self.table(spec).transaction_version(txn_id)
 
+    @_store_io("committing")
     def commit_step(
         self,
         spec: TableSpec,
@@ -422,12 +468,14 @@ class TableStore:
 
     # -- single-table writes (probe predictions) -------------------------------------------------------------
 
+    @_store_io("committing")
     def upsert(self, spec: TableSpec, rows: pa.Table) -> None:
         """Merge `rows` into a table by its key, creating the table first; a commit that loses a race is retried."""
         if not self.exists(spec):
             self._create(spec)
         _retried(lambda: merge_rows(self.table(spec), spec, rows, None))
 
+    @_store_io("committing")
     def overwrite(self, spec: TableSpec, rows: pa.Table) -> None:
         """Replace a table's rows with `rows`, creating it when absent; a commit that loses a race is retried."""
         _retried(
@@ -437,12 +485,14 @@ class TableStore:
             )
         )
 
+    @_store_io("committing")
     def delete(self, spec: TableSpec, predicate: str) -> None:
         """Delete a table's rows matching the SQL `predicate`; a commit that loses a race is retried."""
         _retried(lambda: self.table(spec).delete(predicate))
 
     # -- reads -----------------------------------------------------------------------------------------------
 
+    @_store_io("reading a table")
     def scan(self, spec: TableSpec, partition: dict[str, str] | None = None) -> pads.Dataset:
         """A table's current snapshot as an Arrow dataset, for readers that push filters into the scan (DuckDB).
 
@@ -456,6 +506,7 @@ class TableStore:
         pruning = [(key, "=", value) for key, value in (partition or {}).items()] or None
         return arrow_dataset(table, file_pruning_predicate=pruning, schema=views)
 
+    @_store_io("reading a table")
     def read(
         self,
         spec: TableSpec,
@@ -495,15 +546,22 @@ def table_at(uri: str, spec: TableSpec, storage_options: dict[str, str] | None =
 
 
 def _retried(commit: Callable[[], object]) -> None:
-    """Run `commit`; one that loses a race with another writer is retried with exponential backoff."""
+    """Run `commit`; one that loses a race with another writer, or whose request the store dropped, is retried with
+    exponential backoff and jitter.
+
+    object_store does not retry the Delta log's conditional put once its request may have been sent (a reset, a cut
+    response): the write may have landed. Trying again is safe here: a commit step first looks for its application
+    transaction (so one that landed is skipped), and the single-table writes (upsert, overwrite, delete) are
+    idempotent.
+    """
     for attempt in range(_COMMIT_ATTEMPTS):
         try:
             commit()
             return
-        except CommitFailedError:
-            if attempt == _COMMIT_ATTEMPTS - 1:
+        except Exception as exc:
+            if not (isinstance(exc, CommitFailedError) or storage_unavailable(exc)) or attempt == _COMMIT_ATTEMPTS - 1:
                 raise
-            time.sleep(_COMMIT_BACKOFF_S * 2**attempt)
+            time.sleep(_COMMIT_BACKOFF_S * 2**attempt * random.uniform(0.5, 1.5))
 
 
 def _fsspec_options(root: str, storage_options: dict[str, str] | None) -> dict[str, str]:

@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 from catalog_embed.pipelines.embed.lifecycle.staging import LEASE_FILE, LeaseRecord, RunState, StagedRun, lease_ttl_s
 from catalog_embed.pipelines.io.store import TableStore
-from catalog_embed.schemas.errors import RunLostError
+from catalog_embed.schemas.errors import RunLostError, StorageUnavailableError
 
 
 class RunLease:
@@ -77,17 +77,28 @@ class RunLease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
-            staged = StagedRun.read(self.store, self.run_id)
-            if staged.state is RunState.COMMITTED:
-                return  # committed (from the engine's graph, as Beam does, or by this process), staging removed
-            self._lost = staged.lost_by(self.owner)
-            if self._lost is not None:
-                return
-            self._write(self.ttl_s)
-            if StagedRun.read(self.store, self.run_id).state is RunState.COMMITTED:
-                # The commit removed the staging between the read and the write: remove what the write recreated.
-                self.store.drop_staging(self.run_id)
-                return
+            try:
+                if self._renew():
+                    return
+            except StorageUnavailableError:
+                # A missed beat: the lease outlives three more and the next one tries again. A store that stays
+                # down fails the run's own reads and writes too, and they end the run resumable.
+                continue
+
+    def _renew(self) -> bool:
+        """One heartbeat; True once heartbeating is over (the run is committed, or lost)."""
+        staged = StagedRun.read(self.store, self.run_id)
+        if staged.state is RunState.COMMITTED:
+            return True  # committed (from the engine's graph, as Beam does, or by this process), staging removed
+        self._lost = staged.lost_by(self.owner)
+        if self._lost is not None:
+            return True
+        self._write(self.ttl_s)
+        if StagedRun.read(self.store, self.run_id).state is RunState.COMMITTED:
+            # The commit removed the staging between the read and the write: remove what the write recreated.
+            self.store.drop_staging(self.run_id)
+            return True
+        return False
 
     def _write(self, ttl_s: float) -> None:
         self.store.write_staged_json(self.run_id, LEASE_FILE, asdict(LeaseRecord.mine(self.owner, ttl_s)))
