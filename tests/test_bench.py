@@ -86,13 +86,14 @@ def test_bench_smoke(bench, tmp_path):
 
 def test_reliability_smoke(tmp_path):
     """At its smallest size the reliability bench still kills a worker and the driver, and the resumed run loses
-    and duplicates nothing."""
+    and duplicates nothing; its cases (stalled commit, edited catalog, damaged tables, hostile --where) hold too."""
     out = run_bench("reliability_bench.py", "--smoke", results=tmp_path)
     assert "target" in out
     report = json.loads((tmp_path / "reliability.json").read_text())
     assert_meta(report, "reliability")
     assert report["resumed"] is True
     assert (report["lost"], report["duplicates"], report["job_failures"]) == (0, 0, 0)
+    assert report["every invariant held"] is True, report
 
 
 def test_probe_demo(tmp_path):

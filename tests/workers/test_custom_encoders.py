@@ -326,4 +326,4 @@ def test_models_command_lists_a_config_with_its_licence(models, capsys, monkeypa
     monkeypatch.setenv("COLUMNS", "240")
     assert main(["models", str(models / "conv.json")]) == 0
     listed = capsys.readouterr().out
-    assert "tiny-conv" in listed and "code MIT, weights CC-BY-4.0" in listed and _sha(models / "conv.pt")[:16] in listed
+    assert "tiny-conv" in listed and "MIT / CC-BY-4.0" in listed and _sha(models / "conv.pt")[:16] in listed
