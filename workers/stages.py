@@ -38,7 +38,11 @@ from catalog_embed.workers.encoders import Encoder, FrontEnd, get_encoder
 from catalog_embed.workers.encoders.base import MemoryFootprint, parse_device, resolve_precision
 
 FRONT_END_PLACEMENTS = ("auto", "decoder", "encoder")
-CPU_BATCH_WINDOWS = 64
+# Windows per encoder call on a CPU: small calls run as fast or faster, and hold less. bench/encoders_bench.py
+# --batches 8,64 (2 threads, windows/s at 8 and 64): mfcc-stats 987 and 472, chroma-stats 804 and 520 (their
+# spectrograms, 1,025 bins x 130 frames of complex64 a window, outgrow the caches), musicnn-mtt 50.7 and 50.2,
+# mule-sfnfnet-f0 18.3 and 14.2.
+CPU_BATCH_WINDOWS = 8
 # Used when the GPU is not visible from where the run is configured (Dataflow workers, a Ray cluster).
 REMOTE_CUDA_BATCH_WINDOWS = 256
 # A GPU's batch: its measured footprint within this share of the free memory, at most this many windows.
@@ -258,6 +262,28 @@ class TrackFeatures:
     def nbytes(self) -> int:
         """Bytes of the tensor carried to the encoder."""
         return (self.windows if self.windows is not None else self.waveform).nbytes
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A track crosses processes (decode children, Ray, Beam) with its tensor as a numpy array. torch's
+        # multiprocessing pickler would share each tensor through a file descriptor and a socket round trip of
+        # multiprocessing's resource sharer (0.5 ms a one-second clip, measured: a quarter of decoding it), plain
+        # pickle through torch.save (7x numpy's cost); Ray ships numpy arrays without a copy.
+        state = dict(self.__dict__)
+        for name in _TENSORS:
+            if state[name] is not None:
+                state[name] = state[name].numpy()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in _TENSORS:
+            array = state[name]
+            if array is not None:
+                # Ray hands out read-only views of its object store; torch tensors must own writable memory.
+                state[name] = torch.from_numpy(array if array.flags.writeable else array.copy())
+        self.__dict__.update(state)
+
+
+_TENSORS = ("windows", "waveform")
 
 
 @dataclass

@@ -337,7 +337,7 @@ OPTIONS: tuple[Option, ...] = (
            valid=lambda v: v >= 1),
     Option(
         "encoder.batch_windows", "--batch-windows",
-        "windows per encoder call (unset: 64 on a CPU, sized to a GPU's measured memory)",
+        "windows per encoder call (unset: 8 on a CPU, sized to a GPU's measured memory)",
         rule="be at least 1", valid=lambda v: v >= 1, type=int,
     ),
     Option("shard_size", "--shard-size", "tracks per part file", rule="be at least 1", valid=lambda v: v >= 1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchaudio
 
 from catalog_embed.schemas.errors import EncoderError
 from catalog_embed.workers.encoders import encoder_names, get_encoder
@@ -82,3 +83,17 @@ def test_statistics_do_not_depend_on_the_other_windows_in_the_batch():
         alone = encoder.embed(quiet[None])["stats"]
         together = encoder.embed(torch.stack([quiet, loud]))["stats"][:1]
         torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-4)
+
+
+def test_features_match_torchaudio_transforms():
+    """The statistics encoders take the power spectrum their own way (`PowerSpectrogram`): the features are still
+    torchaudio's MFCC and power STFT, to float rounding."""
+    windows = torch.randn(3, 1, 3 * SR) * 0.1
+    mfcc = get_encoder("mfcc-stats").feature_module()
+    reference = torchaudio.transforms.MFCC(SR, 20, melkwargs={"n_fft": 2048, "hop_length": 512, "n_mels": 128})
+    chroma = get_encoder("chroma-stats").feature_module()
+    power = torchaudio.transforms.Spectrogram(n_fft=4096, hop_length=1024, power=2.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(mfcc(windows), reference(windows), rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(chroma[0](windows), power(windows), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(chroma(windows), chroma[1](power(windows)), rtol=1e-5, atol=1e-6)

@@ -16,7 +16,7 @@ from catalog_embed.schemas.errors import EncoderError
 from catalog_embed.schemas.records import WorkItem
 from catalog_embed.workers.encoders import get_encoder
 from catalog_embed.workers.encoders.sfnfnet import write_standin_weights
-from catalog_embed.workers.stages import DecodeStage, EmbedStage, EncoderConfig, TrackFeatures
+from catalog_embed.workers.stages import CPU_BATCH_WINDOWS, DecodeStage, EmbedStage, EncoderConfig, TrackFeatures
 from tests.helpers.reference import MUSICNN_REFERENCE
 
 MIN_COSINE = 0.999
@@ -160,6 +160,6 @@ def test_front_end_placement_and_batch_size_follow_the_device() -> None:
     assert not EncoderConfig(device="cpu").front_end_on_encoder
     assert EncoderConfig(device="cuda:0").front_end_on_encoder
     assert not EncoderConfig(device="cuda", front_end_on="decoder").front_end_on_encoder
-    assert EncoderConfig(device="cpu").windows_per_batch() == 64
+    assert EncoderConfig(device="cpu").windows_per_batch() == CPU_BATCH_WINDOWS
     assert EncoderConfig(device="cpu", batch_windows=7).sized().batch_windows == 7
     assert EncoderConfig(device="cuda").windows_per_batch(device_is_here=False) == 256
