@@ -1,39 +1,36 @@
 """Many small tracks: the per-track cost outside decoding and encoding, against the rate of bare decoding.
 
 Renders `--tracks` one-second clips (`workers/demo_catalog.py`, 44.1 kHz stereo, mp3, Opus, FLAC and WAV in turn)
-once into `--work` (reused by later runs), then measures in one process run:
+once into `--work` (reused by later runs), then measures in one run, the cases taking turns round by round:
 
 - decode only: bare PyAV + soxr HQ to the encoder's rate (22.05 kHz mono for `mfcc-stats`), no pipeline, in this
   process on one core: CPU seconds per clip, so clips/s per core (times the cores for what decoding alone allows);
 - the local runner end to end (`run_embed`: plan, decode children, `mfcc-stats`, part files, commit), `--workers 2`;
 - the Ray runner end to end on a local instance (2 decode workers, one encoder actor; `ray.init` included).
 
-Rounds interleave the cases so that a shared machine's drifting load weighs on each alike; each figure is the median
-over rounds. Prints tracks/s next to the decode-only rate and writes bench/results/small_tracks[-LABEL].json.
+The last column puts the cases on one scale, milliseconds of one core per track: decoding's CPU time, and a runner's
+2 cores times its marginal seconds per track (decoding, encoding and everything else a track costs).
 
-To compare two trees of the code in one bench run, alternate this script between them (the script itself only uses
-`run_embed`, `EmbedConfig` and `decode`, which both have), e.g. with a baseline tree importable first on PYTHONPATH:
-
-    python bench/small_tracks_bench.py --tracks 2000 --rounds 1 --label after
-    PYTHONPATH=/tmp/base-shim python bench/small_tracks_bench.py --tracks 2000 --rounds 1 --label before
+Each end-to-end case runs twice per round, on the first half of the clips and on all of them, each into a fresh
+output root. A run's tracks/s includes what a run costs once (starting the decode children or Ray, loading the
+encoder, planning, the commit); the difference between the two runs cancels those and leaves the per-track rate,
+`marginal` = (tracks - tracks/2) / (seconds(all) - seconds(half)): the rate a long run of such clips approaches.
+Prints tracks/s next to the decode-only rate and writes bench/results/small_tracks.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import shutil
 import statistics
-import time
-from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from harness import BenchRun, console, parse_args, print_table, results_path, time_rounds
 from rich.console import Console
-from rich.table import Table
 
-import catalog_embed.workers
 from catalog_embed.pipelines.embed.config import EmbedConfig
 from catalog_embed.pipelines.embed.job import run_embed
 from catalog_embed.pipelines.runners.options import RayOptions
@@ -41,11 +38,11 @@ from catalog_embed.workers.audio import decode
 from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 from catalog_embed.workers.stages import EncoderConfig
 
-RESULTS = Path(__file__).parent / "results"
 MODEL = "mfcc-stats"
 RATE = 22_050  # mfcc-stats' front end
 CODECS = ("mp3", "opus", "flac", "wav")
 WORKERS = 2
+SMOKE = {"tracks": 16, "rounds": 1, "cases": "decode,local"}
 
 
 def main() -> None:
@@ -54,44 +51,46 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/small-tracks-bench"), help="clips and tables")
     parser.add_argument("--cases", default="decode,local,ray", help="comma-separated subset of decode,local,ray")
-    parser.add_argument("--label", default="", help="names the JSON (small_tracks-LABEL.json) and the rows")
-    args = parser.parse_args()
-    console = Console()
-    manifest = _clips(args.work / f"clips-{args.tracks}", args.tracks, console)
-    uris = pq.read_table(manifest, columns=["uri"])["uri"].to_pylist()
+    args = parse_args(parser, SMOKE)
+    run = BenchRun("small_tracks", args)
+    full = _clips(args.work / f"clips-{args.tracks}", args.tracks)
+    half = _half(full)
+    n_full, n_half = pq.read_metadata(full).num_rows, pq.read_metadata(half).num_rows
+    uris = pq.read_table(full, columns=["uri"])["uri"].to_pylist()
     cases = args.cases.split(",")
-    runs: dict[str, list[float]] = {case: [] for case in cases}
-    for round_ in range(args.rounds):
-        for case in cases:
-            if case == "decode":
-                runs[case].append(_decode_only(uris))
-            else:
-                out = args.work / f"tables-{os.getpid()}-{round_}-{case}"
-                runs[case].append(_end_to_end(manifest, out, case))
-            console.print(f"round {round_ + 1} {case}: {runs[case][-1]:.1f} tracks/s")
-    result = {
-        "label": args.label,
-        "code": str(Path(catalog_embed.workers.__path__[0]).parent),
-        "tracks": args.tracks,
-        "codecs": CODECS,
-        "model": MODEL,
-        "workers": WORKERS,
-        "rounds": args.rounds,
-        "tracks_per_s": {case: statistics.median(rates) for case, rates in runs.items()},
-        "runs": runs,
-        "load_average": os.getloadavg(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "at": datetime.now(UTC).isoformat(),
-    }
-    _print(result, console)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"small_tracks{'-' + args.label if args.label else ''}.json"
-    path.write_text(json.dumps(result, indent=2))
-    console.print(f"wrote {path}")
+    runners = [case for case in cases if case != "decode"]
+    calls = {(runner, size): partial(_run, manifest, args.work, runner)
+             for runner in runners for size, manifest in (("half", half), ("all", full))}  # fmt: skip
+    decode_rates = []
+    if "decode" in cases:
+        calls["decode", "all"] = lambda: decode_rates.append(_decode_only(uris))
+    timings = time_rounds(calls, args.rounds)
+    results: dict[str, object] = {"tracks": n_full, "codecs": CODECS, "model": MODEL, "workers": WORKERS}
+    rows = []
+    decode_rate = statistics.median(decode_rates) if decode_rates else None
+    if decode_rate:
+        results["decode_clips_per_s_per_core"] = decode_rate
+        rows.append(("decode only, clips/s of one core's CPU time", decode_rate, None, None, 1000 / decode_rate))
+    for runner in runners:
+        wall_half, wall_all = (timings[runner, size].median_wall for size in ("half", "all"))
+        whole = n_full / wall_all
+        marginal = (n_full - n_half) / (wall_all - wall_half) if wall_all > wall_half else None
+        results[runner] = {"seconds_half": wall_half, "seconds_all": wall_all, "tracks_per_s": whole,
+                           "marginal_tracks_per_s": marginal, "once_per_run_s": wall_all - n_full / marginal
+                           if marginal else None}  # fmt: skip
+        share = marginal / (WORKERS * decode_rate) if marginal and decode_rate else None
+        rows.append((f"{runner} runner, end to end", whole, marginal, share, 2000 / marginal if marginal else None))
+    print_table(
+        f"{n_full} one-second clips, {MODEL}, {WORKERS} workers, {args.rounds} round(s)",
+        ["case", "tracks/s (whole run)", "marginal tracks/s", "marginal x decode-only on 2 cores",
+         "core-ms per track"],
+        rows,
+    )  # fmt: skip
+    console.print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs")
+    console.print(f"wrote {run.write(results_path('small_tracks'), results)}")
 
 
-def _clips(root: Path, n: int, console: Console) -> Path:
+def _clips(root: Path, n: int) -> Path:
     """The manifest of `n` rendered one-second clips under `root`, rendering them on the first run."""
     manifest = root / "manifest.parquet"
     if not manifest.exists():
@@ -101,17 +100,31 @@ def _clips(root: Path, n: int, console: Console) -> Path:
     return manifest
 
 
+def _half(manifest: Path) -> Path:
+    """A manifest of the first half of `manifest`'s rows (every codec still present: they take turns)."""
+    half = manifest.with_name("manifest-half.parquet")
+    if not half.exists():
+        table = pq.read_table(manifest)
+        pq.write_table(table.slice(0, len(table) // 2), half)
+    return half
+
+
 def _decode_only(uris: list[str]) -> float:
     """Clips per second of CPU time on one core: bare decode, downmix and soxr HQ resample, no pipeline."""
-    start = time.process_time()
+    start = os.times()
     for uri in uris:
         with open(uri, "rb") as fh:
             decode(fh, RATE)
-    return len(uris) / (time.process_time() - start)
+    end = os.times()
+    return len(uris) / (end.user + end.system - start.user - start.system)
 
 
-def _end_to_end(manifest: Path, out: Path, runner: str) -> float:
-    """Tracks per wall second of one `run_embed` on a fresh output root."""
+_RUNS = iter(range(1 << 30))
+
+
+def _run(manifest: Path, work: Path, runner: str) -> None:
+    """One `run_embed` of `manifest` with `runner` into a fresh output root; every clip must embed."""
+    out = work / f"tables-{os.getpid()}-{next(_RUNS)}-{runner}"
     config = EmbedConfig(
         catalog=str(manifest),
         out=str(out),
@@ -121,26 +134,10 @@ def _end_to_end(manifest: Path, out: Path, runner: str) -> float:
         ray=RayOptions(embed_actors=1),
     )
     summary = run_embed(config, Console(quiet=True))
-    done = summary.stats.n_embedded + summary.stats.n_failed
+    shutil.rmtree(out)
     if summary.stats.n_failed:
         msg = f"{runner}: {summary.stats.n_failed} clips failed: {summary.stats.first_errors}"
         raise RuntimeError(msg)
-    return done / summary.wall_seconds
-
-
-def _print(result: dict, console: Console) -> None:
-    rates = result["tracks_per_s"]
-    table = Table(title=f"{result['tracks']} one-second clips, {MODEL}, {WORKERS} workers ({result['label'] or 'this tree'})")
-    table.add_column("case")
-    table.add_column("tracks/s", justify="right")
-    table.add_column("x decode-only on 2 cores", justify="right")
-    decode_rate = rates.get("decode")
-    for case, rate in rates.items():
-        label = "decode only, 1 core" if case == "decode" else f"{case} runner, end to end"
-        share = f"{rate / (WORKERS * decode_rate):.2f}" if decode_rate and case != "decode" else ""
-        table.add_row(label, f"{rate:.1f}", share)
-    console.print(table)
-    console.print(f"load average {result['load_average']}, {result['cpus']} CPUs (shared machine)")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ BENCHES = [
           frozenset({"load_seconds", "single_trials", "grid"})),
     Bench("runners_bench.py", ("--smoke",), "runners.json", "wall vs local",
           frozenset({"runners", "ray_speedup_over_1_worker"})),
+    Bench("small_tracks_bench.py", ("--smoke",), "small_tracks.json", "marginal tracks/s",
+          frozenset({"tracks", "decode_clips_per_s_per_core", "local"})),
 ]  # fmt: skip
 
 

@@ -1,8 +1,9 @@
 """Transient storage errors: which errors an object store's clients give up with, and how they end a run.
 
 The clients retry on their own, with backoff: botocore under s3fs (`s3_retries`, set for every s3fs filesystem of
-this process by `configure_s3fs`) and object_store under deltalake (its `max_retries`, `retry_timeout` and
-`timeout` storage options). What they raise once their retries are spent is a store that keeps failing (throttled,
+this process by `configure_s3fs`), object_store under deltalake (its `max_retries`, `retry_timeout` and
+`timeout` storage options) and the AWS SDK under Arrow's S3 filesystem, which reads tables
+(`catalog_embed.pipelines.io.store.arrow_s3`, from the same options). What they raise once their retries are spent is a store that keeps failing (throttled,
 unreachable, stalled), not a bad track or a bad table: `storage_unavailable` tells such an error apart, and the run
 ends with `StorageUnavailableError` (exit 75), resumable, instead of a `failures` row or a traceback.
 
@@ -30,12 +31,17 @@ T = TypeVar("T")
 S3_RETRIES = {"mode": "standard", "max_attempts": 5}
 # What s3fs raises for S3's throttling and server errors (503 SlowDown -> EBUSY, 500 -> EREMOTEIO) and sockets' own.
 _TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.EAGAIN, errno.ECONNRESET, errno.EPIPE}
-# object_store (deltalake) reports an exhausted retry, a timeout or a dropped connection only in its message.
+# object_store (deltalake) and Arrow's S3 client (the AWS SDK) report an exhausted retry, a timeout or a dropped
+# connection only in their messages; DuckDB passes a failed Arrow scan on as its own error with Arrow's message.
 _TRANSIENT_MESSAGE = re.compile(
-    r"error after \d+ retries|timed out|error sending request|connection (reset|closed|refused|aborted)|"
-    r"slowdown|service unavailable",
+    r"error after \d+ retries|timed out|timeout was reached|error sending request|"
+    r"connection (reset|closed|refused|aborted)|slow_?down|service unavailable|"
+    r"AWS Error (NETWORK_CONNECTION|SERVICE_UNAVAILABLE|REQUEST_TIMEOUT|THROTTLING)|HTTP status 5\d\d|"
+    r"failed to flush response stream",
     re.IGNORECASE,
 )
+# Where those messages come from (besides OSError, which the Python filesystems and Arrow raise).
+_MESSAGE_MODULES = ("deltalake", "_duckdb", "duckdb")
 # Colours and arrows deltalake puts in front of each cause of its error.
 _DECORATION = re.compile(r"\x1b\[[0-9;]*m|↳")
 # Not the store's state but the object's or the caller's: never retried, never resumable.
@@ -71,8 +77,8 @@ def storage_unavailable(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
-    from_deltalake = type(exc).__module__.startswith("deltalake") or isinstance(exc, OSError)
-    return from_deltalake and _TRANSIENT_MESSAGE.search(str(exc)) is not None
+    from_a_client = isinstance(exc, OSError) or type(exc).__module__.startswith(_MESSAGE_MODULES)
+    return from_a_client and _TRANSIENT_MESSAGE.search(str(exc)) is not None
 
 
 def unavailable_error(what: str, exc: BaseException) -> StorageUnavailableError:

@@ -29,6 +29,7 @@ from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.pipelines.output import console, print_json
 from catalog_embed.schemas.errors import QueryError, first_line
 from catalog_embed.schemas.tables import TABLES
+from catalog_embed.workers.transient import storage_unavailable, unavailable_error
 
 # Settings applied after the views are registered; the last one locks them all for the statement's lifetime.
 _NO_DOWNLOADS = (
@@ -158,6 +159,7 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], duck
 
     Raises:
         QueryError: the statement is empty, malformed, or reaches beyond what the connection allows.
+        StorageUnavailableError: the tables' store kept failing while the scan read them.
     """
     if not sql.strip().strip(";").strip():
         msg = 'the SQL statement is empty: pass one, e.g. "SELECT model, count(*) FROM embeddings GROUP BY model"'
@@ -171,6 +173,8 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], duck
         )
         raise QueryError(msg) from exc
     except duckdb.Error as exc:
+        if storage_unavailable(exc):
+            raise unavailable_error("running the query", exc) from exc
         msg = f"the SQL failed: {first_line(exc)} (tables: {', '.join(TABLES)}): fix the statement"
         raise QueryError(msg) from exc
     if result.description is None:

@@ -147,7 +147,9 @@ class ModelLayer:
             )
             raise ConfigError(msg)
         self.model = model
-        self.dataset: pads.Dataset = arrow_dataset(self.table, file_pruning_predicate=[("model", "=", model)])
+        self.dataset: pads.Dataset = arrow_dataset(
+            self.table, store.storage_options, file_pruning_predicate=[("model", "=", model)]
+        )
         self.layer, self.column = self._resolve_layer(layer)
         self._warned = False
 

@@ -41,7 +41,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from catalog_embed.schemas.errors import TableError, first_line
+from catalog_embed.schemas.errors import ConfigError, TableError, first_line
 from catalog_embed.schemas.tables import SCHEMA_VERSION, TABLES, TableSpec
 from catalog_embed.workers import failpoints
 from catalog_embed.workers.transient import configure_s3fs, storage_unavailable, unavailable_error
@@ -61,6 +61,10 @@ _COMMIT_ATTEMPTS = 6
 _COMMIT_BACKOFF_S = 0.2
 # The names deltalake (object_store) accepts for an S3 endpoint; s3fs calls it `endpoint_url`.
 _S3_ENDPOINT_KEYS = ("aws_endpoint_url", "aws_endpoint", "endpoint_url", "endpoint")
+# Retries of a table read through Arrow's S3 client when `max_retries` is not given (deltalake's default is 10).
+S3_READ_RETRIES = 10
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 P = ParamSpec("P")
@@ -235,7 +239,8 @@ class TableStore:
     def check_intact(self, spec: TableSpec, table: DeltaTable | None = None) -> None:
         """Raise TableError when a table's log is damaged or a data file of its current snapshot is missing or not
         the size its log recorded (truncated, overwritten), naming the file and the fix; nothing is repaired."""
-        arrow_dataset(table or self.table(spec))  # opening the snapshot's dataset checks every file it references
+        # Opening the snapshot's dataset checks every file it references.
+        arrow_dataset(table or self.table(spec), self.storage_options)
 
     def check_columns(self, spec: TableSpec, table: DeltaTable | None = None) -> None:
         """Raise TableError when a table lacks a column of `spec`: it was not written by catalog-embed."""
@@ -504,7 +509,7 @@ class TableStore:
         schema = pa.schema(table.schema())
         views = pa.schema([f.with_type(pa.string_view()) if f.type == pa.string() else f for f in schema])
         pruning = [(key, "=", value) for key, value in (partition or {}).items()] or None
-        return arrow_dataset(table, file_pruning_predicate=pruning, schema=views)
+        return arrow_dataset(table, self.storage_options, file_pruning_predicate=pruning, schema=views)
 
     @_store_io("reading a table")
     def read(
@@ -666,29 +671,64 @@ def _keys_in(keys: pa.Table, rows: pa.Table, spec: TableSpec) -> pa.Array:
     return pc.is_in(joined["_i"], hits)
 
 
-def arrow_dataset(table: DeltaTable, **options: Any) -> pads.Dataset:
-    """`table.to_pyarrow_dataset(**options)`, read through Arrow's own filesystem when the table is local.
+def arrow_dataset(table: DeltaTable, storage_options: dict[str, str] | None = None, **options: Any) -> pads.Dataset:
+    """`table.to_pyarrow_dataset(**options)`, read through Arrow's own filesystem for local and S3 tables.
 
     deltalake's default filesystem is a Python object that Arrow's I/O threads call into. A thread still inside it
     when the interpreter finalizes is stopped mid-call, which aborts the process ("terminate called without an
-    active exception", exit 134) or hangs it, after the command has done its work. Arrow's local filesystem runs
-    no Python. Object stores keep deltalake's filesystem (it carries their storage options).
+    active exception", exit 134) or hangs it, after the command has done its work; and every read takes the GIL.
+    Arrow's local and S3 filesystems run no Python. Other stores (gs://, az://) keep deltalake's filesystem.
+
+    Args:
+        table: the snapshot to read.
+        storage_options: the table's `--storage-option`s, for Arrow's S3 client (`arrow_s3`).
+        options: `to_pyarrow_dataset`'s.
     """
-    local = _local_path(table)
-    if local is not None:
-        options.setdefault("filesystem", pa_fs.SubTreeFileSystem(local, pa_fs.LocalFileSystem()))
+    parsed = urllib.parse.urlparse(table.table_uri)
+    folder = urllib.parse.unquote(parsed.path).rstrip("/")
+    if parsed.scheme == "file":
+        options.setdefault("filesystem", pa_fs.SubTreeFileSystem(folder, pa_fs.LocalFileSystem()))
+    elif parsed.scheme in ("s3", "s3a"):
+        options.setdefault("filesystem", pa_fs.SubTreeFileSystem(parsed.netloc + folder, arrow_s3(storage_options)))
     dataset = table.to_pyarrow_dataset(**options)
-    _require_files(table, dataset)
+    _require_files(table, dataset, folder if parsed.scheme == "file" else table.table_uri.rstrip("/"))
     return dataset
 
 
-def _local_path(table: DeltaTable) -> str | None:
-    """The folder of a local table (deltalake spells local tables file:///...), None for an object store's."""
-    parsed = urllib.parse.urlparse(table.table_uri)
-    return urllib.parse.unquote(parsed.path).rstrip("/") if parsed.scheme == "file" else None
+def arrow_s3(storage_options: dict[str, str] | None) -> pa_fs.S3FileSystem:
+    """Arrow's S3 client, configured as deltalake's is by the same storage options (keys in any case): the
+    endpoint (`AWS_ENDPOINT_URL`, else the environment's), `AWS_REGION`, `timeout` and `connect_timeout` (durations
+    such as "2s"), `max_retries` (AWS's standard retries, with backoff and jitter; `S3_READ_RETRIES` when unset),
+    and `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` when given; else the credentials come from
+    the environment's default chain."""
+    options = {key.lower().removeprefix("aws_"): value for key, value in (storage_options or {}).items()}
+    endpoint = next((options[k] for k in ("endpoint_url", "endpoint") if k in options), os.environ.get("AWS_ENDPOINT_URL"))
+    client: dict[str, Any] = {}
+    if "access_key_id" in options and "secret_access_key" in options:
+        client.update(access_key=options["access_key_id"], secret_key=options["secret_access_key"],
+                      session_token=options.get("session_token") or options.get("token"))  # fmt: skip
+    if endpoint:
+        url = urllib.parse.urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        client.update(endpoint_override=url.netloc, scheme=url.scheme)
+    if region := options.get("region"):
+        client["region"] = region
+    for ours, arrows in (("timeout", "request_timeout"), ("connect_timeout", "connect_timeout")):
+        if ours in options:
+            client[arrows] = _seconds(options[ours], ours)
+    retries = int(options.get("max_retries", S3_READ_RETRIES))
+    return pa_fs.S3FileSystem(retry_strategy=pa_fs.AwsStandardS3RetryStrategy(max_attempts=retries + 1), **client)
 
 
-def _require_files(table: DeltaTable, dataset: pads.FileSystemDataset) -> None:
+def _seconds(duration: str, key: str) -> float:
+    """A storage option's duration ("2s", "500ms", "1m", "1h" or plain seconds) in seconds."""
+    match = _DURATION.fullmatch(duration.strip())
+    if match is None:
+        msg = f"--storage-option {key}={duration}: not a duration (write it as 30s, 500ms, 2m or 1h)"
+        raise ConfigError(msg)
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+
+
+def _require_files(table: DeltaTable, dataset: pads.FileSystemDataset, uri: str) -> None:
     """Raise TableError naming the first file `dataset` would read that is missing or not the size the table's log
     recorded: before any row is read, rather than mid-scan inside DuckDB or mid-merge. One listing of the table's
     folder, not a request per file."""
@@ -700,7 +740,6 @@ def _require_files(table: DeltaTable, dataset: pads.FileSystemDataset) -> None:
         size, expected = listed.get(path), recorded.get(path, listed.get(path))
         if size is not None and size == expected:
             continue
-        uri = _local_path(table) or table.table_uri.rstrip("/")
         repair = f"deltalake's `DeltaTable({uri!r}).repair()` (catalog-embed never repairs a table)"
         if size is None:
             problem = f"is missing: restore it from a backup, or drop its rows from the table with {repair}"

@@ -66,7 +66,7 @@ class EmbeddingsSource:
                 "(or the --out folder given to it)"
             )
             raise TableError(msg) from exc
-        self._dataset = arrow_dataset(table)
+        self._dataset = arrow_dataset(table, store.storage_options)
         names = set(self._dataset.schema.names)
         missing = [c for c in ("model", "track_id", "layer", "embedding", "embedded_at", "deleted") if c not in names]
         if missing:
@@ -179,7 +179,7 @@ def read_labels(uri: str, storage_options: dict[str, str] | None = None) -> pa.T
             with fsspec.open(uri, "rb") as fh:
                 table = pq.read_table(fh)
         elif DeltaTable.is_deltatable(uri, storage_options=storage_options):
-            table = arrow_dataset(DeltaTable(uri, storage_options=storage_options)).to_table()
+            table = arrow_dataset(DeltaTable(uri, storage_options=storage_options), storage_options).to_table()
         else:
             msg = f"cannot tell the format of labels {uri!r}: use a .csv, .tsv or .parquet file or a Delta table"
             raise LabelsError(msg)
@@ -206,7 +206,7 @@ def tagged(store: TableStore, spec: TableSpec, probe_id: str, model: str) -> dic
     if not store.exists(spec):
         return {}
     store.check_columns(spec)
-    rows = arrow_dataset(store.table(spec)).to_table(
+    rows = arrow_dataset(store.table(spec), store.storage_options).to_table(
         columns=["track_id", "embedded_at"],
         filter=(pc.field("probe_id") == probe_id) & (pc.field("model") == model),
     )
