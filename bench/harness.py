@@ -1,7 +1,9 @@
 """The benchmarks' shared harness: interleaved timing with medians, a `--smoke` size, a table printer, and a JSON
 writer that records where and from what code every result came.
 
-Every `bench/*.py` imports it as `harness` (a script's own folder is first on `sys.path`). Each JSON it writes
+Every `bench/*.py` imports it as `harness` (a script's own folder is first on `sys.path`); importing it puts the
+repository root on `sys.path` too, so that a bench can use what it shares with the tests (`tests.helpers`: the
+fault proxy, moto's server) without `PYTHONPATH`. Each JSON it writes
 holds the bench's own keys beside `meta`: the bench, the command line and parsed arguments, the start and end time
 (UTC), the machine (CPU model, cores, memory, load average at start and end, GPUs), the git commit and whether the
 tree was dirty, Python's version and the versions of the key packages installed.
@@ -30,6 +32,8 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 # A folder for results instead of bench/results/: tests set it, so that a smoke run never overwrites a measurement.
 RESULTS_ENV = "CATALOG_EMBED_BENCH_RESULTS"
 # What a bench's figures depend on; those not installed are left out of `meta.packages`.

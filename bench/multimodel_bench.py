@@ -6,28 +6,28 @@ decode workers: the CPU time the decode costs), and what one decode for three en
 writes bench/results/multimodel.json.
 
     python bench/multimodel_bench.py [--tracks 24] [--duration 30] [--rounds 3] [--models mfcc-stats,chroma-stats,musicnn-msd]
+        [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from harness import BenchRun, console, parse_args, print_table, results_path
 from rich.console import Console
-from rich.table import Table
 
 from catalog_embed.pipelines.embed.config import EmbedConfig
 from catalog_embed.pipelines.embed.job import RunSummary, run_embed
 from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
 from catalog_embed.workers.stages import EncoderConfig
 
-RESULTS = Path(__file__).parent / "results" / "multimodel.json"
+# Both cases once, on two tracks, with the two cheapest encoders (several encoders per decode all the same).
+SMOKE = {"tracks": 2, "duration": 2.0, "rounds": 1, "models": "mfcc-stats,chroma-stats"}
 
 
 def _measure(config: EmbedConfig, models: list[str], together: bool) -> dict[str, float]:
@@ -52,9 +52,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per track")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", default="mfcc-stats,chroma-stats,musicnn-msd")
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
     models = args.models.split(",")
-    console = Console()
+    run = BenchRun("multimodel", args)
     work = Path(tempfile.mkdtemp(prefix="multimodel-bench-"))
     demo = DemoCatalogConfig(n_tracks=args.tracks, duration_s=args.duration, n_broken=0)  # decode work, not faults
     console.print(f"rendering {demo.n_tracks} x {demo.duration_s:g} s demo tracks in {work}")
@@ -81,33 +81,27 @@ def main() -> None:
             s["decode_s"] / o["decode_s"] for o, s in zip(runs[one], runs[several], strict=True)
         ),
     }
-    table = Table(title=f"{len(models)} encoders on {demo.n_tracks} x {demo.duration_s:g} s demo tracks, "
-                        f"median of {args.rounds}, load {statistics.median(load):.1f}")  # fmt: skip
-    for column in ("case", "wall s", "decode s", "encode s"):
-        table.add_column(column, justify="left" if column == "case" else "right")
-    for label, row in medians.items():
-        table.add_row(label, f"{row['wall_s']:.1f}", f"{row['decode_s']:.1f}", f"{row['encode_s']:.1f}")
-    console.print(table)
+    print_table(
+        f"{len(models)} encoders on {demo.n_tracks} x {demo.duration_s:g} s demo tracks, "
+        f"median of {args.rounds}, load {statistics.median(load):.1f}",
+        ("case", "wall s", "decode s", "encode s"),
+        ((label, f"{row['wall_s']:.1f}", f"{row['decode_s']:.1f}", f"{row['encode_s']:.1f}")
+         for label, row in medians.items()),
+    )  # fmt: skip
     console.print(
         f"decode seconds saved: {saved['decode_s_saved']:.1f} ({saved['decode_ratio']:.2f}x less decoding); "
         f"wall: {saved['wall_ratio']:.2f}x faster in one run"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "catalog": {"tracks": demo.n_tracks, "duration_s": demo.duration_s, "broken": demo.n_broken},
-                "models": models,
-                "rounds": args.rounds,
-                "load_average": load,
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                "medians": medians,
-                "runs": runs,
-                **saved,
-            },
-            indent=2,
-        )
-    )
+    results = {
+        "catalog": {"tracks": demo.n_tracks, "duration_s": demo.duration_s, "broken": demo.n_broken},
+        "models": models,
+        "rounds": args.rounds,
+        "load_average": load,
+        "medians": medians,
+        "runs": runs,
+        **saved,
+    }
+    console.print(f"wrote {run.write(results_path('multimodel'), results)}")
 
 
 if __name__ == "__main__":

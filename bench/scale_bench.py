@@ -6,38 +6,39 @@ symlinks would measure that instead). The S3 catalog holds one object per row in
 started here on a free loopback port.
 
 Every measurement runs the command line in a subprocess (`python -m catalog_embed.pipelines.cli plan`), as users
-run it, and reads its wall time and peak RSS from the kernel (`os.wait4`). `--python LABEL=PATH` (repeatable)
-names the interpreters to compare, e.g. main's virtual environment against this branch's, so that every figure
-of one table comes from the same session of the machine; the load average is recorded next to them.
+run it, and reads its CPU time and peak RSS from the kernel (`os.wait4`). `--python LABEL=PATH` (repeatable)
+names the interpreters to compare, e.g. main's virtual environment against this branch's; on each catalog they
+take turns, run by run, so that every figure of one table comes from the same session of the machine; the load
+average is recorded next to them. Figures are medians over the runs (peak RSS: the largest).
 
     python bench/scale_bench.py [--rows 100000 1000000] [--s3-rows 100000] [--repeat 3]
-        [--python main=/work/main/.venv/bin/python --python branch=.venv/bin/python] [--data /tmp/scale-bench]
+        [--python main=/work/main/.venv/bin/python --python branch=.venv/bin/python] [--data /tmp/scale-bench] [--smoke]
 
-Prints a table and writes bench/results/scale_bench.json.
+Prints a table and writes bench/results/scale_bench.json (after every row, so a long run keeps what it measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import wave
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from harness import BenchRun, console, parse_args, print_table, results_path, time_rounds
 
-RESULTS = Path(__file__).parent / "results" / "scale_bench.json"
 BUCKET = "scale-bench"
+# One small local and one small S3 catalog, each planned once; a fresh --data folder (None), not the shared cache.
+SMOKE = {"rows": [200], "s3_rows": [100], "sources": 4, "repeat": 1, "data": None}
 # Files per folder: catalogs group tracks by album or label, not one flat folder of a million files.
 _PER_FOLDER = 1000
 
@@ -85,32 +86,15 @@ def local_catalog(root: Path, n_rows: int, n_sources: int) -> Path:
     return manifest
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_moto(python: str, log: Path) -> tuple[subprocess.Popen, dict[str, str]]:
-    """moto's S3 server on a free loopback port, and the environment that points clients at it."""
-    port = _free_port()
-    with log.open("wb") as sink:
-        server = subprocess.Popen([python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=sink, stderr=sink)
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+def moto_env(endpoint: str) -> dict[str, str]:
+    """The environment that points S3 clients at moto's server at `endpoint`."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "bench",
         "AWS_SECRET_ACCESS_KEY": "bench",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ALLOW_HTTP": "true",
     }
-    deadline = time.monotonic() + 60
-    while True:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return server, env
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"moto's server did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.1)
 
 
 def s3_catalog(env: dict[str, str], n_rows: int, n_sources: int) -> str:
@@ -131,21 +115,20 @@ def s3_catalog(env: dict[str, str], n_rows: int, n_sources: int) -> str:
 
 
 def measure(python: str, catalog: str, out: Path, env: dict[str, str] | None = None) -> dict[str, float]:
-    """Wall and CPU seconds and peak RSS (MB) of one `plan` command, read from the kernel when the child exits."""
+    """CPU seconds and peak RSS (MB) of one `plan` command, read from the kernel when the child exits, and the
+    new tracks it counted (its wall time is the harness's)."""
     cmd = [python, "-m", "catalog_embed.pipelines.cli", "plan", "--catalog", catalog, "--out", str(out)]
     cmd += ["--model", "mfcc-stats"]
-    start = time.perf_counter()
     with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
         child = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(child.pid, 0)
-        seconds = time.perf_counter() - start
         if os.waitstatus_to_exitcode(status) != 0:
             stderr.seek(0)
             raise SystemExit(f"{' '.join(cmd)} failed: {stderr.read().decode()[-3000:]}")
         stdout.seek(0)
         new = int(re.search(r"tracks in the catalog: (\d+) new", stdout.read().decode())[1])
     cpu = usage.ru_utime + usage.ru_stime  # steadier than wall time on a shared machine
-    return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": usage.ru_maxrss / 1024, "new": new}
+    return {"cpu_s": cpu, "peak_rss_mb": usage.ru_maxrss / 1024, "new": new}
 
 
 def main() -> None:
@@ -155,52 +138,57 @@ def main() -> None:
     parser.add_argument("--sources", type=int, default=2000, help="distinct audio clips behind the rows")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure below 1M rows (1M rows: once)")
     parser.add_argument("--python", action="append", default=[], metavar="LABEL=PATH", help="interpreter to measure")
-    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "scale-bench")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "scale-bench",
+                        help="where the local catalogs are made, and kept for the next run")
+    args = parse_args(parser, SMOKE)
+    run = BenchRun("scale", args)
     pythons = dict(p.split("=", 1) for p in args.python) or {"this": sys.executable}
+    data = args.data or Path(tempfile.mkdtemp(prefix="scale-bench-data-"))
     out = Path(tempfile.mkdtemp(prefix="scale-bench-out-")) / "tables"  # no tables: every row is new
-    cases: list[tuple[str, int, str, dict[str, str] | None]] = []
-    for n_rows in args.rows:
-        cases.append(("local", n_rows, str(local_catalog(args.data, n_rows, args.sources)), None))
-    server = None
-    if args.s3_rows:
-        server, env = start_moto(sys.executable, Path(tempfile.mkdtemp(prefix="scale-bench-moto-")) / "moto.log")
-        cases += [("s3", n_rows, s3_catalog(env, n_rows, args.sources), env) for n_rows in args.s3_rows]
     results = []
-    try:
+    with ExitStack() as stack:
+        cases: list[tuple[str, int, str, dict[str, str] | None]] = []
+        for n_rows in args.rows:
+            cases.append(("local", n_rows, str(local_catalog(data, n_rows, args.sources)), None))
+        if args.s3_rows:
+            from tests.objectstore.conftest import _moto_server  # only the S3 part needs it (and pytest, s3fs)
+
+            log = Path(tempfile.mkdtemp(prefix="scale-bench-moto-")) / "moto.log"
+            env = moto_env(stack.enter_context(_moto_server(log)))
+            cases += [("s3", n_rows, s3_catalog(env, n_rows, args.sources), env) for n_rows in args.s3_rows]
         for where, n_rows, catalog, env in cases:
+            runs: dict[str, list[dict[str, float]]] = {label: [] for label in pythons}
+            calls = {
+                label: lambda python=python, done=runs[label]: done.append(measure(python, catalog, out, env))
+                for label, python in pythons.items()
+            }
+            timings = time_rounds(calls, 1 if n_rows >= 1_000_000 else args.repeat)
+            assert all(r["new"] == n_rows for done in runs.values() for r in done), runs
             for label, python in pythons.items():
-                runs = [measure(python, catalog, out, env) for _ in range(1 if n_rows >= 1_000_000 else args.repeat)]
-                assert all(run["new"] == n_rows for run in runs), runs
                 results.append(
                     {
                         "catalog": where,
                         "rows": n_rows,
                         "code": label,
                         "python": python,
-                        "runs": len(runs),
-                        "plan_s": statistics.median(r["seconds"] for r in runs),
-                        "cpu_s": statistics.median(r["cpu_s"] for r in runs),
-                        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                        "runs": len(runs[label]),
+                        "plan_s": timings[label].median_wall,
+                        "cpu_s": statistics.median(r["cpu_s"] for r in runs[label]),
+                        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[label]),
                         "load_avg": os.getloadavg()[0],
                     }
                 )
                 row = results[-1]
-                print(
-                    f"{where:6} {n_rows:>9,} {label:8} plan {row['plan_s']:7.1f} s, CPU {row['cpu_s']:6.1f} s (median of "
-                    f"{len(runs)})  "
-                    f"peak RSS {row['peak_rss_mb']:6.0f} MB  load {row['load_avg']:.1f}",
-                    flush=True,
-                )
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait()
-    args.results.parent.mkdir(exist_ok=True)
-    document = {"machine": f"{os.cpu_count()} CPUs, shared", "results": results}
-    args.results.write_text(json.dumps(document, indent=2))
-    print(f"wrote {args.results}")
+                console.print(f"{where} {n_rows:,} {label}: plan {row['plan_s']:.1f} s")
+            run.write(results_path("scale_bench"), {"results": results})
+    print_table(
+        "catalog-embed plan, every row new: medians (peak RSS: the largest)",
+        ("catalog", "rows", "code", "plan s", "CPU s", "runs", "peak RSS MB", "load"),
+        ((r["catalog"], f"{r['rows']:,}", r["code"], f"{r['plan_s']:.1f}", f"{r['cpu_s']:.1f}", str(r["runs"]),
+          f"{r['peak_rss_mb']:.0f}", f"{r['load_avg']:.1f}") for r in results),
+        left=3,
+    )  # fmt: skip
+    console.print(f"wrote {results_path('scale_bench')}")
 
 
 if __name__ == "__main__":

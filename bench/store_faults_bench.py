@@ -10,9 +10,11 @@ requests), on a fresh output prefix:
 
 For table reads the tables are committed first without faults, then `query`, `similar` and `probe` run with them.
 
-Prints the matrix and writes bench/results/store_faults.json. Asserts its invariants (exit status 1 when one fails).
+Prints the matrix and writes bench/results/store_faults.json (again after every cell, so a long run keeps what it
+measured). Asserts its invariants (exit status 1 when one fails).
 
-    PYTHONPATH=. python bench/store_faults_bench.py [--rates 0.01,0.1,0.5] [--phases audio,staging,commit,tables] [--seed 0]
+    python bench/store_faults_bench.py [--rates 0.01,0.1,0.5] [--phases audio,staging,commit,tables] [--seed 0]
+        [--smoke]
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ from pathlib import Path
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import s3fs
-from rich.console import Console
-from rich.table import Table
+from harness import BenchRun, console, parse_args, print_table, results_path
 
 from catalog_embed.pipelines.analysts.query import connect
 from catalog_embed.workers.demo_catalog import DemoCatalogConfig, render_demo_catalog
@@ -37,10 +38,11 @@ from tests.helpers.fault_proxy import AUDIO_READS, COMMITS, STAGING_WRITES, TABL
 from tests.helpers.store_faults import Finished, embed, run_cli, storage_flags
 from tests.objectstore.conftest import BUCKET, _moto_server, _upload_catalog
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "store_faults.json"
 PHASES = {"audio": AUDIO_READS, "staging": STAGING_WRITES, "commit": COMMITS, "tables": TABLE_READS}
 STALL_S = 5.0
+# Every phase once, at a rate that faults half its requests (minutes all the same: each cell runs the command line
+# in processes of its own, and a stall costs the client's timeout).
+SMOKE = {"rates": "0.5"}
 
 
 def _tables(endpoint: str, out: str) -> tuple[list[str], list[str]]:
@@ -72,7 +74,8 @@ def main() -> int:
     parser.add_argument("--rates", default="0.01,0.1,0.5")
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
+    run = BenchRun("store_faults", args)
     rates = [float(r) for r in args.rates.split(",")]
     phases = args.phases.split(",")
     # This process reads the tables straight from the server (no proxy) to check them.
@@ -125,16 +128,15 @@ def main() -> int:
                 "tracebacks": sum("Traceback" in f.output for f in first + again),
             })
             print(json.dumps(rows[-1]), flush=True)
-    table = Table(title="store faults: moto behind the fault proxy (18 tracks, 6 broken, mfcc-stats)")
-    for column in ("phase", "rate", "requests", "injected", "first exit", "rerun exit", "exactly once", "clean", "s"):
-        table.add_column(column)
-    for r in rows:
-        injected = ", ".join(f"{k} {v}" for k, v in sorted(r["injected"].items())) or "-"
-        table.add_row(r["phase"], f"{r['rate']:.0%}", str(r["matched"]), injected, str(r["first"]), str(r["rerun"] or "-"),
-                      str(r["exactly_once"]), str(r["clean"]), f"{r['seconds']:.0f}")
-    Console().print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(rows, indent=2))
+            run.write(results_path("store_faults"), {"cells": rows, "every invariant held": ok})
+    print_table(
+        "store faults: moto behind the fault proxy (18 tracks, 6 broken, mfcc-stats)",
+        ("phase", "rate", "requests", "injected", "first exit", "rerun exit", "exactly once", "clean", "s"),
+        ((r["phase"], f"{r['rate']:.0%}", str(r["matched"]),
+          ", ".join(f"{k} {v}" for k, v in sorted(r["injected"].items())) or "-", str(r["first"]),
+          str(r["rerun"] or "-"), str(r["exactly_once"]), str(r["clean"]), f"{r['seconds']:.0f}") for r in rows),
+    )  # fmt: skip
+    console.print(f"every invariant held: {ok}; wrote {results_path('store_faults')}")
     return 0 if ok else 1
 
 

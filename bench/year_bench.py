@@ -15,10 +15,12 @@ synthetic vectors instead of decoded audio, so a night costs what committing cos
    `vacuum` with its 7-day retention would). At the end, plan and `similar` on the night-1 tables and the last
    night's, alternated so that both see the same load.
 
-Bytes do not depend on the machine's load; seconds do (the load average is printed next to them).
+Bytes do not depend on the machine's load; seconds do (the load average is printed next to them). Prints a table
+of the night kinds and one of the year, and writes bench/results/year.json (again after every charted night, so a
+long run keeps what it measured).
 
     python bench/year_bench.py [--tracks 2000] [--dim 200] [--nights 365] [--no-maintain] [--prune] [--vacuum-every 7]
-                               [--json PATH]
+                               [--skip-kinds] [--seed 0] [--smoke]
 """
 
 from __future__ import annotations
@@ -29,15 +31,13 @@ import io
 import json
 import os
 import shutil
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from harness import BenchRun, console, parse_args, print_table, results_path, time_rounds
 
 from catalog_embed.pipelines.analysts.query import connect
 from catalog_embed.pipelines.cli import main as cli
@@ -46,11 +46,14 @@ from catalog_embed.pipelines.embed.maintain import maintain
 from catalog_embed.pipelines.embed.plan import Request, RunLimits, read_state
 from catalog_embed.pipelines.io.store import TableStore
 from catalog_embed.schemas.records import TrackEmbedding, WorkItem
-from catalog_embed.schemas.tables import EMBEDDINGS, RUNS, TABLES
+from catalog_embed.schemas.tables import EMBEDDINGS, TABLES
 from catalog_embed.workers.rows import RowContext, embedding_rows
+from tests.helpers.tables import run_row
 
 MODEL = "synthetic"
 CHART_NIGHTS = (1, 30, 90, 180, 365)
+# Every kind of night and two nights of the year (the second vacuumed and charted), on a small table.
+SMOKE = {"tracks": 200, "dim": 8, "nights": 2, "vacuum_every": 2}
 
 
 class Catalog:
@@ -72,16 +75,6 @@ class Catalog:
 
     def vectors(self, ids: list[str]) -> dict[str, np.ndarray]:
         return dict(zip(ids, self.rng.standard_normal((len(ids), self.dim)).astype(np.float32), strict=True))
-
-
-def run_row(run_id: str) -> pa.Table:
-    now = datetime.now(UTC)
-    values = {
-        f.name: now if pa.types.is_timestamp(f.type) else 0 if pa.types.is_integer(f.type)
-        else 0.0 if pa.types.is_floating(f.type) else "bench"
-        for f in RUNS.schema
-    }
-    return pa.Table.from_pylist([values | {"run_id": run_id}], schema=RUNS.schema)
 
 
 def commit_night(
@@ -129,15 +122,23 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def night_kinds(tracks: int, dim: int, seed: int) -> list[dict]:
-    """Item 3: one night of each kind on a fresh table of `tracks` rows."""
-    rows = []
+@contextlib.contextmanager
+def first_night(tracks: int, dim: int, seed: int) -> Iterator[tuple[Path, TableStore, Catalog]]:
+    """A temporary folder holding tables of `tracks` rows, committed as night 0; yields it, their store (the
+    tables are at `<folder>/out`) and the catalog."""
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "out"
-        store = TableStore(str(root))
+        store = TableStore(str(Path(tmp) / "out"))
         store.ensure_tables()
         catalog = Catalog(tracks, dim, seed)
         commit_night(store, "night-0", catalog.vectors(catalog.live), [])
+        yield Path(tmp), store, catalog
+
+
+def night_kinds(tracks: int, dim: int, seed: int) -> list[dict]:
+    """Item 3: one night of each kind on a fresh table of `tracks` rows."""
+    rows = []
+    with first_night(tracks, dim, seed) as (tmp, store, catalog):
+        root = tmp / "out"
         n = max(1, tracks // 100)
         kinds: list[tuple[str, Callable[[], tuple[dict, list]]]] = [
             ("new tracks only (1%)", lambda: (catalog.vectors(catalog.new(n)), [])),
@@ -162,15 +163,6 @@ def night_kinds(tracks: int, dim: int, seed: int) -> list[dict]:
     return rows
 
 
-def median_s(fn: Callable[[], object], repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def plan_state(store: TableStore) -> None:
     """What `plan` reads from the tables (the diff against the catalog itself does not depend on the tables)."""
     read_state(store, MODEL, Request(("pooled",), False, RunLimits(600.0, 0.0, 4096.0, 60.0)))
@@ -186,16 +178,23 @@ def chart_row(night: int, root: Path, store: TableStore, catalog: Catalog, writt
     log = root / "embeddings" / "_delta_log"
     commits = sorted(int(p.stem) for p in log.glob("*.json"))
     checkpoints = sorted(int(p.name.split(".")[0]) for p in log.glob("*.checkpoint*.parquet"))
+    track = catalog.live[0]
+    timings = time_rounds(
+        {
+            "plan_s": lambda: plan_state(store),
+            "query_s": lambda: connect(str(root)).execute(
+                "SELECT count(*), avg(n_windows) FROM embeddings WHERE NOT deleted").fetchall(),
+            "similar_s": lambda: similar(root, track),
+        },
+        3,
+    )  # fmt: skip
     return {
         "night": night,
         "files": files,
         "log_entries": len(commits),
         "replayed_entries": sum(1 for c in commits if c > (checkpoints[-1] if checkpoints else -1)),
         "checkpoints": len(checkpoints),
-        "plan_s": median_s(lambda: plan_state(store)),
-        "query_s": median_s(lambda: connect(str(root)).execute(
-            "SELECT count(*), avg(n_windows) FROM embeddings WHERE NOT deleted").fetchall()),
-        "similar_s": median_s(lambda: similar(root, catalog.live[0])),
+        **{name: timing.median_wall for name, timing in timings.items()},
         "live_bytes": table_bytes(store),
         "storage_bytes": folder_bytes(root),
         "written_last_night": written,
@@ -208,12 +207,8 @@ def year(
     on_row: Callable[[dict], None],
 ) -> dict:
     """Run the nights, reporting chart rows to `on_row`; returns `night_one_vs_last`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "out"
-        store = TableStore(str(root))
-        store.ensure_tables()
-        catalog = Catalog(tracks, dim, seed)
-        commit_night(store, "night-0", catalog.vectors(catalog.live), [])
+    with first_night(tracks, dim, seed) as (tmp, store, catalog):
+        root = tmp / "out"
         for night in range(1, nights + 1):
             n = max(1, len(catalog.live) // 100)
             changed, gone, arrived = catalog.pick(n), catalog.pick(n), catalog.new(n)
@@ -232,20 +227,19 @@ def year(
             if night in CHART_NIGHTS or night == nights:
                 on_row(chart_row(night, root, store, catalog, written))
             if night == 1:
-                shutil.copytree(root, Path(tmp) / "night-1")
-        return night_one_vs_last(Path(tmp) / "night-1", root, catalog.live[0])
+                shutil.copytree(root, tmp / "night-1")
+        return night_one_vs_last(tmp / "night-1", root, catalog.live[0])
 
 
 def night_one_vs_last(first: Path, last: Path, track: str, rounds: int = 9) -> dict:
     """Plan and `similar` on the night-1 tables and the last night's, alternated so both see the same load: the
     ratio of their medians is what the year did to them, not what the machine's neighbours did."""
-    times: dict[str, list[float]] = {f"{what}_{which}": [] for what in ("plan", "similar") for which in ("first", "last")}
-    for _ in range(rounds):
-        for which, root in (("first", first), ("last", last)):
-            store = TableStore(str(root))
-            times[f"plan_{which}"].append(median_s(lambda store=store: plan_state(store), 1))
-            times[f"similar_{which}"].append(median_s(lambda root=root: similar(root, track), 1))
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    calls: dict[str, Callable[[], object]] = {}
+    for which, root in (("first", first), ("last", last)):
+        store = TableStore(str(root))
+        calls[f"plan_{which}"] = lambda store=store: plan_state(store)
+        calls[f"similar_{which}"] = lambda root=root: similar(root, track)
+    medians = {name: timing.median_wall for name, timing in time_rounds(calls, rounds).items()}
     return medians | {
         "plan_ratio": medians["plan_last"] / medians["plan_first"],
         "similar_ratio": medians["similar_last"] / medians["similar_first"],
@@ -262,41 +256,47 @@ def main() -> None:
     parser.add_argument("--skip-kinds", action="store_true", help="only the year")
     parser.add_argument("--vacuum-every", type=int, default=7, help="nights between vacuums (0: never)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default="bench/results/year.json")
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
+    run = BenchRun("year", args)
+    path = results_path("year")
     result: dict = {
         "tracks": args.tracks, "dim": args.dim, "maintain": not args.no_maintain, "prune": args.prune,
         "vacuum_every": args.vacuum_every,
-        "cpus": os.cpu_count(),
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_kinds:
         result["night_kinds"] = night_kinds(args.tracks, args.dim, args.seed)
-        print(f"{'night':<22}{'table B':>12}{'changed B':>12}{'written B':>12}{'read B':>12}{'written/table':>15}")
-        for r in result["night_kinds"]:
-            print(f"{r['night']:<22}{r['table_bytes']:>12,}{r['changed_bytes']:>12,}{r['written_bytes']:>12,}"
-                  f"{r['read_bytes']:>12,}{r['written_over_table']:>15.1%}")
-        out.write_text(json.dumps(result, indent=2))
+        print_table(
+            f"one night of each kind on {args.tracks:,} tracks",
+            ("night", "table B", "changed B", "written B", "read B", "written/table"),
+            ((r["night"], f"{r['table_bytes']:,}", f"{r['changed_bytes']:,}", f"{r['written_bytes']:,}",
+              f"{r['read_bytes']:,}", f"{r['written_over_table']:.1%}") for r in result["night_kinds"]),
+        )  # fmt: skip
+        run.write(path, result)
     result["year"] = []
-    print(f"{'night':>6}{'files e/w/f/r':>16}{'log':>6}{'replay':>7}{'ckpt':>5}{'plan s':>8}{'query s':>8}"
-          f"{'similar s':>10}{'live MB':>9}{'storage MB':>11}{'wrote MB':>9}{'load':>6}")
 
     def on_row(r: dict) -> None:
         result["year"].append(r)
-        out.write_text(json.dumps(result, indent=2))
-        files = "/".join(str(r["files"][name]) for name in ("embeddings", "windows", "failures", "runs"))
-        print(f"{r['night']:>6}{files:>16}{r['log_entries']:>6}{r['replayed_entries']:>7}{r['checkpoints']:>5}"
-              f"{r['plan_s']:>8.3f}{r['query_s']:>8.3f}{r['similar_s']:>10.3f}{r['live_bytes'] / 1e6:>9.2f}"
-              f"{r['storage_bytes'] / 1e6:>11.2f}{r['written_last_night'] / 1e6:>9.2f}{r['load']:>6.1f}", flush=True)
+        run.write(path, result)
+        console.print(f"night {r['night']} of {args.nights} charted (load {r['load']:.1f})")
 
     result["night_one_vs_last"] = ratio = year(
         args.tracks, args.dim, args.nights, not args.no_maintain, args.prune, args.vacuum_every, args.seed, on_row
     )
-    out.write_text(json.dumps(result, indent=2))
-    print(f"night {args.nights} against night 1, alternated (medians of 9): plan {ratio['plan_ratio']:.2f}x "
-          f"({ratio['plan_last']:.3f} s / {ratio['plan_first']:.3f} s), similar {ratio['similar_ratio']:.2f}x "
-          f"({ratio['similar_last']:.3f} s / {ratio['similar_first']:.3f} s)")
+    run.write(path, result)
+    print_table(
+        f"{args.nights} nights on {args.tracks:,} tracks: at charted nights (seconds: medians of 3)",
+        ("night", "files e/w/f/r", "log", "replay", "ckpt", "plan s", "query s", "similar s", "live MB", "storage MB",
+         "wrote MB", "load"),
+        ((str(r["night"]), "/".join(str(r["files"][name]) for name in ("embeddings", "windows", "failures", "runs")),
+          str(r["log_entries"]), str(r["replayed_entries"]), str(r["checkpoints"]), f"{r['plan_s']:.3f}",
+          f"{r['query_s']:.3f}", f"{r['similar_s']:.3f}", f"{r['live_bytes'] / 1e6:.2f}",
+          f"{r['storage_bytes'] / 1e6:.2f}", f"{r['written_last_night'] / 1e6:.2f}", f"{r['load']:.1f}")
+         for r in result["year"]),
+    )  # fmt: skip
+    console.print(f"night {args.nights} against night 1, alternated (medians of 9): plan "
+                  f"{ratio['plan_ratio']:.2f}x ({ratio['plan_last']:.3f} s / {ratio['plan_first']:.3f} s), similar "
+                  f"{ratio['similar_ratio']:.2f}x ({ratio['similar_last']:.3f} s / {ratio['similar_first']:.3f} s)")
+    console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":

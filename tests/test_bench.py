@@ -46,12 +46,20 @@ BENCHES = [
     # Its GPU sections are checked by bench/device_check.sh on a lent GPU; Ray's run is left to runners_bench.
     Bench("gpu_bench.py", ("--device", "cpu", "--smoke"), "gpu_bench-cpu.json", "measure",
           frozenset({"device", "encoder", "decode", "end_to_end"})),
+    Bench("multimodel_bench.py", ("--smoke",), "multimodel.json", "decode s",
+          frozenset({"medians", "runs", "decode_s_saved", "wall_ratio", "decode_ratio"})),
     Bench("probe_bench.py", ("--smoke",), "probe_bench.json", "test ROC-AUC",
           frozenset({"load_seconds", "single_trials", "grid"})),
     Bench("runners_bench.py", ("--smoke",), "runners.json", "wall vs local",
           frozenset({"runners", "ray_speedup_over_1_worker"})),
+    # Local and S3 (moto) catalogs of a few hundred rows.
+    Bench("scale_bench.py", ("--smoke",), "scale_bench.json", "peak RSS MB", frozenset({"results"})),
     Bench("small_tracks_bench.py", ("--smoke",), "small_tracks.json", "marginal tracks/s",
           frozenset({"tracks", "decode_clips_per_s_per_core", "local"})),
+    # store_faults_bench.py is left out: even its smoke (each phase once) runs the command line in some ten
+    # processes, minutes; tests/objectstore/test_store_faults.py covers its behaviour.
+    Bench("year_bench.py", ("--smoke",), "year.json", "written/table",
+          frozenset({"night_kinds", "year", "night_one_vs_last"})),
 ]  # fmt: skip
 
 
