@@ -19,6 +19,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -106,6 +107,45 @@ def time_rounds(
                 timings[key].wall.append(wall)
                 timings[key].cpu.append(cpu)
     return timings
+
+
+@dataclass(frozen=True)
+class ProcessUsage:
+    """What one child process cost, read from the kernel when it exited (`os.wait4`).
+
+    Attributes:
+        wall_s: seconds from its start to its exit.
+        cpu_s: user plus system CPU seconds (steadier than wall time on a shared machine).
+        peak_rss_mb: its peak resident memory.
+        stdout: what it printed.
+    """
+
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float
+    stdout: str
+
+
+def run_process(cmd: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path = ROOT) -> ProcessUsage:
+    """Run `cmd` to its end, measured (`ProcessUsage`); exits the bench naming the command and its stderr's tail
+    when it fails.
+
+    Args:
+        cmd: the command line.
+        env: variables added to this process's environment.
+        cwd: its working folder (the repository root: `python -c` code can import `tests.helpers`).
+    """
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        start = time.perf_counter()
+        child = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env={**os.environ, **(env or {})}, cwd=cwd)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            stderr.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed: {stderr.read().decode()[-3000:]}")
+        stdout.seek(0)
+        printed = stdout.read().decode()
+    return ProcessUsage(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, printed)
 
 
 def parse_args(

@@ -24,7 +24,6 @@ import io
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import wave
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from harness import BenchRun, console, parse_args, print_table, results_path, time_rounds
+from harness import BenchRun, console, parse_args, print_table, results_path, run_process, time_rounds
 
 BUCKET = "scale-bench"
 # One small local and one small S3 catalog, each planned once; a fresh --data folder (None), not the shared cache.
@@ -118,17 +117,9 @@ def measure(python: str, catalog: str, out: Path, env: dict[str, str] | None = N
     """CPU seconds and peak RSS (MB) of one `plan` command, read from the kernel when the child exits, and the
     new tracks it counted (its wall time is the harness's)."""
     cmd = [python, "-m", "catalog_embed.pipelines.cli", "plan", "--catalog", catalog, "--out", str(out)]
-    cmd += ["--model", "mfcc-stats"]
-    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-        child = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(child.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            stderr.seek(0)
-            raise SystemExit(f"{' '.join(cmd)} failed: {stderr.read().decode()[-3000:]}")
-        stdout.seek(0)
-        new = int(re.search(r"tracks in the catalog: (\d+) new", stdout.read().decode())[1])
-    cpu = usage.ru_utime + usage.ru_stime  # steadier than wall time on a shared machine
-    return {"cpu_s": cpu, "peak_rss_mb": usage.ru_maxrss / 1024, "new": new}
+    usage = run_process([*cmd, "--model", "mfcc-stats"], env)
+    new = int(re.search(r"tracks in the catalog: (\d+) new", usage.stdout)[1])
+    return {"cpu_s": usage.cpu_s, "peak_rss_mb": usage.peak_rss_mb, "new": new}
 
 
 def main() -> None:

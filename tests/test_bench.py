@@ -56,6 +56,8 @@ BENCHES = [
     Bench("scale_bench.py", ("--smoke",), "scale_bench.json", "peak RSS MB", frozenset({"results"})),
     Bench("small_tracks_bench.py", ("--smoke",), "small_tracks.json", "marginal tracks/s",
           frozenset({"tracks", "decode_clips_per_s_per_core", "local"})),
+    Bench("table_scale_bench.py", ("--smoke",), "table_scale.json", "peak RSS MB",
+          frozenset({"rows", "dim", "staged_bytes", "steps", "live_rows"})),
     # store_faults_bench.py is left out: even its smoke (each phase once) runs the command line in some ten
     # processes, minutes; tests/objectstore/test_store_faults.py covers its behaviour.
     Bench("year_bench.py", ("--smoke",), "year.json", "written/table",

@@ -46,9 +46,14 @@ def storage_flags(endpoint: str) -> list[str]:
     return [arg for key, value in options.items() for arg in ("--storage-option", f"{key}={value}")]
 
 
-def run_cli(endpoint: str, *argv: str) -> Finished:
-    """`catalog-embed argv...` in a process of its own, every S3 client in it pointed at `endpoint`."""
-    s3fs_config = {"config_kwargs": {"read_timeout": CLIENT_TIMEOUT_S, "connect_timeout": CLIENT_TIMEOUT_S}}
+def run_cli(endpoint: str, *argv: str, s3fs_attempts: int | None = None) -> Finished:
+    """`catalog-embed argv...` in a process of its own, every S3 client in it pointed at `endpoint`;
+    `s3fs_attempts` sets botocore's attempts per request under s3fs (a short budget for a store that keeps failing:
+    its default backoff takes minutes to give up)."""
+    config_kwargs: dict = {"read_timeout": CLIENT_TIMEOUT_S, "connect_timeout": CLIENT_TIMEOUT_S}
+    if s3fs_attempts is not None:
+        config_kwargs["retries"] = {"mode": "standard", "max_attempts": s3fs_attempts}
+    s3fs_config = {"config_kwargs": config_kwargs}
     env = dict(
         os.environ,
         PYTHONPATH=str(ROOT),
@@ -70,9 +75,9 @@ def run_cli(endpoint: str, *argv: str) -> Finished:
     return Finished(done.returncode, done.stdout + done.stderr)
 
 
-def embed(endpoint: str, catalog: str, out: str, *extra: str) -> Finished:
+def embed(endpoint: str, catalog: str, out: str, *extra: str, s3fs_attempts: int | None = None) -> Finished:
     """`catalog-embed embed` of `catalog` into `out` with the cheap `mfcc-stats` encoder, through `endpoint`."""
     return run_cli(
         endpoint, "embed", "--catalog", catalog, "--out", out, "--model", "mfcc-stats", "--workers", "1",
-        "--shard-size", "2", *storage_flags(endpoint), *extra,
+        "--shard-size", "2", *storage_flags(endpoint), *extra, s3fs_attempts=s3fs_attempts,
     )

@@ -68,11 +68,11 @@ def test_a_store_that_keeps_failing_ends_the_run_resumable_and_the_rerun_complet
     # Every read of audio bytes fails (their listing and HEADs, for the plan, do not): the run stops at its first
     # track, which is not recorded as a failure.
     proxy.set_rules(FaultRule(1.0, ("slowdown", "reset"), method="GET", path=AUDIO_READS["path"]))
-    _resumable(embed(proxy.endpoint, s3_catalog.manifest, out, *GIVE_UP_SOON))
+    _resumable(embed(proxy.endpoint, s3_catalog.manifest, out, *GIVE_UP_SOON, s3fs_attempts=2))
     assert _tables(s3_catalog.endpoint, out) == ([], [], [])
     # Reads recover, every write of the Delta log stalls: the run stages every track, then its commit gives up.
     proxy.set_rules(FaultRule(1.0, ("stall",), method="PUT", path=COMMITS["path"]))
-    _resumable(embed(proxy.endpoint, s3_catalog.manifest, out, *GIVE_UP_SOON))
+    _resumable(embed(proxy.endpoint, s3_catalog.manifest, out, *GIVE_UP_SOON, s3fs_attempts=2))
     assert _tables(s3_catalog.endpoint, out) == ([], [], [])
     proxy.set_rules()
     again = embed(proxy.endpoint, s3_catalog.manifest, out)
