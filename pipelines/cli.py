@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RUST_LIB_BACKTRACE", "0")
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)
+    # A blocked signal mask is inherited: a process started with SIGINT and SIGTERM blocked (Ray starts its
+    # processes so, and their children inherit it) would never see a Ctrl-C or a stop and run on to the end.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _main(argv)

@@ -155,16 +155,23 @@ def test_an_unfinished_delta_scan_does_not_crash_the_exit(tmp_path):
     assert "terminate called" not in done.stderr
 
 
-@pytest.mark.parametrize(("sent", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupted_run_stops_cleanly(small_catalog, small_labels, tmp_path, sent, code):
+@pytest.mark.parametrize(("sent", "code", "blocked"), [
+    (signal.SIGINT, 130, False),
+    (signal.SIGTERM, 143, False),
+    # Started with both signals blocked, as Ray starts its processes (their children inherit the mask).
+    (signal.SIGINT, 130, True),
+])  # fmt: skip
+def test_interrupted_run_stops_cleanly(small_catalog, small_labels, tmp_path, sent, code, blocked):
     good = [la["track_id"] for la in small_labels if la["broken"] is None]
     hang = next(Path(u).name for t, u in zip(*_manifest(small_catalog), strict=True) if t == good[-1])
     out = str(tmp_path / "tables")
     command = [sys.executable, "-m", "catalog_embed.pipelines.cli", "embed", "--catalog", str(small_catalog.manifest_path),
                "--out", out, "--model", MODEL, "--workers", "2", "--shard-size", "1", "--decode-timeout", "600"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), CATALOG_EMBED_FAILPOINTS=f"decode=hang:{hang}")
+    block = (lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})) if blocked else None
     proc = subprocess.Popen(
-        command, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=block,
     )
     try:
         wait_for(lambda: staged_embedding_parts(out) >= 1, proc, "the first staged shard")
