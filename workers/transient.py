@@ -1,11 +1,12 @@
 """Transient storage errors: which errors an object store's clients give up with, and how they end a run.
 
 The clients retry on their own, with backoff: botocore under s3fs (`s3_retries`, set for every s3fs filesystem of
-this process by `configure_s3fs`), object_store under deltalake (its `max_retries`, `retry_timeout` and
-`timeout` storage options) and the AWS SDK under Arrow's S3 filesystem, which reads tables
-(`catalog_embed.pipelines.io.store.arrow_s3`, from the same options). What they raise once their retries are spent is a store that keeps failing (throttled,
-unreachable, stalled), not a bad track or a bad table: `storage_unavailable` tells such an error apart, and the run
-ends with `StorageUnavailableError` (exit 75), resumable, instead of a `failures` row or a traceback.
+this process by `configure_s3fs`), object_store under deltalake (its `max_retries`, `retry_timeout` and `timeout`
+storage options) and the AWS SDK under Arrow's S3 filesystem, which reads tables' data files
+(`catalog_embed.pipelines.io.store.arrow_s3`, from the same options). What they raise once their retries are spent
+is a store that keeps failing (throttled, unreachable, stalled), not a bad track or a bad table:
+`storage_unavailable` tells such an error apart, and the run ends with `StorageUnavailableError` (exit 75),
+resumable, instead of a `failures` row or a traceback.
 
 Our own retry (`retry_transient`, bounded, with full jitter) is only where no client retries: a decoder that
 stopped mid-stream on a failed read (the decode is restarted whole) and the lease's heartbeat.

@@ -702,7 +702,8 @@ def arrow_s3(storage_options: dict[str, str] | None) -> pa_fs.S3FileSystem:
     and `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` when given; else the credentials come from
     the environment's default chain."""
     options = {key.lower().removeprefix("aws_"): value for key, value in (storage_options or {}).items()}
-    endpoint = next((options[k] for k in ("endpoint_url", "endpoint") if k in options), os.environ.get("AWS_ENDPOINT_URL"))
+    keys = [key.removeprefix("aws_") for key in _S3_ENDPOINT_KEYS]
+    endpoint = next((options[k] for k in keys if k in options), os.environ.get("AWS_ENDPOINT_URL"))
     client: dict[str, Any] = {}
     if "access_key_id" in options and "secret_access_key" in options:
         client.update(access_key=options["access_key_id"], secret_key=options["secret_access_key"],
