@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalog_embed.pipelines.cli import main
-from tests.helpers.faults import kill_session, staged_embedding_parts, wait_for
+from tests.helpers.faults import as_a_shell_starts_it, kill_session, staged_embedding_parts, wait_for
 from tests.helpers.probe_fixtures import embeddings_rows, labels_for, latent, write_embeddings
 
 MODEL = "mfcc-stats"
@@ -168,10 +168,15 @@ def test_interrupted_run_stops_cleanly(small_catalog, small_labels, tmp_path, se
     command = [sys.executable, "-m", "catalog_embed.pipelines.cli", "embed", "--catalog", str(small_catalog.manifest_path),
                "--out", out, "--model", MODEL, "--workers", "2", "--shard-size", "1", "--decode-timeout", "600"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), CATALOG_EMBED_FAILPOINTS=f"decode=hang:{hang}")
-    block = (lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})) if blocked else None
+
+    def start() -> None:
+        as_a_shell_starts_it()
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
     proc = subprocess.Popen(
         command, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=block,
+        preexec_fn=start,
     )
     try:
         wait_for(lambda: staged_embedding_parts(out) >= 1, proc, "the first staged shard")
