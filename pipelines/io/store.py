@@ -59,6 +59,8 @@ _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # A commit that loses a race with another writer is retried on the new version with exponential backoff.
 _COMMIT_ATTEMPTS = 6
 _COMMIT_BACKOFF_S = 0.2
+# Removals of a staging folder that another remover empties at the same time, before the last one raises.
+_DROP_ATTEMPTS = 5
 # The names deltalake (object_store) accepts for an S3 endpoint; s3fs calls it `endpoint_url`.
 _S3_ENDPOINT_KEYS = ("aws_endpoint_url", "aws_endpoint", "endpoint_url", "endpoint")
 # Retries of a table read through Arrow's S3 client when `max_retries` is not given (deltalake's default is 10).
@@ -398,10 +400,20 @@ class TableStore:
 
     @_store_io("removing a run's staging")
     def drop_staging(self, run_id: str) -> None:
-        """Remove a run's staged parts (after its commit, or by `vacuum`)."""
+        """Remove a run's staged parts (after its commit, or by `vacuum`).
+
+        Another process or thread may remove the same folder at the same time (the lease's heartbeat removes what
+        its last write recreated while the commit removes the staging): a file gone under the removal is what both
+        want, and the removal goes on until the folder is gone.
+        """
         folder = self.staging_dir(run_id)
-        if self.fs.exists(folder):
-            self.fs.rm(folder, recursive=True)
+        for _ in range(_DROP_ATTEMPTS):
+            try:
+                if self.fs.exists(folder):
+                    self.fs.rm(folder, recursive=True)
+                return
+            except FileNotFoundError:
+                continue
 
     # -- commit steps ---------------------------------------------------------------------------------------
 

@@ -218,3 +218,16 @@ def test_a_write_that_fails_midway_leaves_no_temporary_file(store):
     done = subprocess.run([sys.executable, "-c", script, root], capture_output=True, text=True, check=True, timeout=120)
     assert done.stdout.strip() == "27", done.stderr  # EFBIG: the write failed
     assert sorted(p.name for p in Path(store.staging_dir("r1", EMBEDDINGS)).iterdir()) == []
+
+
+def test_two_removers_of_one_staging_at_once_both_succeed(store):
+    """The commit and the lease's heartbeat can remove a run's staging at the same moment (`make demo` once failed
+    on a part file the other remover had just deleted): both finish, and the folder is gone."""
+    parts = Path(store.staging_dir("r1", EMBEDDINGS))
+    parts.mkdir(parents=True)
+    for shard in range(3000):
+        (parts / f"part-{shard:06d}.parquet").write_bytes(b"x")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for removal in [pool.submit(store.drop_staging, "r1") for _ in range(2)]:
+            removal.result()
+    assert not Path(store.staging_dir("r1")).exists()
