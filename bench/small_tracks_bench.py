@@ -21,6 +21,7 @@ Prints tracks/s next to the decode-only rate and writes bench/results/small_trac
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import statistics
@@ -119,7 +120,7 @@ def _decode_only(uris: list[str]) -> float:
     return len(uris) / (end.user + end.system - start.user - start.system)
 
 
-_RUNS = iter(range(1 << 30))
+_RUNS = itertools.count()  # numbers each run's output folder
 
 
 def _run(manifest: Path, work: Path, runner: str) -> None:
